@@ -1,0 +1,3 @@
+from melt_cli.app import main
+
+main()

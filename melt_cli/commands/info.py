@@ -1,0 +1,57 @@
+"""``melt info``: model type, sizes, parameter count and KV-cache bytes of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from melt_core.summary import summarize_checkpoint
+
+from .. import console
+
+EPILOG = """Examples:
+
+  melt info ./Ouro-1.4B
+
+  melt info ./Ouro-1.4B --json | jq .kv_bytes_per_token
+"""
+
+
+def info(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json is enough).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Show a checkpoint's architecture, exact parameter count and memory per token."""
+    summary = summarize_checkpoint(checkpoint)
+    if as_json:
+        console.out.print_json(json.dumps(summary.to_dict()))
+        return
+    table = Table(title=f"{summary.path}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("model type", summary.model_type),
+        ("loops", str(summary.loops)),
+        ("layers", str(summary.num_layers)),
+        ("hidden size", str(summary.hidden_size)),
+        ("intermediate size", str(summary.intermediate_size)),
+        ("attention heads / kv heads", f"{summary.num_attention_heads} / {summary.num_key_value_heads}"),
+        ("head dim", str(summary.head_dim)),
+        ("vocab size", str(summary.vocab_size)),
+        ("parameters", f"{summary.num_parameters:,}"),
+        ("dtype", summary.dtype),
+        ("weights", f"{summary.weights_bytes:,} B ({console.human_bytes(summary.weights_bytes)})"
+                    + ("" if summary.has_weights else "  [dim](config only)[/]")),
+        ("KV cache per token", f"{summary.kv_bytes_per_token:,} B (all {summary.loops} loops)"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EPILOG)(info)

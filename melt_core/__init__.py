@@ -1,0 +1,19 @@
+"""melt core library: looped language models (Ouro) and their memory-efficient MELT conversion."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .checkpoint import load_config, load_model, save_checkpoint
+from .config import OuroConfig
+from .errors import MeltError
+from .ouro import LoopLMOutput, OuroForCausalLM
+from .tokenizer import load_tokenizer
+
+try:
+    __version__ = version("melt")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "LoopLMOutput", "MeltError", "OuroConfig", "OuroForCausalLM", "__version__",
+    "load_config", "load_model", "load_tokenizer", "save_checkpoint",
+]

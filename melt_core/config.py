@@ -1,0 +1,117 @@
+"""Model configuration built from a Hugging Face ``config.json``.
+
+``OuroConfig`` keeps HF field names so that a config round-trips: every key melt does not use is
+kept in ``extra`` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .dtypes import dtype_bytes
+from .errors import ConfigError, UnsupportedModelError
+
+# Keys melt writes itself and does not keep in ``extra``.
+_DERIVED_KEYS = {"model_type", "architectures"}
+
+
+@dataclass
+class OuroConfig:
+    """Ouro (LoopLM) hyper-parameters; see OURO.md §2 for the real values."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 65536
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    total_ut_steps: int = 4
+    early_exit_threshold: float | None = 1.0
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 0
+    pad_token_id: int | None = None
+    torch_dtype: str | None = "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    model_type = "ouro"
+    architectures = ["OuroForCausalLM"]
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "total_ut_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type != "default":
+            raise UnsupportedModelError(
+                f"rope_scaling {self.rope_scaling!r} is not supported; melt implements default RoPE only"
+            )
+        if self.hidden_act != "silu":
+            raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported; Ouro uses 'silu'")
+        if self.tie_word_embeddings:
+            raise UnsupportedModelError("tie_word_embeddings=true is not supported; Ouro stores lm_head separately")
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def kv_width(self) -> int:
+        """Width of one K (or V) row: kv_heads * head_dim."""
+        return self.num_key_value_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype, loops: int | None = None) -> int:
+        """Ouro's KV cache bytes per token: one K and one V row per (loop, layer)."""
+        loops = self.total_ut_steps if loops is None else loops
+        return 2 * loops * self.num_hidden_layers * self.kv_width * dtype_bytes(dtype)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    # --- (de)serialisation ---------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> OuroConfig:
+        """Build from a config.json dict; unknown keys go to ``extra``."""
+        raw = dict(raw)
+        if "torch_dtype" not in raw and "dtype" in raw:  # transformers >= 4.56 writes "dtype"
+            raw["torch_dtype"] = raw["dtype"]
+        known = {k: v for k, v in raw.items() if k in cls.field_names()}
+        extra = {k: v for k, v in raw.items() if k not in cls.field_names() and k not in _DERIVED_KEYS}
+        try:
+            return cls(**known, extra=extra)
+        except TypeError as e:  # pragma: no cover - defensive, all keys are filtered
+            raise ConfigError(f"invalid config: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architectures": list(self.architectures), "model_type": self.model_type}
+        out.update(self.extra)
+        for name in sorted(self.field_names()):
+            out[name] = getattr(self, name)
+        return out

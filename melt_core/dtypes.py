@@ -1,0 +1,43 @@
+"""Names of the floating-point dtypes melt loads and saves models in."""
+
+import torch
+
+from .errors import InvalidArgumentError
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+# safetensors header dtype codes -> torch dtypes (only those a model checkpoint can hold).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (and fp32, fp16)."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise InvalidArgumentError(f"unsupported dtype {name}; use one of fp32, bf16, fp16")
+        return name
+    key = name.lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling HF configs use)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

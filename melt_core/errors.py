@@ -1,0 +1,37 @@
+"""Typed errors melt reports to users as one line.
+
+Every message says what is wrong, what was found, and (where it helps) what to run. The CLI
+catches ``MeltError`` once, prints the message in red on stderr and exits with status 1.
+"""
+
+
+class MeltError(Exception):
+    """Base class of every error melt reports as a one-line message."""
+
+
+class CheckpointNotFoundError(MeltError):
+    """A checkpoint directory or one of its files does not exist."""
+
+
+class ConfigError(MeltError):
+    """config.json is unreadable, or a field has a value melt cannot use."""
+
+
+class UnsupportedModelError(MeltError):
+    """The checkpoint is a model type (or feature) melt does not handle."""
+
+
+class WeightsMismatchError(MeltError):
+    """The weights do not fit the config: missing, unexpected or mis-shaped tensors."""
+
+
+class CorruptCheckpointError(MeltError):
+    """A weights file is truncated or not valid safetensors."""
+
+
+class OutputExistsError(MeltError):
+    """An output directory exists and is not empty (pass --force to replace it)."""
+
+
+class InvalidArgumentError(MeltError):
+    """An option or argument has a value melt cannot use."""

@@ -1,0 +1,207 @@
+"""Ouro (LoopLM): the same N-layer stack applied T times per token (OURO.md §4).
+
+Forward semantics follow the reference exactly: sandwich-norm layers, RoPE positions shared by
+all loops, ``norm`` after every loop (its output feeds the next loop and gives that loop's
+logits), and the exit gate's pdf over loops deciding which loop's logits are returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .config import OuroConfig
+from .errors import InvalidArgumentError
+from .kv_cache import PerLoopKVCache
+from .layers import BlockInputs, DecoderLayer, FullSequenceKV, KVPolicy, RMSNorm, rope_cos_sin
+
+ConfigDefault = Literal["config"]
+
+
+@dataclass
+class LoopLMOutput:
+    """What a looped model returns.
+
+    logits: (B, S, V) — what the reference returns by default (exit-gate selection).
+    loop_logits: per-loop logits, T x (B, S, V), when asked for.
+    hidden_states: per-loop normed outputs h_t, T x (B, S, H), when asked for.
+    exit_pdf: (B, S, T) exit probabilities over loops, in the model dtype.
+    attn_outputs: attention sub-block outputs in (loop, layer) order, T*N x (B, S, H), when asked for.
+    """
+
+    logits: Tensor
+    exit_pdf: Tensor
+    loop_logits: list[Tensor] | None = None
+    hidden_states: list[Tensor] | None = None
+    attn_outputs: list[Tensor] | None = None
+
+
+class OuroModel(nn.Module):
+    """The ``model.`` part of the checkpoint: embeddings, layers, final norm, exit gate."""
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1, bias=True)
+
+
+def attention_mask_for(key_valid: Tensor | None, start: int, num_queries: int, device: torch.device) -> Tensor | None:
+    """Boolean "may attend" mask (B or 1, 1, S, start + S) for queries at positions [start, start + S).
+
+    Causal plus padding; every query may always see itself so that padding rows stay finite.
+    None when plain causal attention (or, for one query, attending to everything) is exact.
+    """
+    end = start + num_queries
+    if key_valid is None and (start == 0 or num_queries == 1):
+        return None
+    q_pos = torch.arange(start, end, device=device)[:, None]
+    k_pos = torch.arange(end, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, S, end)
+    if key_valid is not None:
+        mask = (mask & key_valid[:, None, None, :]) | (k_pos == q_pos)[None, None]
+    return mask
+
+
+def position_ids_for(key_valid: Tensor | None, start: int, batch_size: int, num_tokens: int,
+                     device: torch.device) -> Tensor:
+    """Position ids (B, S) of the new tokens: the count of real tokens before each one, so a
+    left-padded row gets the same positions as the same prompt alone."""
+    if key_valid is None:
+        return torch.arange(start, start + num_tokens, device=device).expand(batch_size, -1)
+    return (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+
+
+def exit_pdf(gate_logits: list[Tensor]) -> Tensor:
+    """Exit probabilities (B, S, T) from per-loop gate logits T x (B, S), in their dtype:
+    p_t = lambda_t * prod_{j<t}(1 - lambda_j); the last loop takes what remains."""
+    remaining = torch.ones_like(gate_logits[0])
+    pdf = []
+    for t, logit in enumerate(gate_logits):
+        lam = torch.sigmoid(logit)
+        if t < len(gate_logits) - 1:
+            pdf.append(lam * remaining)
+            remaining = remaining * (1.0 - lam)
+        else:
+            pdf.append(remaining)
+    return torch.stack(pdf, dim=-1)
+
+
+class OuroForCausalLM(nn.Module):
+    """Ouro LoopLM with HF tensor names (``model.*`` and ``lm_head``)."""
+
+    def __init__(self, config: OuroConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = OuroModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int, loops: int | None = None) -> PerLoopKVCache:
+        """A preallocated per-(loop, layer) cache for incremental decoding."""
+        return PerLoopKVCache(self.config, batch_size, max_len, loops, dtype=self.dtype, device=self.device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cache: KVPolicy | None = None,
+        loops: int | None = None,
+        exit_at_step: int | None = None,
+        exit_threshold: float | None | ConfigDefault = "config",
+        weighted_exit: bool = False,
+        return_loop_logits: bool = False,
+        return_hidden_states: bool = False,
+        return_attn_outputs: bool = False,
+    ) -> LoopLMOutput:
+        """Run ``loops`` (default ``total_ut_steps``) loops over ``input_ids`` (B, S).
+
+        ``attention_mask`` (B, S): 1 for real tokens, 0 for (left) padding. With a ``cache`` it
+        covers the new tokens only; the cache remembers earlier ones.
+        Returned logits, by priority: ``exit_at_step`` (0-based) > ``exit_threshold`` (default:
+        the config's ``early_exit_threshold``; pass None to disable) > ``weighted_exit`` (the
+        pdf-weighted mixture of per-loop logits) > the last loop. ``weighted_exit=True`` with the
+        default threshold disables the threshold.
+        """
+        loops = self.config.total_ut_steps if loops is None else loops
+        if loops < 1:
+            raise InvalidArgumentError(f"loops must be >= 1, got {loops}")
+        if cache is not None and getattr(cache, "loops", loops) != loops:
+            raise InvalidArgumentError(f"the cache was built for {cache.loops} loops, the forward asks for {loops}")
+        hidden, attn_taps = self.run_loops(input_ids, attention_mask, cache, loops, return_attn_outputs)
+
+        gate_logits = [self.model.early_exit_gate(h).squeeze(-1) for h in hidden]
+        pdf = exit_pdf(gate_logits)  # (B, S, T)
+        loop_logits = [self.lm_head(h) for h in hidden] if return_loop_logits else None
+        if exit_threshold == "config":
+            exit_threshold = None if weighted_exit else self.config.early_exit_threshold
+        logits = self._select_logits(hidden, pdf, loop_logits, exit_at_step, exit_threshold, weighted_exit)
+        return LoopLMOutput(
+            logits=logits,
+            exit_pdf=pdf,
+            loop_logits=loop_logits,
+            hidden_states=hidden if return_hidden_states else None,
+            attn_outputs=attn_taps,
+        )
+
+    def run_loops(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVPolicy | None,
+                  loops: int, collect_attn: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The looped stack: returns the per-loop normed hidden states h_t, T x (B, S, H)."""
+        B, S = input_ids.shape
+        device = input_ids.device
+        if cache is None:
+            start = 0
+            key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+            kv: KVPolicy = FullSequenceKV()
+        else:
+            start, key_valid = cache.begin(S, attention_mask)
+            kv = cache
+        positions = position_ids_for(key_valid, start, B, S, device)
+        x = self.model.embed_tokens(input_ids)  # (B, S, H)
+        inputs = BlockInputs(
+            rope=rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype),
+            mask=attention_mask_for(key_valid, start, S, device),
+            kv=kv,
+            attn_taps=[] if collect_attn else None,
+        )
+        hidden = []
+        for loop in range(loops):
+            inputs.loop = loop
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, i, inputs)
+            x = self.model.norm(x)  # h_t: this loop's output and the next loop's input
+            hidden.append(x)
+        return hidden, inputs.attn_taps
+
+    def _select_logits(self, hidden: list[Tensor], pdf: Tensor, loop_logits: list[Tensor] | None,
+                       exit_at_step: int | None, exit_threshold: float | None, weighted_exit: bool) -> Tensor:
+        def logits_of(t: int) -> Tensor:
+            return loop_logits[t] if loop_logits is not None else self.lm_head(hidden[t])
+
+        if exit_at_step is not None:
+            if not 0 <= exit_at_step < len(hidden):
+                raise InvalidArgumentError(f"exit_at_step must be in [0, {len(hidden) - 1}], got {exit_at_step}")
+            return logits_of(exit_at_step)
+        if exit_threshold is not None:
+            reached = torch.cumsum(pdf, dim=-1) >= exit_threshold  # (B, S, T)
+            step = torch.where(reached.any(-1), reached.float().argmax(-1), len(hidden) - 1)  # (B, S)
+            if bool((step == len(hidden) - 1).all()):
+                return logits_of(len(hidden) - 1)
+            stacked = torch.stack(hidden, dim=2)  # (B, S, T, H)
+            index = step[..., None, None].expand(-1, -1, 1, stacked.shape[-1])
+            return self.lm_head(torch.gather(stacked, 2, index).squeeze(2))
+        if weighted_exit:
+            return sum(pdf[..., t, None] * logits_of(t) for t in range(len(hidden)))
+        return logits_of(len(hidden) - 1)

@@ -1,0 +1,66 @@
+"""What ``melt info`` reports about a checkpoint: sizes, counted exactly from config and headers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .checkpoint import build_model, check_weights, checkpoint_dir, load_config, read_weight_headers, stored_dtype
+from .dtypes import dtype_bytes, dtype_name
+
+
+@dataclass
+class ModelSummary:
+    path: str
+    model_type: str
+    loops: int
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    num_parameters: int
+    dtype: str
+    has_weights: bool
+    weights_bytes: int
+    kv_bytes_per_token: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize_checkpoint(path: str | os.PathLike) -> ModelSummary:
+    """Summary of a checkpoint directory; works with config.json alone (meta device).
+
+    ``weights_bytes`` is the stored tensor bytes when weights exist, else parameters x dtype size.
+    ``kv_bytes_per_token`` is the whole KV cache per token at the configured loop count, in ``dtype``.
+    """
+    root = checkpoint_dir(path)
+    config = load_config(root)
+    infos = read_weight_headers(root)
+    dtype = stored_dtype(infos, config)
+    model = build_model(config, "meta")
+    if infos:
+        check_weights(model, infos, root)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    weights_bytes = sum(i.nbytes for i in infos.values()) if infos else num_parameters * dtype_bytes(dtype)
+    return ModelSummary(
+        path=str(root),
+        model_type=config.model_type,
+        loops=config.total_ut_steps,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        vocab_size=config.vocab_size,
+        num_parameters=num_parameters,
+        dtype=dtype_name(dtype),
+        has_weights=bool(infos),
+        weights_bytes=weights_bytes,
+        kv_bytes_per_token=config.kv_bytes_per_token(dtype),
+    )

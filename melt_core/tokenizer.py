@@ -1,0 +1,48 @@
+"""Tokenizers: Ouro's byte-level BPE, loaded with transformers from ``tokenizer.json``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast
+
+from .errors import CheckpointNotFoundError
+
+# Ouro's special tokens, at ids 0, 1, 2 (OURO.md §6).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SAMPLE_TEXT = Path(__file__).parent / "assets" / "sample.txt"
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """The tokenizer of a checkpoint directory (needs ``tokenizer.json``; no remote code)."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"{file} not found: the checkpoint has no tokenizer")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE with ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` at ids 0, 1, 2
+    and Ouro's ChatML chat template."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0],
+        unk_token=None, chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+    )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: str | os.PathLike) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json, plus vocab.json and
+    merges.txt as in a real Ouro checkpoint."""
+    tokenizer.save_pretrained(str(out))
+    tokenizer.backend_tokenizer.model.save(str(out))
