@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from .config import OuroConfig
+from .config import MeltConfig, OuroConfig
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, parse_dtype
 from .errors import (
     CheckpointNotFoundError,
@@ -34,6 +34,7 @@ from .errors import (
     UnsupportedModelError,
     WeightsMismatchError,
 )
+from .melt import MeltForCausalLM
 from .ouro import OuroForCausalLM
 from .tokenizer import save_tokenizer
 
@@ -48,7 +49,10 @@ TOKENIZER_FILES = (
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 # model_type -> (config class, model class). Later model families register here.
-MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {"ouro": (OuroConfig, OuroForCausalLM)}
+MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
+    "ouro": (OuroConfig, OuroForCausalLM),
+    "melt": (MeltConfig, MeltForCausalLM),
+}
 
 
 @dataclass(frozen=True)
@@ -254,12 +258,16 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
 
 
 def write_weights(state_dict: dict[str, torch.Tensor], out: Path,
-                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
-    """``model.safetensors``, or shards + ``model.safetensors.index.json`` above ``max_shard_size``."""
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """``model.safetensors``, or shards + ``model.safetensors.index.json`` above ``max_shard_size``.
+    ``progress(nbytes)`` is called after each file with the bytes it holds."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+        if progress is not None:
+            progress(sum(tensors[n].nbytes for n in names))
     if split.is_sharded:
         index = {"metadata": {**split.metadata, "total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": split.tensor_to_filename}

@@ -115,3 +115,79 @@ class OuroConfig:
         for name in sorted(self.field_names()):
             out[name] = getattr(self, name)
         return out
+
+
+MELT_POLICIES = ("gate", "scalar", "last", "mean", "ema")
+MELT_H0 = ("first_input", "zeros")
+
+
+@dataclass
+class MeltSettings:
+    """The MELT section of a MELT config.json (MELT.md §2-3; melt's decisions are documented there).
+
+    policy: how a token's shared KV row is updated from loop to loop — ``gate`` (MELT,
+      element-wise learned gate), ``scalar`` (one learned gate value per layer and token), or the
+      training-free ``last`` (z = 0), ``mean`` (running mean over loops), ``ema`` (EMA over loops).
+    h0: the latent state before loop 1 for ``gate``/``scalar``: ``first_input`` (h = u at loop 1,
+      so loop 1 writes Ouro's loop-1 row) or ``zeros``. The other policies always start from u.
+    z0: initial gate value (W_z = U_z = 0, b_z = logit(z0)) used by ``melt convert``.
+    chunk_size: tokens per chunk in training and prefill (the chunk-wise forward, MELT.md §3).
+    ema_factor: weight of the newest loop for ``ema`` (h = (1 - f) h_prev + f u).
+    source: the Ouro checkpoint this model was converted from (the default distillation teacher).
+    """
+
+    policy: str = "gate"
+    h0: str = "first_input"
+    z0: float = 0.1
+    chunk_size: int = 500
+    ema_factor: float = 0.2
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in MELT_POLICIES:
+            raise ConfigError(f"melt.policy must be one of {', '.join(MELT_POLICIES)}, got {self.policy!r}")
+        if self.h0 not in MELT_H0:
+            raise ConfigError(f"melt.h0 must be one of {', '.join(MELT_H0)}, got {self.h0!r}")
+        if not 0.0 < self.z0 < 1.0:
+            raise ConfigError(f"melt.z0 must be strictly between 0 and 1, got {self.z0}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ConfigError(f"melt.chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if not 0.0 < self.ema_factor <= 1.0:
+            raise ConfigError(f"melt.ema_factor must be in (0, 1], got {self.ema_factor}")
+
+    @property
+    def learned(self) -> bool:
+        """Whether the policy has a learned gate (``gate``, ``scalar``)."""
+        return self.policy in ("gate", "scalar")
+
+
+@dataclass
+class MeltConfig(OuroConfig):
+    """An Ouro config plus the MELT section; ``model_type: "melt"``."""
+
+    melt: MeltSettings = field(default_factory=MeltSettings)
+
+    model_type = "melt"
+    architectures = ["MeltForCausalLM"]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.melt, dict):
+            unknown = set(self.melt) - {f.name for f in dataclasses.fields(MeltSettings)}
+            if unknown:
+                raise ConfigError(f"unknown key(s) in the melt section: {', '.join(sorted(unknown))}")
+            self.melt = MeltSettings(**self.melt)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype, loops: int | None = None) -> int:
+        """MELT's KV cache bytes per token: one K and one V row per layer, whatever the loop count."""
+        return 2 * self.num_hidden_layers * self.kv_width * dtype_bytes(dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["melt"] = dataclasses.asdict(self.melt)
+        return out
+
+    @classmethod
+    def from_ouro(cls, ouro: OuroConfig, settings: MeltSettings) -> MeltConfig:
+        fields = {name: getattr(ouro, name) for name in OuroConfig.field_names()}
+        return cls(**fields, extra=dict(ouro.extra), melt=settings)

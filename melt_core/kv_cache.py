@@ -98,3 +98,67 @@ class PerLoopKVCache(TokenLedger):
     def nbytes_per_loop(self) -> list[int]:
         """Key/value bytes each loop owns (equal for all loops)."""
         return [self.nbytes() // self.loops] * self.loops
+
+
+class SharedKVCache(TokenLedger):
+    """MELT's KV cache: ONE key row and ONE value row per token per layer, shared by all loops.
+
+    Layout: ``keys`` and ``values`` are each (num_layers, B, kv_heads, max_len, head_dim); slot
+    ``layer`` holds every token's current row for that layer. Later loops of a token overwrite its
+    row; after its last loop the row is final. Memory does not depend on the loop count.
+    Inference only: writes are in place, so run under ``torch.no_grad()``.
+    """
+
+    loops = None  # any loop count fits
+
+    def __init__(self, config: OuroConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        super().__init__(batch_size, max_len, device)
+        self.num_layers = config.num_hidden_layers
+        shape = (self.num_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def slot(self, layer: int) -> int:
+        """The slot of a layer (the same for every loop)."""
+        return layer
+
+    def rows(self, slot: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Overwrite the new tokens' rows (the last ``k.shape[2]`` positions) and return all rows."""
+        start = self.length - k.shape[2]
+        self.keys[slot, :, :, start:self.length] = k
+        self.values[slot, :, :, start:self.length] = v
+        return self.keys[slot, :, :, :self.length], self.values[slot, :, :, :self.length]
+
+    def nbytes(self) -> int:
+        """Bytes of key/value storage (the validity ledger, B x max_len bools, is not counted)."""
+        return self.keys.nbytes + self.values.nbytes
+
+
+class GrowingRows:
+    """Differentiable row store for chunk-wise training: earlier chunks' rows are tensors kept in
+    the autograd graph (so gradients reach them), and the current chunk's rows are appended by
+    concatenation instead of written in place.
+
+    ``frozen_keys[slot]`` / ``frozen_values[slot]``: (B, kv_heads, start, d) rows of earlier
+    chunks. ``rows`` returns them with the current rows appended; the last rows returned for a
+    slot (its last loop) are that slot's frozen rows for the next chunk (``next_frozen``).
+    """
+
+    def __init__(self, frozen_keys: list[Tensor], frozen_values: list[Tensor]) -> None:
+        self.frozen_keys, self.frozen_values = frozen_keys, frozen_values
+        self.latest_keys, self.latest_values = list(frozen_keys), list(frozen_values)
+
+    @staticmethod
+    def empty(num_slots: int, batch_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device | str) -> tuple[list[Tensor], list[Tensor]]:
+        empty = torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        return [empty] * num_slots, [empty] * num_slots
+
+    def rows(self, slot: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.latest_keys[slot] = torch.cat([self.frozen_keys[slot], k], 2)
+        self.latest_values[slot] = torch.cat([self.frozen_values[slot], v], 2)
+        return self.latest_keys[slot], self.latest_values[slot]
+
+    def next_frozen(self) -> tuple[list[Tensor], list[Tensor]]:
+        return self.latest_keys, self.latest_values

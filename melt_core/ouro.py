@@ -117,7 +117,7 @@ class OuroForCausalLM(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         *,
-        cache: KVPolicy | None = None,
+        cache: PerLoopKVCache | None = None,
         loops: int | None = None,
         exit_at_step: int | None = None,
         exit_threshold: float | None | ConfigDefault = "config",
@@ -125,6 +125,7 @@ class OuroForCausalLM(nn.Module):
         return_loop_logits: bool = False,
         return_hidden_states: bool = False,
         return_attn_outputs: bool = False,
+        num_logits_to_keep: int = 0,
     ) -> LoopLMOutput:
         """Run ``loops`` (default ``total_ut_steps``) loops over ``input_ids`` (B, S).
 
@@ -133,15 +134,61 @@ class OuroForCausalLM(nn.Module):
         Returned logits, by priority: ``exit_at_step`` (0-based) > ``exit_threshold`` (default:
         the config's ``early_exit_threshold``; pass None to disable) > ``weighted_exit`` (the
         pdf-weighted mixture of per-loop logits) > the last loop. ``weighted_exit=True`` with the
-        default threshold disables the threshold.
+        default threshold disables the threshold. ``num_logits_to_keep`` > 0 computes the exit
+        gate and logits for the last positions only (prefill for generation).
         """
+        loops = self.resolve_loops(loops)
+        if cache is not None and cache.loops != loops:
+            raise InvalidArgumentError(f"the cache was built for {cache.loops} loops, the forward asks for {loops}")
+        B, S = input_ids.shape
+        if cache is None:
+            start = 0
+            key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        else:
+            start, key_valid = cache.begin(S, attention_mask)
+        inputs = self.block_inputs(input_ids, start, key_valid, cache if cache is not None else FullSequenceKV(),
+                                   return_attn_outputs)
+        hidden = self.loop_stack(self.model.embed_tokens(input_ids), inputs, loops)
+        return self.head(hidden, inputs.attn_taps, exit_at_step=exit_at_step, exit_threshold=exit_threshold,
+                         weighted_exit=weighted_exit, return_loop_logits=return_loop_logits,
+                         return_hidden_states=return_hidden_states, num_logits_to_keep=num_logits_to_keep)
+
+    def resolve_loops(self, loops: int | None) -> int:
         loops = self.config.total_ut_steps if loops is None else loops
         if loops < 1:
             raise InvalidArgumentError(f"loops must be >= 1, got {loops}")
-        if cache is not None and getattr(cache, "loops", loops) != loops:
-            raise InvalidArgumentError(f"the cache was built for {cache.loops} loops, the forward asks for {loops}")
-        hidden, attn_taps = self.run_loops(input_ids, attention_mask, cache, loops, return_attn_outputs)
+        return loops
 
+    def block_inputs(self, input_ids: Tensor, start: int, key_valid: Tensor | None, kv: KVPolicy,
+                     collect_attn: bool) -> BlockInputs:
+        """RoPE tables, mask and KV policy for tokens at positions [start, start + S)."""
+        B, S = input_ids.shape
+        device = input_ids.device
+        positions = position_ids_for(key_valid, start, B, S, device)
+        return BlockInputs(
+            rope=rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype),
+            mask=attention_mask_for(key_valid, start, S, device),
+            kv=kv,
+            attn_taps=[] if collect_attn else None,
+        )
+
+    def loop_stack(self, x: Tensor, inputs: BlockInputs, loops: int) -> list[Tensor]:
+        """The looped stack over embeddings x (B, S, H): the per-loop normed outputs h_t, T x (B, S, H)."""
+        hidden = []
+        for loop in range(loops):
+            inputs.loop = loop
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, i, inputs)
+            x = self.model.norm(x)  # h_t: this loop's output and the next loop's input
+            hidden.append(x)
+        return hidden
+
+    def head(self, hidden: list[Tensor], attn_taps: list[Tensor] | None, *, exit_at_step: int | None,
+             exit_threshold: float | None | ConfigDefault, weighted_exit: bool, return_loop_logits: bool,
+             return_hidden_states: bool, num_logits_to_keep: int = 0) -> LoopLMOutput:
+        """Exit gate, per-loop logits and the returned logits from the per-loop hidden states."""
+        if num_logits_to_keep > 0:
+            hidden = [h[:, -num_logits_to_keep:] for h in hidden]
         gate_logits = [self.model.early_exit_gate(h).squeeze(-1) for h in hidden]
         pdf = exit_pdf(gate_logits)  # (B, S, T)
         loop_logits = [self.lm_head(h) for h in hidden] if return_loop_logits else None
@@ -155,35 +202,6 @@ class OuroForCausalLM(nn.Module):
             hidden_states=hidden if return_hidden_states else None,
             attn_outputs=attn_taps,
         )
-
-    def run_loops(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVPolicy | None,
-                  loops: int, collect_attn: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
-        """The looped stack: returns the per-loop normed hidden states h_t, T x (B, S, H)."""
-        B, S = input_ids.shape
-        device = input_ids.device
-        if cache is None:
-            start = 0
-            key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-            kv: KVPolicy = FullSequenceKV()
-        else:
-            start, key_valid = cache.begin(S, attention_mask)
-            kv = cache
-        positions = position_ids_for(key_valid, start, B, S, device)
-        x = self.model.embed_tokens(input_ids)  # (B, S, H)
-        inputs = BlockInputs(
-            rope=rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype),
-            mask=attention_mask_for(key_valid, start, S, device),
-            kv=kv,
-            attn_taps=[] if collect_attn else None,
-        )
-        hidden = []
-        for loop in range(loops):
-            inputs.loop = loop
-            for i, layer in enumerate(self.model.layers):
-                x = layer(x, i, inputs)
-            x = self.model.norm(x)  # h_t: this loop's output and the next loop's input
-            hidden.append(x)
-        return hidden, inputs.attn_taps
 
     def _select_logits(self, hidden: list[Tensor], pdf: Tensor, loop_logits: list[Tensor] | None,
                        exit_at_step: int | None, exit_threshold: float | None, weighted_exit: bool) -> Tensor:

@@ -23,10 +23,12 @@ class ModelSummary:
     head_dim: int
     vocab_size: int
     num_parameters: int
+    gate_parameters: int
     dtype: str
     has_weights: bool
     weights_bytes: int
     kv_bytes_per_token: int
+    melt: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,7 +38,8 @@ def summarize_checkpoint(path: str | os.PathLike) -> ModelSummary:
     """Summary of a checkpoint directory; works with config.json alone (meta device).
 
     ``weights_bytes`` is the stored tensor bytes when weights exist, else parameters x dtype size.
-    ``kv_bytes_per_token`` is the whole KV cache per token at the configured loop count, in ``dtype``.
+    ``kv_bytes_per_token`` is the whole KV cache per token at the configured loop count, in ``dtype``
+    (Ouro: one row per loop and layer; MELT: one row per layer, whatever the loop count).
     """
     root = checkpoint_dir(path)
     config = load_config(root)
@@ -59,8 +62,10 @@ def summarize_checkpoint(path: str | os.PathLike) -> ModelSummary:
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
         num_parameters=num_parameters,
+        gate_parameters=sum(p.numel() for name, p in model.named_parameters() if ".kv_gate." in name),
         dtype=dtype_name(dtype),
         has_weights=bool(infos),
         weights_bytes=weights_bytes,
         kv_bytes_per_token=config.kv_bytes_per_token(dtype),
+        melt=asdict(config.melt) if config.model_type == "melt" else None,
     )

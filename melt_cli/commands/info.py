@@ -46,8 +46,17 @@ def info(
         ("dtype", summary.dtype),
         ("weights", f"{summary.weights_bytes:,} B ({console.human_bytes(summary.weights_bytes)})"
                     + ("" if summary.has_weights else "  [dim](config only)[/]")),
-        ("KV cache per token", f"{summary.kv_bytes_per_token:,} B (all {summary.loops} loops)"),
     ]
+    if summary.melt is None:
+        rows.append(("KV cache per token", f"{summary.kv_bytes_per_token:,} B (all {summary.loops} loops)"))
+    else:
+        rows += [
+            ("KV cache per token", f"{summary.kv_bytes_per_token:,} B (one shared row per layer, any loop count)"),
+            ("gate parameters", f"{summary.gate_parameters:,}"),
+            ("MELT policy / h0 / z0", f"{summary.melt['policy']} / {summary.melt['h0']} / {summary.melt['z0']}"),
+            ("chunk size", str(summary.melt["chunk_size"])),
+            ("converted from", str(summary.melt["source"])),
+        ]
     for key, value in rows:
         table.add_row(key, value)
     console.out.print(table)

@@ -1,0 +1,44 @@
+"""``melt convert``: an Ouro checkpoint -> a MELT checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from melt_core.config import MELT_H0, MELT_POLICIES, MeltSettings
+from melt_core.convert import convert_ouro_to_melt
+
+from .. import console
+from ..progress import byte_progress
+
+EPILOG = """Examples:
+
+  melt convert ./Ouro-1.4B ./MELT-1.6B
+
+  melt convert ./Ouro-1.4B ./melt-last --policy last           (training-free baseline)
+
+  melt convert ./Ouro-1.4B ./melt-fp32 --dtype fp32 --z0 0.05 --chunk-size 256 --force
+"""
+
+
+def convert(
+    source: Annotated[Path, typer.Argument(help="Ouro checkpoint directory.")],
+    out: Annotated[Path, typer.Argument(help="Output MELT checkpoint directory.")],
+    policy: Annotated[str, typer.Option(help=f"KV-update policy: {', '.join(MELT_POLICIES)}.")] = "gate",
+    h0: Annotated[str, typer.Option(help=f"Latent state before loop 1: {', '.join(MELT_H0)}.")] = "first_input",
+    z0: Annotated[float, typer.Option(help="Initial gate value: b_z = logit(z0), W_z = U_z = 0.")] = 0.1,
+    chunk_size: Annotated[int, typer.Option(help="Chunk size for training and prefill.")] = 500,
+    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (default: the source's dtype).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """Convert an Ouro checkpoint into a MELT checkpoint (base weights unchanged + new KV gates)."""
+    settings = MeltSettings(policy=policy, h0=h0, z0=z0, chunk_size=chunk_size)
+    with byte_progress("converting") as update:
+        path = convert_ouro_to_melt(source, out, settings, dtype=dtype, force=force, progress=update)
+    console.err.print(f"wrote MELT checkpoint to {path} (policy {policy}); check it with: melt info {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EPILOG)(convert)

@@ -1,0 +1,108 @@
+"""Ouro checkpoint -> MELT checkpoint (``melt convert``).
+
+The base tensors are copied unchanged (bit-identical unless a dtype change is asked for); the
+gate tensors are new, initialised as ``MeltSettings`` says. The output is written to a temporary
+directory, reloaded with melt's own loader as a check, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    DEFAULT_MAX_SHARD_SIZE,
+    _open_safetensors,
+    atomic_directory,
+    build_model,
+    check_weights,
+    checkpoint_dir,
+    config_from_dict,
+    copy_tokenizer_files,
+    load_model,
+    read_config_dict,
+    read_weight_headers,
+    stored_dtype,
+    write_config,
+    write_weights,
+)
+from .config import MeltConfig, MeltSettings, OuroConfig
+from .dtypes import dtype_name, parse_dtype
+from .errors import CheckpointNotFoundError, InvalidArgumentError, UnsupportedModelError
+from .melt import KVGate
+
+# (done_bytes, total_bytes, phase) with phase in {"read", "write", "verify"}
+ConvertProgress = Callable[[int, int, str], None]
+
+
+def gate_tensors(config: MeltConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The initial gate tensors of every layer (none for training-free policies)."""
+    if not config.melt.learned:
+        return {}
+    width = config.hidden_size if config.melt.policy == "gate" else 1
+    gate = KVGate(config.hidden_size, width)
+    gate.reset(config.melt.z0)
+    tensors = {}
+    for i in range(config.num_hidden_layers):
+        for name, p in gate.named_parameters():
+            tensors[f"model.layers.{i}.kv_gate.{name}"] = p.detach().to(dtype).clone()
+    return tensors
+
+
+def convert_ouro_to_melt(source: str | os.PathLike, out: str | os.PathLike, settings: MeltSettings | None = None, *,
+                         dtype: str | torch.dtype | None = None, force: bool = False,
+                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                         progress: ConvertProgress | None = None) -> Path:
+    """Write a MELT checkpoint converted from the Ouro checkpoint ``source`` to ``out``."""
+    root = checkpoint_dir(source)
+    raw = read_config_dict(root)
+    if raw.get("model_type") == "melt":
+        raise UnsupportedModelError(f"{root} is already a MELT checkpoint; melt convert takes an Ouro checkpoint")
+    ouro = config_from_dict(raw, source=str(root / "config.json"))
+    if not isinstance(ouro, OuroConfig) or ouro.model_type != "ouro":  # pragma: no cover - registry guard
+        raise UnsupportedModelError(f"{root} is not an Ouro checkpoint")
+    if Path(out).resolve() == root.resolve():
+        raise InvalidArgumentError("the output directory must differ from the source checkpoint")
+    infos = read_weight_headers(root)
+    if not infos:
+        raise CheckpointNotFoundError(f"{root} has no weights to convert")
+    check_weights(build_model(ouro, "meta"), infos, root)
+    target = parse_dtype(dtype) if dtype is not None else stored_dtype(infos, ouro)
+
+    settings = settings or MeltSettings()
+    settings.source = str(root.resolve())
+    config = MeltConfig.from_ouro(ouro, settings)
+    gates = gate_tensors(config, target)
+    base_bytes = sum(i.nbytes for i in infos.values())
+    out_bytes = sum(torch.Size(i.shape).numel() for i in infos.values()) * target.itemsize
+    out_bytes += sum(t.nbytes for t in gates.values())
+    total = base_bytes + 2 * out_bytes  # read, write, verify
+    done = 0
+
+    def report(nbytes: int, phase: str) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total, phase)
+
+    with atomic_directory(out, force=force) as tmp:
+        tensors: dict[str, torch.Tensor] = {}
+        for file in sorted({i.file for i in infos.values()}):
+            with _open_safetensors(file) as f:
+                for name in sorted(n for n, i in infos.items() if i.file == file):
+                    tensors[name] = f.get_tensor(name).to(target)
+                    report(infos[name].nbytes, "read")
+        tensors.update(gates)
+        write_weights(tensors, tmp, max_shard_size, progress=lambda n: report(n, "write"))
+        del tensors
+        config_dict = config.to_dict()
+        config_dict["torch_dtype"] = dtype_name(target)
+        write_config(config_dict, tmp)
+        copy_tokenizer_files(root, tmp)
+        # the check: melt's own loader must read back every tensor of the new model
+        load_model(tmp, device="cpu")
+        report(out_bytes, "verify")
+    return Path(out)
