@@ -21,7 +21,7 @@ from .config import MeltConfig, MeltSettings
 from .errors import InvalidArgumentError
 from .kv_cache import GrowingRows, SharedKVCache, TokenLedger
 from .layers import DecoderLayer
-from .ouro import ConfigDefault, LoopLMOutput, OuroForCausalLM
+from .ouro import OuroForCausalLM
 
 
 class KVGate(nn.Module):
@@ -133,7 +133,7 @@ class MeltForCausalLM(OuroForCausalLM):
             raise InvalidArgumentError(f"chunk sizes {sizes} must be positive and sum to the length {length}")
         return sizes
 
-    def forward(
+    def forward_hidden(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
@@ -144,14 +144,8 @@ class MeltForCausalLM(OuroForCausalLM):
         alpha: float = 1.0,
         detach_history: bool = False,
         checkpoint_chunks: bool = False,
-        exit_at_step: int | None = None,
-        exit_threshold: float | None | ConfigDefault = "config",
-        weighted_exit: bool = False,
-        return_loop_logits: bool = False,
-        return_hidden_states: bool = False,
         return_attn_outputs: bool = False,
-        num_logits_to_keep: int = 0,
-    ) -> LoopLMOutput:
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
         """The chunk-wise forward (MELT.md §3), one code path for training, prefill and decoding.
 
         Chunks of ``chunk_size`` tokens (default: the config's; or a list of chunk lengths) run
@@ -160,7 +154,7 @@ class MeltForCausalLM(OuroForCausalLM):
         without one (training, scoring) they are kept as tensors so gradients flow through earlier
         chunks' rows (``detach_history`` cuts them), and ``checkpoint_chunks`` recomputes each
         chunk's activations in the backward pass. ``alpha`` < 1 interpolates with Ouro's per-loop
-        rows (phase 1 of training; no cache). Exit options are Ouro's (see ``OuroForCausalLM``).
+        rows (phase 1 of training; no cache). ``forward`` adds the exit head, as for Ouro.
         """
         loops = self.resolve_loops(loops)
         if not 0.0 <= alpha <= 1.0:
@@ -201,13 +195,13 @@ class MeltForCausalLM(OuroForCausalLM):
             hidden_parts.append(hidden)
             tap_parts.append(taps)
 
+        if len(sizes) == 1:
+            return hidden_parts[0], tap_parts[0]
         hidden = [torch.cat([part[t] for part in hidden_parts], 1) for t in range(loops)]
         taps = None
         if return_attn_outputs:
             taps = [torch.cat([part[i] for part in tap_parts], 1) for i in range(len(tap_parts[0]))]
-        return self.head(hidden, taps, exit_at_step=exit_at_step, exit_threshold=exit_threshold,
-                         weighted_exit=weighted_exit, return_loop_logits=return_loop_logits,
-                         return_hidden_states=return_hidden_states, num_logits_to_keep=num_logits_to_keep)
+        return hidden, taps
 
     def _run_chunk(self, ids: Tensor, start: int, key_valid: Tensor | None, kv: MeltKV, loops: int,
                    collect_attn: bool) -> tuple[list[Tensor], list[Tensor] | None]:

@@ -8,7 +8,7 @@ logits), and the exit gate's pdf over loops deciding which loop's logits are ret
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -117,8 +117,6 @@ class OuroForCausalLM(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         *,
-        cache: PerLoopKVCache | None = None,
-        loops: int | None = None,
         exit_at_step: int | None = None,
         exit_threshold: float | None | ConfigDefault = "config",
         weighted_exit: bool = False,
@@ -126,21 +124,33 @@ class OuroForCausalLM(nn.Module):
         return_hidden_states: bool = False,
         return_attn_outputs: bool = False,
         num_logits_to_keep: int = 0,
+        **body: Any,
     ) -> LoopLMOutput:
-        """Run ``loops`` (default ``total_ut_steps``) loops over ``input_ids`` (B, S).
+        """Run the looped stack over ``input_ids`` (B, S) and pick the returned logits.
 
-        ``attention_mask`` (B, S): 1 for real tokens, 0 for (left) padding. With a ``cache`` it
-        covers the new tokens only; the cache remembers earlier ones.
+        ``body`` goes to ``forward_hidden``: ``cache``, ``loops`` (default ``total_ut_steps``),
+        and for MELT the chunk-wise options. ``attention_mask`` (B, S): 1 for real tokens, 0 for
+        (left) padding; with a ``cache`` it covers the new tokens only.
         Returned logits, by priority: ``exit_at_step`` (0-based) > ``exit_threshold`` (default:
         the config's ``early_exit_threshold``; pass None to disable) > ``weighted_exit`` (the
         pdf-weighted mixture of per-loop logits) > the last loop. ``weighted_exit=True`` with the
         default threshold disables the threshold. ``num_logits_to_keep`` > 0 computes the exit
         gate and logits for the last positions only (prefill for generation).
         """
+        hidden, taps = self.forward_hidden(input_ids, attention_mask, return_attn_outputs=return_attn_outputs, **body)
+        return self.head(hidden, taps, exit_at_step=exit_at_step, exit_threshold=exit_threshold,
+                         weighted_exit=weighted_exit, return_loop_logits=return_loop_logits,
+                         return_hidden_states=return_hidden_states, num_logits_to_keep=num_logits_to_keep)
+
+    def forward_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                       cache: PerLoopKVCache | None = None, loops: int | None = None,
+                       return_attn_outputs: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The per-loop normed hidden states T x (B, S, H) and, if asked, the attention taps
+        (T*N x (B, S, H), (loop, layer) order) — no logits (training computes its own)."""
         loops = self.resolve_loops(loops)
         if cache is not None and cache.loops != loops:
             raise InvalidArgumentError(f"the cache was built for {cache.loops} loops, the forward asks for {loops}")
-        B, S = input_ids.shape
+        S = input_ids.shape[1]
         if cache is None:
             start = 0
             key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
@@ -148,10 +158,7 @@ class OuroForCausalLM(nn.Module):
             start, key_valid = cache.begin(S, attention_mask)
         inputs = self.block_inputs(input_ids, start, key_valid, cache if cache is not None else FullSequenceKV(),
                                    return_attn_outputs)
-        hidden = self.loop_stack(self.model.embed_tokens(input_ids), inputs, loops)
-        return self.head(hidden, inputs.attn_taps, exit_at_step=exit_at_step, exit_threshold=exit_threshold,
-                         weighted_exit=weighted_exit, return_loop_logits=return_loop_logits,
-                         return_hidden_states=return_hidden_states, num_logits_to_keep=num_logits_to_keep)
+        return self.loop_stack(self.model.embed_tokens(input_ids), inputs, loops), inputs.attn_taps
 
     def resolve_loops(self, loops: int | None) -> int:
         loops = self.config.total_ut_steps if loops is None else loops
