@@ -58,9 +58,9 @@ def root(
 
 
 def _register() -> None:
-    from .commands import convert, info, random_model
+    from .commands import convert, info, random_model, train
 
-    for module in (info, convert, random_model):
+    for module in (info, convert, train, random_model):
         module.register(app)
 
 

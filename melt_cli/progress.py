@@ -38,3 +38,28 @@ def byte_progress(description: str) -> Iterator:
         yield update
     finally:
         bar.stop()
+
+
+@contextmanager
+def training_progress(total_steps: int, description: str = "training") -> Iterator[tuple]:
+    """Yields ``(on_step, on_event)`` for ``melt_core.trainer.train``: a bar with step, loss and
+    its parts, alpha, learning rates, tokens/s and peak memory; events printed above it."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+    with Progress(*columns, console=console.err) as bar:
+        task = bar.add_task(description, total=total_steps, stats="")
+
+        def on_step(m: dict) -> None:
+            parts = [f"loss {m['loss']:.4f}"]
+            parts += [f"{k} {m[k]:.4f}" for k in ("kd", "ce", "align") if k in m]
+            if "alpha" in m:
+                parts.append(f"α {m['alpha']:.2f}")
+            parts += [f"{k} {v:.1e}" for k, v in m.items() if k.startswith("lr_")]
+            parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+            parts.append(f"peak {console.human_bytes(m['peak_memory_bytes'])}")
+            bar.update(task, completed=m["step"], stats=" | ".join(parts))
+
+        def on_event(message: str) -> None:
+            bar.console.print(message)
+
+        yield on_step, on_event

@@ -290,12 +290,17 @@ def copy_tokenizer_files(src: str | os.PathLike, out: Path) -> list[str]:
 
 def save_checkpoint(model: nn.Module, out: str | os.PathLike, *,
                     tokenizer: str | os.PathLike | PreTrainedTokenizerFast | None = None,
-                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> Path:
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: str | torch.dtype | None = None,
+                    force: bool = False) -> Path:
     """Write ``model`` as a HF checkpoint directory, atomically: ``out`` appears only once
     everything is written. ``tokenizer``: a directory whose tokenizer files are copied, or a
-    tokenizer object to save (with a generation_config.json naming its special tokens)."""
+    tokenizer object to save (with a generation_config.json naming its special tokens).
+    ``dtype``: cast the saved tensors (the model itself is not changed)."""
     config = model.config
     state_dict = model.state_dict()
+    if dtype is not None:
+        target = parse_dtype(dtype)
+        state_dict = {k: v.to(target) for k, v in state_dict.items()}
     with atomic_directory(out, force=force) as tmp:
         write_weights(state_dict, tmp, max_shard_size)
         config_dict = config.to_dict()

@@ -18,6 +18,23 @@ TINY_GQA = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_a
                 num_key_value_heads=2, total_ut_steps=4)
 
 
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """Tokenised data is cached under a per-session temporary directory, never in ~/.cache."""
+    monkeypatch.setenv("MELT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "melt-cache"))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """melt's sample text as a JSONL corpus of several documents."""
+    import json
+
+    paragraphs = [p for p in SAMPLE_TEXT.read_text().split("\n\n") if p.strip()]
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_bpe_tokenizer([SAMPLE_TEXT.read_text()], 384)

@@ -1,0 +1,32 @@
+"""Option types shared by the training commands (Annotated, as Typer recommends)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Data = Annotated[Path, typer.Option("--data", help="Training text: .txt, .jsonl(.gz), a folder, or a saved dataset.")]
+EvalData = Annotated[Path | None, typer.Option("--eval-data", help="Held-out text for periodic evaluation.")]
+TextField = Annotated[str, typer.Option(help="JSON field holding the text.")]
+Out = Annotated[Path | None, typer.Option("--out", help="Run directory (the final model is written there).")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per training sequence.")]
+BatchTokens = Annotated[int | None, typer.Option(help="Tokens per optimizer step (gradient accumulation); "
+                                                      "default: one micro-batch per process.")]
+MicroBatch = Annotated[int, typer.Option(help="Sequences per forward pass per process.")]
+LR = Annotated[float, typer.Option("--lr", help="Learning rate of the base weights.")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
+Schedule = Annotated[str, typer.Option(help="LR schedule after warm-up: cosine or constant.")]
+WarmupSteps = Annotated[int | None, typer.Option(help="Warm-up steps (default: 5% of the steps).")]
+Clip = Annotated[float, typer.Option(help="Gradient clipping norm (0 disables).")]
+SaveEvery = Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (0: at the end only).")]
+KeepLast = Annotated[int, typer.Option(help="Checkpoints kept on disk (0: all).")]
+EvalEvery = Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end only).")]
+EvalBatches = Annotated[int, typer.Option(help="Held-out sequences per evaluation.")]
+Seed = Annotated[int, typer.Option(help="Seed of the data order and of every RNG.")]
+MixedPrecision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, none on CPU), no, bf16 or fp16.")]
+Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is available.")]
+Resume = Annotated[Path | None, typer.Option(help="Continue a run: its directory or one of its checkpoints.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
+SaveDtype = Annotated[str | None, typer.Option(help="dtype of the final model (default: the model's own).")]

@@ -1,0 +1,203 @@
+"""The two post-training phases of MELT from its Ouro teacher (MELT.md §4).
+
+Phase 1 (interpolated transition): the student attends over ``alpha * KV_MELT + (1 - alpha) * KV_Ouro``
+with alpha rising linearly from 0 to 1 over the phase; loss = mean over loops of
+KL(teacher || student) on per-loop logits (+ an optional CE term).
+Phase 2 (attention-aligned distillation), alpha = 1: loss = KD + beta * mean over (layer, loop) of
+the MSE between the student's and the stop-gradient teacher's attention sub-block outputs.
+The teacher runs its exact parallel forward once per batch under no_grad; the student runs the
+chunk-wise forward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from .checkpoint import load_config, load_model
+from .config import MeltConfig, OuroConfig
+from .errors import InvalidArgumentError, UnsupportedModelError
+from .losses import attention_alignment, kl_divergence, next_token_cross_entropy
+from .melt import MeltForCausalLM
+from .ouro import OuroForCausalLM
+from .trainer import TrainingArgs, TrainResult, save_model_as
+
+# Fields that must agree between teacher and student for per-loop, per-layer distillation.
+COMPATIBLE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "total_ut_steps")
+
+
+@dataclass
+class DistillSettings:
+    """What differs between the phases (optimisation settings are ``TrainingArgs``)."""
+
+    phase: int  # 1 (transition) or 2 (attention-aligned distillation)
+    beta: float = 0.1  # phase 2: weight of the attention alignment
+    ce_weight: float = 0.0  # weight of the next-token CE term (mean over loops)
+    kd_loops: str = "all"  # "all" loops or the "final" loop only
+    chunk_size: int | None = None  # student chunk size; default: the model's
+    detach_history: bool = False
+    checkpoint_chunks: bool = False
+    freeze_base: bool = False  # train only the gates
+
+    def __post_init__(self) -> None:
+        if self.phase not in (1, 2):
+            raise InvalidArgumentError(f"phase must be 1 or 2, got {self.phase}")
+        if self.kd_loops not in ("all", "final"):
+            raise InvalidArgumentError(f"--kd-loops must be all or final, got {self.kd_loops!r}")
+        if self.beta < 0 or self.ce_weight < 0:
+            raise InvalidArgumentError("--beta and --ce-weight must be >= 0")
+
+
+def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike) -> tuple[MeltConfig, OuroConfig]:
+    """The student must be MELT, the teacher Ouro, with the same shapes and loop count."""
+    student, teacher = load_config(student_path), load_config(teacher_path)
+    if student.model_type != "melt":
+        raise UnsupportedModelError(
+            f"{student_path} is an {student.model_type!r} checkpoint; the student must be MELT "
+            f"(run: melt convert {student_path} MELT_DIR)"
+        )
+    if teacher.model_type != "ouro":
+        raise UnsupportedModelError(f"{teacher_path} is a {teacher.model_type!r} checkpoint; the teacher must be Ouro")
+    diffs = [f"{k}: student {getattr(student, k)} vs teacher {getattr(teacher, k)}"
+             for k in COMPATIBLE_FIELDS if getattr(student, k) != getattr(teacher, k)]
+    if diffs:
+        raise InvalidArgumentError(f"teacher {teacher_path} does not match student {student_path}: " + "; ".join(diffs))
+    return student, teacher
+
+
+def default_teacher(student_path: str | os.PathLike) -> str:
+    """The Ouro source recorded by ``melt convert``."""
+    config = load_config(student_path)
+    source = getattr(getattr(config, "melt", None), "source", None)
+    if not source:
+        raise InvalidArgumentError(f"{student_path} records no source checkpoint; pass --teacher OURO_DIR")
+    return source
+
+
+class StudentHidden(nn.Module):
+    """The module accelerate wraps (DDP/FSDP): its forward is the student's chunk-wise forward_hidden."""
+
+    def __init__(self, student: MeltForCausalLM) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, input_ids: Tensor, **kwargs: Any) -> tuple[list[Tensor], list[Tensor] | None]:
+        return self.student.forward_hidden(input_ids, **kwargs)
+
+
+class DistillObjective:
+    """Phase 1 or phase 2 of MELT's post-training (an ``Objective`` for ``trainer.train``)."""
+
+    def __init__(self, student_path: str | os.PathLike, teacher_path: str | os.PathLike, settings: DistillSettings,
+                 steps: int, teacher_dtype: str | None = None) -> None:
+        check_pair(student_path, teacher_path)
+        self.student_path, self.settings, self.steps = Path(student_path), settings, steps
+        self.student: MeltForCausalLM = load_model(student_path, dtype="fp32")
+        self.teacher: OuroForCausalLM = load_model(teacher_path, dtype=teacher_dtype or "fp32")
+        self.teacher.requires_grad_(False)
+        # the exit gate is not part of either phase's loss
+        self.student.model.early_exit_gate.requires_grad_(False)
+        if settings.freeze_base:
+            for name, p in self.student.named_parameters():
+                p.requires_grad_(".kv_gate." in name)
+        self.model = StudentHidden(self.student)
+
+    def prepare(self, accelerator: Accelerator) -> None:
+        self.teacher.to(accelerator.device).eval()
+
+    def param_groups(self, args: TrainingArgs) -> list[dict[str, Any]]:
+        gate = [p for n, p in self.student.named_parameters() if ".kv_gate." in n and p.requires_grad]
+        base = [p for n, p in self.student.named_parameters() if ".kv_gate." not in n and p.requires_grad]
+        groups = [{"name": "gate", "params": gate, "lr": args.gate_lr}]
+        if base:
+            groups.append({"name": "base", "params": base, "lr": args.lr})
+        if not gate and not base:
+            raise InvalidArgumentError("nothing to train: the student has no gate and the base is frozen")
+        return [g for g in groups if g["params"]]
+
+    def alpha(self, step: int) -> float:
+        """Phase 1: linear from 0 at the first step to 1 at the last; phase 2: 1."""
+        if self.settings.phase == 2 or self.steps <= 1:
+            return 1.0
+        return min(1.0, step / (self.steps - 1))
+
+    def step_metrics(self, step: int) -> dict[str, float]:
+        return {"alpha": self.alpha(step)}
+
+    def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+        s = self.settings
+        with torch.no_grad():
+            t_hidden, t_taps = self.teacher.forward_hidden(input_ids, return_attn_outputs=s.phase == 2)
+        s_hidden, s_taps = wrapped(input_ids, alpha=self.alpha(step), chunk_size=s.chunk_size,
+                                   detach_history=s.detach_history, checkpoint_chunks=s.checkpoint_chunks,
+                                   return_attn_outputs=s.phase == 2)
+        return self.combine(input_ids, s_hidden, t_hidden, s_taps, t_taps)
+
+    def combine(self, input_ids: Tensor, s_hidden: list[Tensor], t_hidden: list[Tensor],
+                s_taps: list[Tensor] | None, t_taps: list[Tensor] | None) -> tuple[Tensor, dict[str, float]]:
+        """KD (+ CE) (+ beta * alignment) from per-loop hidden states and attention taps."""
+        s = self.settings
+        w_s, w_t = self.student.lm_head.weight, self.teacher.lm_head.weight
+        loops = range(len(s_hidden)) if s.kd_loops == "all" else [len(s_hidden) - 1]
+        kd = torch.stack([kl_divergence(s_hidden[t], t_hidden[t], w_s, w_t) for t in loops]).mean()
+        loss, parts = kd, {"kd": kd.item()}
+        if s.ce_weight > 0:
+            ce = torch.stack([next_token_cross_entropy(h, w_s, input_ids) for h in s_hidden]).mean()
+            loss = loss + s.ce_weight * ce
+            parts["ce"] = ce.item()
+        if s.phase == 2:
+            align = attention_alignment(s_taps, t_taps)
+            loss = loss + s.beta * align
+            parts["align"] = align.item()
+        return loss, parts
+
+    def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]:
+        """Held-out next-token loss and KL to the teacher, per loop (student at alpha = 1)."""
+        student = model.student if isinstance(model, StudentHidden) else model
+        s_hidden, _ = student.forward_hidden(input_ids, chunk_size=self.settings.chunk_size)
+        t_hidden, _ = self.teacher.forward_hidden(input_ids)
+        out = {}
+        for t, (hs, ht) in enumerate(zip(s_hidden, t_hidden, strict=True), 1):
+            out[f"loss_loop{t}"] = next_token_cross_entropy(hs, student.lm_head.weight, input_ids).item()
+            out[f"kl_loop{t}"] = kl_divergence(hs, ht, student.lm_head.weight, self.teacher.lm_head.weight).item()
+        return out
+
+    def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None:
+        student = model.student if isinstance(model, StudentHidden) else model
+        save_model_as(student, out, self.student_path, dtype)
+
+
+@dataclass
+class DataArgs:
+    data: Path
+    eval_data: Path | None = None
+    text_field: str = "text"
+
+
+def run_phase(student_path: str | os.PathLike, teacher_path: str | os.PathLike | None, settings: DistillSettings,
+              data_args: DataArgs, args: TrainingArgs, teacher_dtype: str | None = None,
+              on_step=None, on_event=None) -> TrainResult:
+    """Load data and models, then train one phase; the output is a loadable MELT checkpoint."""
+    from .data import PackedSequences
+    from .tokenizer import load_tokenizer
+    from .trainer import train
+
+    teacher_path = teacher_path or default_teacher(student_path)
+    objective = DistillObjective(student_path, teacher_path, settings, args.steps, teacher_dtype)
+    tokenizer = load_tokenizer(student_path)
+    data = PackedSequences.from_path(data_args.data, tokenizer, args.seq_len, args.seed, data_args.text_field)
+    eval_data = None
+    if data_args.eval_data is not None:
+        eval_data = PackedSequences.from_path(data_args.eval_data, tokenizer, args.seq_len, args.seed,
+                                              data_args.text_field)
+    if on_event:
+        on_event(f"phase {settings.phase}: student {student_path}, teacher {teacher_path}, "
+                 f"{len(data)} sequences of {args.seq_len} tokens")
+    return train(objective, data, args, eval_data=eval_data, on_step=on_step, on_event=on_event)

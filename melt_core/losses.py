@@ -1,0 +1,65 @@
+"""Training losses computed from hidden states, token chunk by token chunk.
+
+Logits are never materialised for a whole batch: a (B*S, V) fp32 logits tensor per loop would
+dominate memory for real vocabularies (49,152). Each chunk's logits are computed inside an
+activation checkpoint, so only the hidden states are kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+TOKEN_CHUNK = 2048
+
+
+def _kl_sum(h_student: Tensor, h_teacher: Tensor, w_student: Tensor, w_teacher: Tensor) -> Tensor:
+    """Sum over tokens of KL(teacher || student) at temperature 1."""
+    log_s = F.linear(h_student, w_student).float().log_softmax(-1)
+    with torch.no_grad():
+        log_t = F.linear(h_teacher, w_teacher).float().log_softmax(-1)
+    return (log_t.exp() * (log_t - log_s)).sum()
+
+
+def _ce_sum(h: Tensor, w: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(F.linear(h, w).float(), labels, reduction="sum")
+
+
+def _chunked(fn, tensors: list[Tensor], token_chunk: int) -> Tensor:
+    """``fn`` over token chunks of the flattened (N, ...) tensors, summed; checkpointed with grad."""
+    n = tensors[0].shape[0]
+    total = tensors[0].new_zeros((), dtype=torch.float32)
+    for s in range(0, n, token_chunk):
+        parts = [t[s:s + token_chunk] for t in tensors]
+        chunk = checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled() else fn(*parts)
+        total = total + chunk
+    return total
+
+
+def kl_divergence(h_student: Tensor, h_teacher: Tensor, w_student: Tensor, w_teacher: Tensor,
+                  token_chunk: int = TOKEN_CHUNK) -> Tensor:
+    """Mean over tokens of KL(teacher || student) between ``lm_head`` outputs of (B, S, H) states."""
+    H = h_student.shape[-1]
+    hs, ht = h_student.reshape(-1, H), h_teacher.reshape(-1, H)
+    fn = lambda a, b: _kl_sum(a, b, w_student, w_teacher)
+    return _chunked(fn, [hs, ht], token_chunk) / hs.shape[0]
+
+
+def next_token_cross_entropy(h: Tensor, w: Tensor, input_ids: Tensor, token_chunk: int = TOKEN_CHUNK) -> Tensor:
+    """Mean next-token cross-entropy of ``lm_head(h)`` (B, S, H) predicting ``input_ids`` shifted by one."""
+    H = h.shape[-1]
+    hs = h[:, :-1].reshape(-1, H)
+    labels = input_ids[:, 1:].reshape(-1)
+    fn = lambda a, y: _ce_sum(a, w, y)
+    return _chunked(fn, [hs, labels], token_chunk) / hs.shape[0]
+
+
+def attention_alignment(student_taps: list[Tensor], teacher_taps: list[Tensor]) -> Tensor:
+    """Mean over (layer, loop) of the MSE (averaged over tokens and hidden units) between student and
+    stop-gradient teacher attention sub-block outputs."""
+    if len(student_taps) != len(teacher_taps):
+        raise ValueError(f"{len(student_taps)} student taps vs {len(teacher_taps)} teacher taps")
+    losses = [F.mse_loss(s.float(), t.detach().float()) for s, t in zip(student_taps, teacher_taps, strict=True)]
+    return torch.stack(losses).mean()

@@ -1,0 +1,369 @@
+"""The training loop shared by every melt training command, on accelerate.
+
+accelerate does device placement, mixed precision, DDP/FSDP and the state of a checkpoint
+(model, optimizer, RNG of every process, registered objects); this module adds what melt's runs
+need around it: a step-indexed data order (so the data position is the step), gradient
+accumulation up to a token budget, warm-up + cosine/constant schedules, atomic checkpoints,
+exact resume, NaN/inf detection, Ctrl-C -> resumable checkpoint, metrics.jsonl, and periodic
+held-out evaluation. What is trained and how the loss is computed is an ``Objective``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from .checkpoint import CONFIG_NAME, save_checkpoint
+from .data import PackedSequences
+from .errors import InvalidArgumentError, MeltError, OutputExistsError
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+RUN_CONFIG = "run_config.json"
+# Arguments that must not change when a run is resumed.
+RESUME_INVARIANTS = ("steps", "seq_len", "batch_tokens", "micro_batch", "seed", "schedule", "warmup_steps")
+
+
+class TrainingDivergedError(MeltError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterruptedError(MeltError):
+    """The run was interrupted (Ctrl-C); a resumable checkpoint was saved."""
+
+
+@dataclass
+class TrainingArgs:
+    """Optimisation and bookkeeping settings of one run (CLI options map 1:1 onto these)."""
+
+    out: Path
+    steps: int
+    seq_len: int = 1024
+    batch_tokens: int | None = None  # tokens per optimizer step; default: one micro-batch per process
+    micro_batch: int = 1  # sequences per forward per process
+    lr: float = 8e-6  # base weights
+    gate_lr: float = 5e-4  # MELT gates (ignored by objectives without gates)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: str = "cosine"  # or "constant"
+    warmup_steps: int | None = None  # default: 5% of the steps
+    clip: float = 1.0
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    eval_every: int = 0  # 0: only at the end (when eval data is given)
+    eval_batches: int = 8
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
+    cpu: bool = False
+    resume: Path | None = None
+    force: bool = False
+    save_dtype: str | None = None  # dtype of the final model; default: the trained model's source dtype
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.steps < 1:
+            raise InvalidArgumentError(f"--steps must be >= 1, got {self.steps}")
+        if self.schedule not in ("cosine", "constant"):
+            raise InvalidArgumentError(f"--schedule must be cosine or constant, got {self.schedule!r}")
+        if self.micro_batch < 1:
+            raise InvalidArgumentError(f"--micro-batch must be >= 1, got {self.micro_batch}")
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, self.steps // 20) if self.steps > 1 else 0
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise InvalidArgumentError(f"--mixed-precision: auto, no, bf16 or fp16, not {self.mixed_precision!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+class Objective(Protocol):
+    """What a run trains and how. ``model`` is wrapped by accelerate (DDP/FSDP); ``loss`` and
+    ``evaluate`` receive that wrapped module and must call it (not ``model``) in the forward."""
+
+    model: nn.Module
+
+    def param_groups(self, args: TrainingArgs) -> list[dict[str, Any]]: ...
+
+    def prepare(self, accelerator: Accelerator) -> None: ...
+
+    def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]: ...
+
+    def step_metrics(self, step: int) -> dict[str, float]: ...
+
+    def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]: ...
+
+    def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None: ...
+
+
+@dataclass
+class RunState:
+    """Registered with accelerate so that a checkpoint records the step (= the data position)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA allocator peak on GPU; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory."""
+    if (path / "run_state.json").is_file():
+        return path
+    candidates = sorted((path / CHECKPOINTS).glob("step-*")) if (path / CHECKPOINTS).is_dir() else []
+    candidates = [c for c in candidates if (c / "run_state.json").is_file()]
+    if not candidates:
+        raise InvalidArgumentError(f"{path} holds no training checkpoint to resume from")
+    return candidates[-1]
+
+
+def _schedule(optimizer: torch.optim.Optimizer, args: TrainingArgs):
+    if args.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    return get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+
+
+class _Run:
+    """One training run: owns the accelerator, optimizer, schedule, files."""
+
+    def __init__(self, objective: Objective, data: PackedSequences, args: TrainingArgs,
+                 eval_data: PackedSequences | None, on_step: Callable[[dict], None] | None,
+                 on_event: Callable[[str], None] | None) -> None:
+        self.objective, self.data, self.args, self.eval_data = objective, data, args, eval_data
+        self.on_step = on_step or (lambda m: None)
+        self.on_event = on_event or (lambda m: None)
+        mp = args.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and not args.cpu else "no"
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=args.cpu)
+        world = self.accelerator.num_processes
+        per_micro = args.micro_batch * world
+        global_seqs = (args.batch_tokens // args.seq_len) if args.batch_tokens else per_micro
+        if global_seqs < per_micro or global_seqs % per_micro:
+            raise InvalidArgumentError(
+                f"--batch-tokens {args.batch_tokens} must be a multiple of seq_len x micro_batch x processes "
+                f"= {args.seq_len} x {args.micro_batch} x {world}"
+            )
+        self.global_seqs = global_seqs
+        self.accum = global_seqs // per_micro
+        self.accelerator.gradient_accumulation_steps = self.accum
+        set_seed(args.seed)
+
+    # --- files -------------------------------------------------------------------------------
+    def prepare_out(self) -> None:
+        args, out = self.args, self.args.out
+        if args.resume is None and out.exists() and any(out.iterdir()):
+            if not args.force:
+                raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it "
+                                        "or --resume to continue its run")
+            if self.accelerator.is_main_process:
+                shutil.rmtree(out)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RUN_CONFIG).write_text(json.dumps(args.to_json(), indent=2) + "\n")
+
+    def check_resume_args(self, ckpt: Path) -> None:
+        saved = json.loads((ckpt / "run_state.json").read_text())["args"]
+        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != self.args.to_json().get(k)]
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)} -> {self.args.to_json().get(k)}" for k in changed)
+            raise InvalidArgumentError(f"cannot resume {ckpt} with different settings ({diffs})")
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.args.out / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, drop records of steps after the checkpoint (they will be redone)."""
+        file = self.args.out / METRICS
+        if self.accelerator.is_main_process and file.is_file():
+            keep = [ln for ln in file.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            file.write_text("".join(ln + "\n" for ln in keep))
+
+    def save(self, state: RunState) -> Path:
+        """An accelerate state (model, optimizer, RNG, registered objects) + run_state.json, atomically."""
+        acc = self.accelerator
+        final = self.args.out / CHECKPOINTS / f"step-{state.step:06d}"
+        tmp = final.parent / f".{final.name}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "run_state.json").write_text(json.dumps({"step": state.step, "args": self.args.to_json()}) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            if self.args.keep_last > 0:  # 0 keeps every checkpoint
+                for old in sorted(final.parent.glob("step-*"))[: -self.args.keep_last]:
+                    shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    # --- the loop ------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[Tensor]:
+        """This process's micro-batches of global batch ``step``."""
+        batch = self.data.batch(step, self.global_seqs)  # (G, seq_len), identical on every process
+        acc, mb = self.accelerator, self.args.micro_batch
+        rank, world = acc.process_index, acc.num_processes
+        return [batch[(m * world + rank) * mb:(m * world + rank + 1) * mb].to(acc.device) for m in range(self.accum)]
+
+    def evaluate(self, wrapped: nn.Module) -> dict[str, float]:
+        model = self.accelerator.unwrap_model(wrapped)
+        was_training = model.training
+        model.eval()
+        totals: dict[str, float] = {}
+        n = min(self.args.eval_batches, len(self.eval_data))
+        with torch.no_grad(), self.accelerator.autocast():
+            for i in range(n):
+                ids = self.eval_data.sequences[i:i + 1].to(self.accelerator.device)
+                for k, v in self.objective.evaluate(model, ids).items():
+                    totals[k] = totals.get(k, 0.0) + v / n
+        model.train(was_training)
+        return totals
+
+    def run(self) -> TrainResult:
+        args, acc, objective = self.args, self.accelerator, self.objective
+        self.prepare_out()
+        groups = objective.param_groups(args)
+        optimizer = torch.optim.AdamW(groups, betas=args.betas, weight_decay=args.weight_decay)
+        scheduler = _schedule(optimizer, args)
+        objective.prepare(acc)
+        wrapped, optimizer = acc.prepare(objective.model, optimizer)
+        state = RunState()
+        acc.register_for_checkpointing(scheduler, state)
+        if args.resume is not None:
+            ckpt = find_checkpoint(Path(args.resume))
+            self.check_resume_args(ckpt)
+            acc.load_state(str(ckpt))
+            self.truncate_metrics(state.step)
+            self.on_event(f"resumed from {ckpt} at step {state.step}")
+        wrapped.train()
+        last: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        tokens_per_step = self.global_seqs * args.seq_len
+        try:
+            while state.step < args.steps:
+                step = state.step
+                t0 = time.perf_counter()
+                total, parts_sum = 0.0, {}
+                for ids in self.micro_batches(step):
+                    with acc.accumulate(wrapped), acc.autocast():
+                        loss, parts = objective.loss(wrapped, ids, step)
+                        acc.backward(loss)
+                    total += loss.detach().float() / self.accum
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v / self.accum
+                mean_loss = acc.reduce(torch.as_tensor(total, device=acc.device), "mean").item()
+                if not math.isfinite(mean_loss):
+                    optimizer.zero_grad()
+                    raise TrainingDivergedError(
+                        f"the loss is {mean_loss} at step {step + 1}; stopped before applying it. "
+                        + self._last_good_hint()
+                    )
+                grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.clip) if args.clip > 0 else None
+                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                state.step += 1
+                elapsed = time.perf_counter() - t0
+                last = {
+                    "step": state.step, "loss": mean_loss, **parts_sum, **objective.step_metrics(step),
+                    **{f"lr_{k}": v for k, v in lrs.items()},
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": tokens_per_step / elapsed,
+                    "peak_memory_bytes": peak_memory_bytes(acc.device),
+                }
+                self.log_metrics(last)
+                if acc.is_main_process:
+                    self.on_step(last)
+                at_end = state.step == args.steps
+                if self.eval_data is not None and ((args.eval_every and state.step % args.eval_every == 0) or at_end):
+                    eval_metrics = self.evaluate(wrapped)
+                    self.log_metrics({"step": state.step, "eval": eval_metrics})
+                    self.on_event("eval " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                if (args.save_every and state.step % args.save_every == 0) or at_end:
+                    self.save(state)
+        except KeyboardInterrupt:
+            optimizer.zero_grad()
+            if state.step > 0:
+                ckpt = self.save(state)
+                raise TrainingInterruptedError(
+                    f"interrupted after step {state.step}; saved {ckpt}; continue with --resume {args.out}"
+                ) from None
+            raise TrainingInterruptedError("interrupted before the first step; nothing to save") from None
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.write_final_model(acc.unwrap_model(wrapped))
+        acc.wait_for_everyone()
+        return TrainResult(args.out, state.step, last, eval_metrics)
+
+    def _last_good_hint(self) -> str:
+        ckpts = sorted((self.args.out / CHECKPOINTS).glob("step-*"))
+        if ckpts:
+            return f"The last good checkpoint is {ckpts[-1]}; resume with --resume {self.args.out} (e.g. a lower LR)."
+        return "No checkpoint was saved yet."
+
+    def write_final_model(self, model: nn.Module) -> None:
+        """The trained model as a loadable checkpoint in the run directory itself. Files are moved
+        in one by one, config.json last: its presence marks a complete model."""
+        out = self.args.out
+        tmp = out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.objective.save_model(model, tmp, self.args.save_dtype)
+        (out / CONFIG_NAME).unlink(missing_ok=True)
+        for old in out.glob("model*.safetensors*"):
+            old.unlink()
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in [n for n in names if n != CONFIG_NAME] + [CONFIG_NAME]:
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
+
+
+def train(objective: Objective, data: PackedSequences, args: TrainingArgs, *,
+          eval_data: PackedSequences | None = None, on_step: Callable[[dict], None] | None = None,
+          on_event: Callable[[str], None] | None = None) -> TrainResult:
+    """Run ``objective`` for ``args.steps`` optimizer steps; returns the final metrics."""
+    return _Run(objective, data, args, eval_data, on_step, on_event).run()
+
+
+def save_model_as(model: nn.Module, out: Path, tokenizer_from: str | os.PathLike, dtype: str | None) -> None:
+    """Save ``model`` (cast to ``dtype`` if given) with the tokenizer files of ``tokenizer_from``."""
+    save_checkpoint(model, out, tokenizer=tokenizer_from, dtype=dtype, force=True)
