@@ -58,9 +58,9 @@ def root(
 
 
 def _register() -> None:
-    from .commands import convert, info, random_model, train
+    from .commands import convert, evaluate, info, pretrain, random_model, train
 
-    for module in (info, convert, train, random_model):
+    for module in (info, convert, train, evaluate, pretrain, random_model):
         module.register(app)
 
 

@@ -40,6 +40,10 @@ def byte_progress(description: str) -> Iterator:
         bar.stop()
 
 
+_NOT_LOSS_PARTS = {"step", "loss", "alpha", "grad_norm", "tokens_per_s", "peak_memory_bytes",
+                   "lr_gate", "lr_base"}
+
+
 @contextmanager
 def training_progress(total_steps: int, description: str = "training") -> Iterator[tuple]:
     """Yields ``(on_step, on_event)`` for ``melt_core.trainer.train``: a bar with step, loss and
@@ -51,7 +55,7 @@ def training_progress(total_steps: int, description: str = "training") -> Iterat
 
         def on_step(m: dict) -> None:
             parts = [f"loss {m['loss']:.4f}"]
-            parts += [f"{k} {m[k]:.4f}" for k in ("kd", "ce", "align") if k in m]
+            parts += [f"{k} {v:.3f}" for k, v in m.items() if k not in _NOT_LOSS_PARTS and isinstance(v, float)]
             if "alpha" in m:
                 parts.append(f"α {m['alpha']:.2f}")
             parts += [f"{k} {v:.1e}" for k, v in m.items() if k.startswith("lr_")]

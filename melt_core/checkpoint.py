@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
+from . import builtin_models
 from .config import MeltConfig, OuroConfig
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, parse_dtype
 from .errors import (
@@ -69,7 +70,8 @@ class TensorInfo:
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
-    p = Path(path)
+    """The checkpoint directory ``path`` names: a path, or a built-in name such as ``example``."""
+    p = builtin_models.resolve(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"checkpoint directory {p} does not exist")
     if not p.is_dir():

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .checkpoint import load_config, load_model
 from .config import MeltConfig, OuroConfig
 from .errors import InvalidArgumentError, UnsupportedModelError
+from .evaluation import finish, score_batch
 from .losses import attention_alignment, kl_divergence, next_token_cross_entropy
 from .melt import MeltForCausalLM
 from .ouro import OuroForCausalLM
@@ -161,12 +162,10 @@ class DistillObjective:
     def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]:
         """Held-out next-token loss and KL to the teacher, per loop (student at alpha = 1)."""
         student = model.student if isinstance(model, StudentHidden) else model
-        s_hidden, _ = student.forward_hidden(input_ids, chunk_size=self.settings.chunk_size)
-        t_hidden, _ = self.teacher.forward_hidden(input_ids)
+        stats = score_batch(student, input_ids, None, self.teacher)
         out = {}
-        for t, (hs, ht) in enumerate(zip(s_hidden, t_hidden, strict=True), 1):
-            out[f"loss_loop{t}"] = next_token_cross_entropy(hs, student.lm_head.weight, input_ids).item()
-            out[f"kl_loop{t}"] = kl_divergence(hs, ht, student.lm_head.weight, self.teacher.lm_head.weight).item()
+        for r in finish(stats, with_teacher=True):
+            out[f"loss_loop{r.loop}"], out[f"kl_loop{r.loop}"] = r.loss, r.kl_to_teacher
         return out
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None:

@@ -56,6 +56,18 @@ def next_token_cross_entropy(h: Tensor, w: Tensor, input_ids: Tensor, token_chun
     return _chunked(fn, [hs, labels], token_chunk) / hs.shape[0]
 
 
+def per_token_cross_entropy(h: Tensor, w: Tensor, input_ids: Tensor, token_chunk: int = TOKEN_CHUNK) -> Tensor:
+    """Next-token cross-entropy of every position but the last, (B, S - 1), chunked and checkpointed."""
+    B, S, H = h.shape
+    hs, labels = h[:, :-1].reshape(-1, H), input_ids[:, 1:].reshape(-1)
+    fn = lambda a, y: F.cross_entropy(F.linear(a, w).float(), y, reduction="none")
+    parts = []
+    for s in range(0, hs.shape[0], token_chunk):
+        a, y = hs[s:s + token_chunk], labels[s:s + token_chunk]
+        parts.append(checkpoint(fn, a, y, use_reentrant=False) if torch.is_grad_enabled() else fn(a, y))
+    return torch.cat(parts).view(B, S - 1)
+
+
 def attention_alignment(student_taps: list[Tensor], teacher_taps: list[Tensor]) -> Tensor:
     """Mean over (layer, loop) of the MSE (averaged over tokens and hidden units) between student and
     stop-gradient teacher attention sub-block outputs."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
+from . import builtin_models
 from .errors import CheckpointNotFoundError
 
 # Ouro's special tokens, at ids 0, 1, 2 (OURO.md §6).
@@ -22,7 +23,8 @@ SAMPLE_TEXT = Path(__file__).parent / "assets" / "sample.txt"
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The tokenizer of a checkpoint directory (needs ``tokenizer.json``; no remote code)."""
-    file = Path(path) / "tokenizer.json"
+    path = builtin_models.resolve(path)
+    file = path / "tokenizer.json"
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file} not found: the checkpoint has no tokenizer")
     return PreTrainedTokenizerFast.from_pretrained(str(path))

@@ -1,0 +1,150 @@
+"""Training an Ouro-format LoopLM from scratch (``melt pretrain``).
+
+Two objectives:
+- ``uniform`` (default): the mean over loops of next-token cross-entropy. Every loop becomes a
+  usable predictor, which is what MELT's all-loop distillation needs from a teacher (each loop's
+  logits are a target), and nothing can collapse at small scale. The exit gate is not trained.
+- ``ouro``: the Ouro paper's ``sum_t p_t * CE_t - beta * H(p)``, with p the exit gate's pdf over
+  loops per token; trains the exit gate too (``--entropy-beta``, 0.1 early in the paper, 0.05 later).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerFast
+
+from .checkpoint import save_checkpoint
+from .data import PackedSequences, iter_documents
+from .errors import InvalidArgumentError
+from .evaluation import finish, score_batch
+from .losses import next_token_cross_entropy, per_token_cross_entropy
+from .ouro import OuroForCausalLM, exit_pdf
+from .random_model import init_weights, ouro_config_for
+from .tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
+from .trainer import TrainingArgs, TrainResult, train
+
+# Model shapes of `melt pretrain --preset` (the loop count and vocabulary are set separately).
+PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 2},
+    "small": {"hidden_size": 192, "intermediate_size": 576, "num_hidden_layers": 4, "num_attention_heads": 3,
+              "num_key_value_heads": 3},
+}
+OBJECTIVES = ("uniform", "ouro")
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class PretrainSettings:
+    preset: str = "small"
+    loops: int = 4
+    vocab_size: int = 4096
+    tokenizer: Path | None = None  # an existing tokenizer directory instead of training one
+    objective: str = "uniform"
+    entropy_beta: float = 0.1
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRETRAIN_PRESETS:
+            raise InvalidArgumentError(f"unknown --preset {self.preset!r}; choose from {', '.join(PRETRAIN_PRESETS)}")
+        if self.objective not in OBJECTIVES:
+            raise InvalidArgumentError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.loops < 1:
+            raise InvalidArgumentError(f"--loops must be >= 1, got {self.loops}")
+
+
+class LoopLMHidden(nn.Module):
+    """The module accelerate wraps: forward = the model's ``forward_hidden``."""
+
+    def __init__(self, model: OuroForCausalLM) -> None:
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids: Tensor, **kwargs: Any) -> tuple[list[Tensor], list[Tensor] | None]:
+        return self.lm.forward_hidden(input_ids, **kwargs)
+
+
+class PretrainObjective:
+    """An ``Objective`` for ``trainer.train``: next-token prediction at every loop."""
+
+    def __init__(self, model: OuroForCausalLM, tokenizer: PreTrainedTokenizerFast, settings: PretrainSettings,
+                 out: Path) -> None:
+        self.lm, self.tokenizer, self.settings, self.out = model, tokenizer, settings, Path(out)
+        if settings.objective == "uniform":
+            model.model.early_exit_gate.requires_grad_(False)  # no gradient reaches it
+        self.model = LoopLMHidden(model)
+
+    def prepare(self, accelerator: Accelerator) -> None:
+        """Keep the tokenizer in the run directory so that --resume uses the same one."""
+        if accelerator.is_main_process and not (self.out / TOKENIZER_DIR).is_dir():
+            save_tokenizer(self.tokenizer, self.out / TOKENIZER_DIR)
+        accelerator.wait_for_everyone()
+
+    def param_groups(self, args: TrainingArgs) -> list[dict[str, Any]]:
+        return [{"name": "base", "params": [p for p in self.lm.parameters() if p.requires_grad], "lr": args.lr}]
+
+    def step_metrics(self, step: int) -> dict[str, float]:
+        return {}
+
+    def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+        hidden, _ = wrapped(input_ids)
+        w = self.lm.lm_head.weight
+        if self.settings.objective == "uniform":
+            per_loop = torch.stack([next_token_cross_entropy(h, w, input_ids) for h in hidden])
+            parts = {f"ce_loop{t + 1}": v.item() for t, v in enumerate(per_loop)}
+            return per_loop.mean(), parts
+        ce = torch.stack([per_token_cross_entropy(h, w, input_ids) for h in hidden], -1)  # (B, S-1, T)
+        gate = self.lm.model.early_exit_gate
+        pdf = exit_pdf([gate(h).squeeze(-1) for h in hidden])[:, :-1].float()  # (B, S-1, T)
+        entropy = -(pdf * pdf.clamp_min(1e-12).log()).sum(-1).mean()
+        expected_ce = (pdf * ce).sum(-1).mean()
+        parts = {f"ce_loop{t + 1}": ce[..., t].mean().item() for t in range(ce.shape[-1])}
+        parts.update(expected_ce=expected_ce.item(), exit_entropy=entropy.item())
+        return expected_ce - self.settings.entropy_beta * entropy, parts
+
+    def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]:
+        lm = model.lm if isinstance(model, LoopLMHidden) else model
+        return {f"loss_loop{r.loop}": r.loss for r in finish(score_batch(lm, input_ids, None, None), False)}
+
+    def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None:
+        lm = model.lm if isinstance(model, LoopLMHidden) else model
+        save_checkpoint(lm, out, tokenizer=self.tokenizer, dtype=dtype, force=True)
+
+
+def build_tokenizer(settings: PretrainSettings, data: str | os.PathLike, text_field: str) -> PreTrainedTokenizerFast:
+    if settings.tokenizer is not None:
+        return load_tokenizer(settings.tokenizer)
+    return train_bpe_tokenizer(iter_documents(data, text_field), settings.vocab_size)
+
+
+def run_pretrain(settings: PretrainSettings, data: str | os.PathLike, args: TrainingArgs,
+                 eval_data: str | os.PathLike | None = None, text_field: str = "text",
+                 on_step=None, on_event=None) -> TrainResult:
+    """Train a LoopLM from scratch; the run directory ends up holding an Ouro checkpoint."""
+    if args.resume is not None and (args.out / TOKENIZER_DIR).is_dir():
+        tokenizer = load_tokenizer(args.out / TOKENIZER_DIR)
+    else:
+        tokenizer = build_tokenizer(settings, data, text_field)
+    shape = dict(PRETRAIN_PRESETS[settings.preset], total_ut_steps=settings.loops,
+                 max_position_embeddings=settings.max_position_embeddings)
+    if settings.objective == "ouro":
+        shape["early_exit_threshold"] = 1.0
+    config = ouro_config_for(tokenizer, torch.float32, **shape)
+    model = OuroForCausalLM(config)
+    init_weights(model, args.seed)
+    packed = PackedSequences.from_path(data, tokenizer, args.seq_len, args.seed, text_field)
+    held_out = PackedSequences.from_path(eval_data, tokenizer, args.seq_len, args.seed, text_field) \
+        if eval_data is not None else None
+    if on_event:
+        n = sum(p.numel() for p in model.parameters())
+        on_event(f"pretraining a {n:,}-parameter LoopLM ({settings.preset}, {settings.loops} loops, vocab "
+                 f"{len(tokenizer)}) on {len(packed)} sequences of {args.seq_len} tokens")
+    return train(PretrainObjective(model, tokenizer, settings, args.out), packed, args, eval_data=held_out,
+                 on_step=on_step, on_event=on_event)

@@ -1,0 +1,84 @@
+"""`melt pretrain` (a few steps on the tiny preset) and `melt eval` (equal to a hand computation)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from melt_cli.app import app
+from melt_core import load_model, load_tokenizer
+from melt_core.data import PackedSequences
+from melt_core.evaluation import evaluate_checkpoint
+from melt_core.pretrain import PretrainSettings, run_pretrain
+from melt_core.trainer import TrainingArgs
+
+runner = CliRunner()
+
+
+def _pretrain_args(out, **kw):
+    return TrainingArgs(out=out, **{"steps": 12, "seq_len": 32, "micro_batch": 4, "lr": 3e-3, "warmup_steps": 0,
+                                    "eval_batches": 2, **kw})
+
+
+@pytest.mark.parametrize("objective", ["uniform", "ouro"])
+def test_pretrain_tiny_loss_decreases(text_file, tmp_path, objective):
+    settings = PretrainSettings(preset="tiny", loops=3, vocab_size=300, objective=objective)
+    result = run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run"), eval_data=text_file)
+    metrics = [json.loads(ln) for ln in (result.out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
+    model = load_model(result.out)
+    assert model.config.model_type == "ouro" and model.config.total_ut_steps == 3
+    tok = load_tokenizer(result.out)
+    assert len(tok) == model.config.vocab_size <= 300
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert {"loss_loop1", "loss_loop3"} <= result.eval_metrics.keys()
+    if objective == "ouro":  # the exit gate is trained by the Ouro objective only
+        assert "exit_entropy" in metrics[0]
+
+
+def test_pretrain_resume_reuses_tokenizer(text_file, tmp_path):
+    settings = PretrainSettings(preset="tiny", loops=2, vocab_size=300)
+    run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run", steps=4, save_every=2))
+    first = (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
+    run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run", steps=4, save_every=2, resume=tmp_path / "run"))
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == first
+
+
+def test_cli_pretrain_rejects_tokenizer_with_vocab_size(text_file, tiny_ckpt, tmp_path):
+    result = runner.invoke(app, ["pretrain", "--data", str(text_file), "--out", str(tmp_path / "x"),
+                                 "--tokenizer", str(tiny_ckpt), "--vocab-size", "100"])
+    assert result.exit_code == 1 and "exclude each other" in result.stderr
+
+
+def test_eval_equals_hand_computation(tiny_ckpt, text_file):
+    report = evaluate_checkpoint(tiny_ckpt, text_file, teacher=tiny_ckpt, loops=[None, 2], seq_len=16,
+                                 max_sequences=5, batch_size=2)
+    model = load_model(tiny_ckpt)
+    ids = PackedSequences.from_path(text_file, load_tokenizer(tiny_ckpt), 16).sequences[:5]
+    for count in (4, 2):
+        out = model(ids, loops=count, return_loop_logits=True)
+        for r, logits in zip(report.results[count], out.loop_logits):
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            assert r.loss == pytest.approx(loss.item(), rel=1e-5)
+            assert r.perplexity == pytest.approx(torch.exp(loss).item(), rel=1e-5)
+            assert r.kl_to_teacher == pytest.approx(0.0, abs=1e-6) and r.top1_agreement == 1.0
+    assert report.tokens == 5 * 16 and report.sequences == 5
+
+
+def test_cli_eval_json_and_table(tiny_ckpt, text_file):
+    result = runner.invoke(app, ["eval", str(tiny_ckpt), "--data", str(text_file), "--seq-len", "16",
+                                 "--max-sequences", "3", "--loops", "1,4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["results"]) == {"1", "4"} and len(report["results"]["4"]) == 4
+    assert report["results"]["1"][0]["loss"] == pytest.approx(report["results"]["4"][0]["loss"], rel=1e-6)
+    table = runner.invoke(app, ["eval", str(tiny_ckpt), "--data", str(text_file), "--seq-len", "16",
+                                "--max-sequences", "2", "--teacher", str(tiny_ckpt)])
+    assert table.exit_code == 0 and "perplexity" in table.stdout and "100.00%" in table.stdout
+    bad = runner.invoke(app, ["eval", str(tiny_ckpt), "--data", str(text_file), "--loops", "0"])
+    assert bad.exit_code == 1 and "--loops" in bad.stderr
