@@ -40,28 +40,33 @@ def byte_progress(description: str) -> Iterator:
         bar.stop()
 
 
-_NOT_LOSS_PARTS = {"step", "loss", "alpha", "grad_norm", "tokens_per_s", "peak_memory_bytes",
-                   "lr_gate", "lr_base"}
+_NOT_LOSS_PARTS = {"step", "loss", "alpha", "grad_norm", "tokens_per_s", "peak_memory_bytes"}
+STEP_COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+
+
+def format_step(m: dict) -> str:
+    """One training step's numbers: loss and its parts, alpha, learning rates, tokens/s, peak memory."""
+    parts = [f"loss {m['loss']:.4f}"]
+    parts += [f"{k} {v:.3f}" for k, v in m.items()
+              if k not in _NOT_LOSS_PARTS and not k.startswith("lr_") and isinstance(v, float)]
+    if "alpha" in m:
+        parts.append(f"α {m['alpha']:.2f}")
+    parts += [f"{k} {v:.1e}" for k, v in m.items() if k.startswith("lr_")]
+    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"peak {console.human_bytes(m['peak_memory_bytes'])}")
+    return " | ".join(parts)
 
 
 @contextmanager
 def training_progress(total_steps: int, description: str = "training") -> Iterator[tuple]:
-    """Yields ``(on_step, on_event)`` for ``melt_core.trainer.train``: a bar with step, loss and
-    its parts, alpha, learning rates, tokens/s and peak memory; events printed above it."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
-    with Progress(*columns, console=console.err) as bar:
+    """Yields ``(on_step, on_event)`` for ``melt_core.trainer.train``: a bar with the step's numbers
+    (``format_step``); events are printed above it."""
+    with Progress(*STEP_COLUMNS, console=console.err) as bar:
         task = bar.add_task(description, total=total_steps, stats="")
 
         def on_step(m: dict) -> None:
-            parts = [f"loss {m['loss']:.4f}"]
-            parts += [f"{k} {v:.3f}" for k, v in m.items() if k not in _NOT_LOSS_PARTS and isinstance(v, float)]
-            if "alpha" in m:
-                parts.append(f"α {m['alpha']:.2f}")
-            parts += [f"{k} {v:.1e}" for k, v in m.items() if k.startswith("lr_")]
-            parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
-            parts.append(f"peak {console.human_bytes(m['peak_memory_bytes'])}")
-            bar.update(task, completed=m["step"], stats=" | ".join(parts))
+            bar.update(task, completed=m["step"], stats=format_step(m))
 
         def on_event(message: str) -> None:
             bar.console.print(message)

@@ -231,6 +231,17 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     return model.eval()
 
 
+def fresh_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
+    """Create ``out``; a non-empty existing ``out`` is refused unless ``force`` (then emptied)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 @contextmanager
 def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to write into; it replaces ``out`` only on success.

@@ -58,7 +58,29 @@ class TokenLedger:
         self._padded = False
 
 
-class PerLoopKVCache(TokenLedger):
+class _PreallocatedRows(TokenLedger):
+    """Key and value storage of shape (slots, B, kv_heads, max_len, head_dim), written in place."""
+
+    def __init__(self, config: OuroConfig, num_slots: int, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__(batch_size, max_len, device)
+        shape = (num_slots, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def rows(self, slot: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new tokens' rows (the last ``k.shape[2]`` positions) into ``slot``; return all its rows."""
+        start = self.length - k.shape[2]
+        self.keys[slot, :, :, start:self.length] = k
+        self.values[slot, :, :, start:self.length] = v
+        return self.keys[slot, :, :, :self.length], self.values[slot, :, :, :self.length]
+
+    def nbytes(self) -> int:
+        """Bytes of key/value storage (the validity ledger, B x max_len bools, is not counted)."""
+        return self.keys.nbytes + self.values.nbytes
+
+
+class PerLoopKVCache(_PreallocatedRows):
     """Ouro's KV cache: one slot per (loop, layer).
 
     Layout: ``keys`` and ``values`` are each (num_loops * num_layers, B, kv_heads, max_len, head_dim);
@@ -69,14 +91,11 @@ class PerLoopKVCache(TokenLedger):
 
     def __init__(self, config: OuroConfig, batch_size: int, max_len: int, loops: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        super().__init__(batch_size, max_len, device)
         self.num_layers = config.num_hidden_layers
         self.loops = config.total_ut_steps if loops is None else loops
         if self.loops < 1:
             raise InvalidArgumentError(f"loops must be >= 1, got {self.loops}")
-        shape = (self.loops * self.num_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(config, self.loops * self.num_layers, batch_size, max_len, dtype, device)
 
     def slot(self, loop: int, layer: int) -> int:
         """The slot of (loop, layer): loops are the outer dimension."""
@@ -84,23 +103,14 @@ class PerLoopKVCache(TokenLedger):
 
     def keys_values(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor,
                     rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        k, v = layer.self_attn.project_kv(u, rope)  # (B, kv_heads, S, d)
-        slot = self.slot(loop, layer_idx)
-        start = self.length - k.shape[2]
-        self.keys[slot, :, :, start:self.length] = k
-        self.values[slot, :, :, start:self.length] = v
-        return self.keys[slot, :, :, :self.length], self.values[slot, :, :, :self.length]
-
-    def nbytes(self) -> int:
-        """Bytes of key/value storage (the validity ledger, B x max_len bools, is not counted)."""
-        return self.keys.nbytes + self.values.nbytes
+        return self.rows(self.slot(loop, layer_idx), *layer.self_attn.project_kv(u, rope))
 
     def nbytes_per_loop(self) -> list[int]:
         """Key/value bytes each loop owns (equal for all loops)."""
         return [self.nbytes() // self.loops] * self.loops
 
 
-class SharedKVCache(TokenLedger):
+class SharedKVCache(_PreallocatedRows):
     """MELT's KV cache: ONE key row and ONE value row per token per layer, shared by all loops.
 
     Layout: ``keys`` and ``values`` are each (num_layers, B, kv_heads, max_len, head_dim); slot
@@ -113,26 +123,12 @@ class SharedKVCache(TokenLedger):
 
     def __init__(self, config: OuroConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        super().__init__(batch_size, max_len, device)
         self.num_layers = config.num_hidden_layers
-        shape = (self.num_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(config, self.num_layers, batch_size, max_len, dtype, device)
 
     def slot(self, layer: int) -> int:
         """The slot of a layer (the same for every loop)."""
         return layer
-
-    def rows(self, slot: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Overwrite the new tokens' rows (the last ``k.shape[2]`` positions) and return all rows."""
-        start = self.length - k.shape[2]
-        self.keys[slot, :, :, start:self.length] = k
-        self.values[slot, :, :, start:self.length] = v
-        return self.keys[slot, :, :, :self.length], self.values[slot, :, :, :self.length]
-
-    def nbytes(self) -> int:
-        """Bytes of key/value storage (the validity ledger, B x max_len bools, is not counted)."""
-        return self.keys.nbytes + self.values.nbytes
 
 
 class GrowingRows:

@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from .checkpoint import CONFIG_NAME, save_checkpoint
+from .checkpoint import CONFIG_NAME, fresh_output_dir, save_checkpoint
 from .data import PackedSequences
 from .errors import InvalidArgumentError, MeltError, OutputExistsError
 
@@ -184,16 +184,15 @@ class _Run:
     # --- files -------------------------------------------------------------------------------
     def prepare_out(self) -> None:
         args, out = self.args, self.args.out
-        if args.resume is None and out.exists() and any(out.iterdir()):
-            if not args.force:
-                raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it "
-                                        "or --resume to continue its run")
-            if self.accelerator.is_main_process:
-                shutil.rmtree(out)
-        self.accelerator.wait_for_everyone()
+        # every process checks (and fails) alike, before the main process changes anything
+        if args.resume is None and out.exists() and any(out.iterdir()) and not args.force:
+            raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it "
+                                    "or --resume to continue its run")
         if self.accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
+            if args.resume is None:
+                fresh_output_dir(out, force=True)
             (out / RUN_CONFIG).write_text(json.dumps(args.to_json(), indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
 
     def check_resume_args(self, ckpt: Path) -> None:
         saved = json.loads((ckpt / "run_state.json").read_text())["args"]

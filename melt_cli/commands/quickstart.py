@@ -1,0 +1,78 @@
+"""``melt quickstart``: convert -> transition -> distill -> eval -> generate -> memory, on the example model."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.panel import Panel
+from rich.progress import Progress
+from rich.table import Table
+
+from melt_core.quickstart import QuickstartReport, QuickstartSettings, run_quickstart
+
+from .. import console
+from ..progress import STEP_COLUMNS, format_step
+
+EPILOG = """Examples:
+
+  melt quickstart
+
+  melt quickstart --out runs/quickstart --steps1 100 --steps2 60 --force
+"""
+
+
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Where the converted and trained models go.")] = Path("melt-quickstart"),
+    steps1: Annotated[int, typer.Option(help="Phase-1 (transition) steps.")] = 40,
+    steps2: Annotated[int, typer.Option(help="Phase-2 (distillation) steps.")] = 30,
+    teacher: Annotated[str, typer.Option(help="The Ouro LoopLM to start from.")] = "example",
+    eval_sequences: Annotated[int, typer.Option(help="Held-out sequences of 256 tokens to evaluate on.")] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Run the whole MELT pipeline on the built-in example LoopLM (a few minutes on a CPU)."""
+    settings = QuickstartSettings(teacher=teacher, steps1=steps1, steps2=steps2, eval_sequences=eval_sequences)
+    with Progress(*STEP_COLUMNS, console=console.err) as bar:
+        task = None
+
+        def on_stage(message: str, steps: int | None) -> None:
+            nonlocal task
+            bar.console.print(f"[bold cyan]{message}[/]")
+            if steps is not None:
+                task = bar.add_task(message[:3], total=steps, stats="")
+
+        def on_step(m: dict) -> None:
+            bar.update(task, completed=m["step"], stats=format_step(m))
+
+        report = run_quickstart(out, settings, force=force, on_stage=on_stage, on_step=on_step)
+    render(report)
+
+
+def render(report: QuickstartReport) -> None:
+    evaluation = Table(title="Held-out loss (melt_core/assets/quickstart/valid.jsonl.gz), last loop",
+                       title_justify="left")
+    for col in ("model", "loss", "perplexity", "KL(teacher‖model)", "top-1 agreement"):
+        evaluation.add_column(col, justify="right" if col != "model" else "left")
+    for name, results in report.evaluation.items():
+        r = results[-1]
+        kl = "-" if r.kl_to_teacher is None else f"{r.kl_to_teacher:.4f}"
+        agree = "-" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
+        evaluation.add_row(name, f"{r.loss:.4f}", f"{r.perplexity:.2f}", kl, agree)
+    console.out.print(evaluation)
+
+    memory = Table(title="KV cache (bf16) of the example model: Ouro keeps a row per loop, MELT one per layer",
+                   title_justify="left")
+    for col in ("loops", "Ouro B/token", "MELT B/token", "Ouro cache, 4096 tok", "MELT cache, 4096 tok", "ratio"):
+        memory.add_column(col, justify="right")
+    for loops, kv in report.kv_bytes.items():
+        measured = report.measured_cache_bytes[loops]
+        memory.add_row(str(loops), f"{kv['ouro']:,}", f"{kv['melt']:,}", console.human_bytes(measured["ouro"]),
+                       console.human_bytes(measured["melt"]), f"{kv['ouro'] / kv['melt']:.0f}x")
+    console.out.print(memory)
+    for name, text in report.samples.items():
+        console.out.print(Panel(text, title=name, title_align="left"))
+    timing = ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items())
+    console.out.print(f"done in {sum(report.seconds.values()):.0f}s ({timing}); models in {report.out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EPILOG)(quickstart)

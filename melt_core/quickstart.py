@@ -1,0 +1,122 @@
+"""``melt quickstart``: the whole MELT pipeline on the built-in example LoopLM, on a CPU, in minutes.
+
+convert -> phase 1 (transition) -> phase 2 (distillation) -> evaluation of the teacher, MELT and the
+training-free ``last`` baseline -> one sample generation from each -> KV-cache memory of Ouro vs MELT.
+Everything it needs is installed with the package (model, training and held-out text).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .builtin_models import ASSETS
+from .checkpoint import fresh_output_dir, load_config, load_model
+from .config import MeltSettings
+from .convert import convert_ouro_to_melt
+from .distill import DataArgs, DistillSettings, run_phase
+from .evaluation import LoopResult, evaluate_checkpoint
+from .generation import greedy_generate
+from .kv_cache import PerLoopKVCache, SharedKVCache
+from .tokenizer import load_tokenizer
+from .trainer import TrainingArgs
+
+TRAIN_TEXT = ASSETS / "quickstart" / "train.jsonl.gz"
+VALID_TEXT = ASSETS / "quickstart" / "valid.jsonl.gz"
+PROMPT = "The state of the Union is"
+
+
+@dataclass
+class QuickstartSettings:
+    teacher: str = "example"
+    steps1: int = 40
+    steps2: int = 30
+    seq_len: int = 256
+    chunk_size: int = 64
+    batch_tokens: int = 1024
+    eval_sequences: int = 16
+    new_tokens: int = 40
+    kv_loops: tuple[int, ...] = (1, 4, 16)
+    kv_tokens: int = 4096
+    prompt: str = PROMPT
+
+
+@dataclass
+class QuickstartReport:
+    out: Path
+    evaluation: dict[str, list[LoopResult]] = field(default_factory=dict)  # model -> per-loop results
+    kv_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # loops -> {"ouro": B/token, "melt": ...}
+    measured_cache_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # loops -> cache.nbytes()
+    samples: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_quickstart(out: str | os.PathLike, settings: QuickstartSettings | None = None, *, force: bool = False,
+                   on_stage: Callable[[str, int | None], None] | None = None, on_step=None,
+                   on_event=None) -> QuickstartReport:
+    """Run every stage; ``on_stage(message, training_steps or None)`` announces each one."""
+    s = settings or QuickstartSettings()
+    stage = on_stage or (lambda message, steps: None)
+    out = fresh_output_dir(out, force)
+    report = QuickstartReport(out)
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        report.seconds[name] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    stage(f"1/6 convert {s.teacher} -> MELT (element-wise gate) and the training-free 'last' baseline", None)
+    melt0 = convert_ouro_to_melt(s.teacher, out / "melt-converted", MeltSettings(chunk_size=s.chunk_size))
+    last = convert_ouro_to_melt(s.teacher, out / "melt-last", MeltSettings(policy="last", chunk_size=s.chunk_size))
+    lap("convert")
+
+    def train(student: Path, phase: int, steps: int, name: str) -> Path:
+        targs = TrainingArgs(out=out / name, steps=steps, seq_len=s.seq_len, batch_tokens=s.batch_tokens,
+                             micro_batch=s.batch_tokens // s.seq_len, seed=0)
+        return run_phase(student, s.teacher, DistillSettings(phase=phase), DataArgs(TRAIN_TEXT), targs,
+                         on_step=on_step, on_event=on_event).out
+
+    stage(f"2/6 phase 1: interpolated transition, {s.steps1} steps", s.steps1)
+    phase1 = train(melt0, 1, s.steps1, "phase1")
+    lap("phase 1")
+    stage(f"3/6 phase 2: attention-aligned distillation, {s.steps2} steps", s.steps2)
+    melt = train(phase1, 2, s.steps2, "phase2")
+    lap("phase 2")
+
+    stage("4/6 evaluate on held-out text", None)
+    models = {"Ouro teacher": s.teacher, "MELT (phase 1 + 2)": melt, "training-free last": last}
+    for name, path in models.items():
+        teacher = None if name == "Ouro teacher" else s.teacher
+        result = evaluate_checkpoint(path, VALID_TEXT, teacher=teacher, seq_len=s.seq_len,
+                                     max_sequences=s.eval_sequences)
+        report.evaluation[name] = next(iter(result.results.values()))
+    lap("evaluate")
+
+    stage("5/6 generate", None)
+    tokenizer = load_tokenizer(s.teacher)
+    prompt = torch.tensor([tokenizer.encode(s.prompt)])
+    for name, path in models.items():
+        model = load_model(path, dtype="fp32")
+        stop = tuple(model.config.eos_token_ids)
+        tokens = greedy_generate(model, prompt, max_new_tokens=s.new_tokens, stop_token_ids=stop).tokens[0]
+        report.samples[name] = s.prompt + tokenizer.decode(tokens, skip_special_tokens=True)
+    lap("generate")
+
+    stage("6/6 KV-cache memory per loop count", None)
+    ouro_config, melt_config = load_config(s.teacher), load_config(melt)
+    bf16 = torch.bfloat16
+    for loops in s.kv_loops:
+        report.kv_bytes[loops] = {"ouro": ouro_config.kv_bytes_per_token(bf16, loops),
+                                  "melt": melt_config.kv_bytes_per_token(bf16, loops)}
+        report.measured_cache_bytes[loops] = {  # the caches generation allocates, for kv_tokens tokens
+            "ouro": PerLoopKVCache(ouro_config, 1, s.kv_tokens, loops, dtype=bf16).nbytes(),
+            "melt": SharedKVCache(melt_config, 1, s.kv_tokens, dtype=bf16).nbytes(),
+        }
+    lap("memory")
+    return report
