@@ -82,15 +82,36 @@ def default_teacher(student_path: str | os.PathLike) -> str:
     return source
 
 
-class StudentHidden(nn.Module):
-    """The module accelerate wraps (DDP/FSDP): its forward is the student's chunk-wise forward_hidden."""
+class StudentLoss(nn.Module):
+    """The module accelerate wraps (DDP/FSDP). Its forward runs the student's chunk-wise forward and
+    the whole loss, so every student parameter (``lm_head`` included) is used inside the wrapped
+    forward, as FSDP's parameter gathering requires."""
 
-    def __init__(self, student: MeltForCausalLM) -> None:
+    def __init__(self, student: MeltForCausalLM, settings: DistillSettings) -> None:
         super().__init__()
-        self.student = student
+        self.student, self.settings = student, settings
 
-    def forward(self, input_ids: Tensor, **kwargs: Any) -> tuple[list[Tensor], list[Tensor] | None]:
-        return self.student.forward_hidden(input_ids, **kwargs)
+    def forward(self, input_ids: Tensor, alpha: float, teacher_hidden: list[Tensor],
+                teacher_taps: list[Tensor] | None, teacher_head: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """KD (+ CE) (+ beta * alignment); the parts are returned detached for logging."""
+        s = self.settings
+        hidden, taps = self.student.forward_hidden(
+            input_ids, alpha=alpha, chunk_size=s.chunk_size, detach_history=s.detach_history,
+            checkpoint_chunks=s.checkpoint_chunks, return_attn_outputs=s.phase == 2,
+        )
+        head = self.student.lm_head.weight
+        loops = range(len(hidden)) if s.kd_loops == "all" else [len(hidden) - 1]
+        kd = torch.stack([kl_divergence(hidden[t], teacher_hidden[t], head, teacher_head) for t in loops]).mean()
+        loss, parts = kd, {"kd": kd.detach()}
+        if s.ce_weight > 0:
+            ce = torch.stack([next_token_cross_entropy(h, head, input_ids) for h in hidden]).mean()
+            loss = loss + s.ce_weight * ce
+            parts["ce"] = ce.detach()
+        if s.phase == 2:
+            align = attention_alignment(taps, teacher_taps)
+            loss = loss + s.beta * align
+            parts["align"] = align.detach()
+        return loss, parts
 
 
 class DistillObjective:
@@ -108,7 +129,7 @@ class DistillObjective:
         if settings.freeze_base:
             for name, p in self.student.named_parameters():
                 p.requires_grad_(".kv_gate." in name)
-        self.model = StudentHidden(self.student)
+        self.model = StudentLoss(self.student, settings)
 
     def prepare(self, accelerator: Accelerator) -> None:
         self.teacher.to(accelerator.device).eval()
@@ -133,35 +154,14 @@ class DistillObjective:
         return {"alpha": self.alpha(step)}
 
     def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        s = self.settings
         with torch.no_grad():
-            t_hidden, t_taps = self.teacher.forward_hidden(input_ids, return_attn_outputs=s.phase == 2)
-        s_hidden, s_taps = wrapped(input_ids, alpha=self.alpha(step), chunk_size=s.chunk_size,
-                                   detach_history=s.detach_history, checkpoint_chunks=s.checkpoint_chunks,
-                                   return_attn_outputs=s.phase == 2)
-        return self.combine(input_ids, s_hidden, t_hidden, s_taps, t_taps)
-
-    def combine(self, input_ids: Tensor, s_hidden: list[Tensor], t_hidden: list[Tensor],
-                s_taps: list[Tensor] | None, t_taps: list[Tensor] | None) -> tuple[Tensor, dict[str, float]]:
-        """KD (+ CE) (+ beta * alignment) from per-loop hidden states and attention taps."""
-        s = self.settings
-        w_s, w_t = self.student.lm_head.weight, self.teacher.lm_head.weight
-        loops = range(len(s_hidden)) if s.kd_loops == "all" else [len(s_hidden) - 1]
-        kd = torch.stack([kl_divergence(s_hidden[t], t_hidden[t], w_s, w_t) for t in loops]).mean()
-        loss, parts = kd, {"kd": kd.item()}
-        if s.ce_weight > 0:
-            ce = torch.stack([next_token_cross_entropy(h, w_s, input_ids) for h in s_hidden]).mean()
-            loss = loss + s.ce_weight * ce
-            parts["ce"] = ce.item()
-        if s.phase == 2:
-            align = attention_alignment(s_taps, t_taps)
-            loss = loss + s.beta * align
-            parts["align"] = align.item()
-        return loss, parts
+            t_hidden, t_taps = self.teacher.forward_hidden(input_ids, return_attn_outputs=self.settings.phase == 2)
+        loss, parts = wrapped(input_ids, self.alpha(step), t_hidden, t_taps, self.teacher.lm_head.weight)
+        return loss, {k: v.item() for k, v in parts.items()}
 
     def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]:
         """Held-out next-token loss and KL to the teacher, per loop (student at alpha = 1)."""
-        student = model.student if isinstance(model, StudentHidden) else model
+        student = model.student if isinstance(model, StudentLoss) else model
         stats = score_batch(student, input_ids, None, self.teacher)
         out = {}
         for r in finish(stats, with_teacher=True):
@@ -169,7 +169,7 @@ class DistillObjective:
         return out
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None:
-        student = model.student if isinstance(model, StudentHidden) else model
+        student = model.student if isinstance(model, StudentLoss) else model
         save_model_as(student, out, self.student_path, dtype)
 
 

@@ -60,15 +60,27 @@ class PretrainSettings:
             raise InvalidArgumentError(f"--loops must be >= 1, got {self.loops}")
 
 
-class LoopLMHidden(nn.Module):
-    """The module accelerate wraps: forward = the model's ``forward_hidden``."""
+class LoopLMLoss(nn.Module):
+    """The module accelerate wraps: its forward runs the model and the whole loss (FSDP-safe)."""
 
-    def __init__(self, model: OuroForCausalLM) -> None:
+    def __init__(self, model: OuroForCausalLM, settings: PretrainSettings) -> None:
         super().__init__()
-        self.lm = model
+        self.lm, self.settings = model, settings
 
-    def forward(self, input_ids: Tensor, **kwargs: Any) -> tuple[list[Tensor], list[Tensor] | None]:
-        return self.lm.forward_hidden(input_ids, **kwargs)
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        hidden, _ = self.lm.forward_hidden(input_ids)
+        w = self.lm.lm_head.weight
+        if self.settings.objective == "uniform":
+            per_loop = torch.stack([next_token_cross_entropy(h, w, input_ids) for h in hidden])
+            return per_loop.mean(), {f"ce_loop{t + 1}": v.detach() for t, v in enumerate(per_loop)}
+        ce = torch.stack([per_token_cross_entropy(h, w, input_ids) for h in hidden], -1)  # (B, S-1, T)
+        gate = self.lm.model.early_exit_gate
+        pdf = exit_pdf([gate(h).squeeze(-1) for h in hidden])[:, :-1].float()  # (B, S-1, T)
+        entropy = -(pdf * pdf.clamp_min(1e-12).log()).sum(-1).mean()
+        expected_ce = (pdf * ce).sum(-1).mean()
+        parts = {f"ce_loop{t + 1}": ce[..., t].mean().detach() for t in range(ce.shape[-1])}
+        parts.update(expected_ce=expected_ce.detach(), exit_entropy=entropy.detach())
+        return expected_ce - self.settings.entropy_beta * entropy, parts
 
 
 class PretrainObjective:
@@ -79,7 +91,7 @@ class PretrainObjective:
         self.lm, self.tokenizer, self.settings, self.out = model, tokenizer, settings, Path(out)
         if settings.objective == "uniform":
             model.model.early_exit_gate.requires_grad_(False)  # no gradient reaches it
-        self.model = LoopLMHidden(model)
+        self.model = LoopLMLoss(model, settings)
 
     def prepare(self, accelerator: Accelerator) -> None:
         """Keep the tokenizer in the run directory so that --resume uses the same one."""
@@ -94,27 +106,15 @@ class PretrainObjective:
         return {}
 
     def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        hidden, _ = wrapped(input_ids)
-        w = self.lm.lm_head.weight
-        if self.settings.objective == "uniform":
-            per_loop = torch.stack([next_token_cross_entropy(h, w, input_ids) for h in hidden])
-            parts = {f"ce_loop{t + 1}": v.item() for t, v in enumerate(per_loop)}
-            return per_loop.mean(), parts
-        ce = torch.stack([per_token_cross_entropy(h, w, input_ids) for h in hidden], -1)  # (B, S-1, T)
-        gate = self.lm.model.early_exit_gate
-        pdf = exit_pdf([gate(h).squeeze(-1) for h in hidden])[:, :-1].float()  # (B, S-1, T)
-        entropy = -(pdf * pdf.clamp_min(1e-12).log()).sum(-1).mean()
-        expected_ce = (pdf * ce).sum(-1).mean()
-        parts = {f"ce_loop{t + 1}": ce[..., t].mean().item() for t in range(ce.shape[-1])}
-        parts.update(expected_ce=expected_ce.item(), exit_entropy=entropy.item())
-        return expected_ce - self.settings.entropy_beta * entropy, parts
+        loss, parts = wrapped(input_ids)
+        return loss, {k: v.item() for k, v in parts.items()}
 
     def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]:
-        lm = model.lm if isinstance(model, LoopLMHidden) else model
+        lm = model.lm if isinstance(model, LoopLMLoss) else model
         return {f"loss_loop{r.loop}": r.loss for r in finish(score_batch(lm, input_ids, None, None), False)}
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None:
-        lm = model.lm if isinstance(model, LoopLMHidden) else model
+        lm = model.lm if isinstance(model, LoopLMLoss) else model
         save_checkpoint(lm, out, tokenizer=self.tokenizer, dtype=dtype, force=True)
 
 
