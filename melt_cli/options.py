@@ -1,4 +1,4 @@
-"""Option types shared by the training commands (Annotated, as Typer recommends)."""
+"""Option types shared by several commands (Annotated, as Typer recommends), and option-value parsers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from melt_core.errors import InvalidArgumentError
 
 Data = Annotated[Path, typer.Option("--data", help="Training text: .txt, .jsonl(.gz), a folder, or a saved dataset.")]
 EvalData = Annotated[Path | None, typer.Option("--eval-data", help="Held-out text for periodic evaluation.")]
@@ -30,3 +32,20 @@ Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU
 Resume = Annotated[Path | None, typer.Option(help="Continue a run: its directory or one of its checkpoints.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
 SaveDtype = Annotated[str | None, typer.Option(help="dtype of the final model (default: the model's own).")]
+
+# generate / profile
+Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")]
+ChunkSize = Annotated[int | None, typer.Option(
+    help="Prefill chunk size (default: MELT's trained chunk size; Ouro: the whole prompt).")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables and text.")]
+
+
+def int_list(text: str, name: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; a clear one-line error otherwise."""
+    try:
+        values = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"{name} takes comma-separated integers like 1,2,4, got {text!r}") from None
+    if not values:
+        raise InvalidArgumentError(f"{name} needs at least one value")
+    return values

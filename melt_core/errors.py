@@ -35,3 +35,11 @@ class OutputExistsError(MeltError):
 
 class InvalidArgumentError(MeltError):
     """An option or argument has a value melt cannot use."""
+
+
+class DeviceNotAvailableError(MeltError):
+    """The requested device (e.g. ``cuda``) is not available on this machine."""
+
+
+class MissingDependencyError(MeltError):
+    """An optional dependency (e.g. matplotlib for plots) is not installed."""

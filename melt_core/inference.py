@@ -1,0 +1,427 @@
+"""Text generation from a checkpoint: prompts in, streamed text and statistics out (``melt generate``).
+
+``generate_text`` works on a loaded model and tokenizer; ``run_generate`` loads them from
+``GenerateArgs`` first. Text streams through an ``on_text(index, delta)`` callback as it is
+decoded; the returned ``GenerationReport`` holds every prompt's result and the run's statistics
+(prefill and decode tokens/s, exact KV-cache bytes in total and per loop, peak memory).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .checkpoint import load_config, load_model
+from .errors import InvalidArgumentError
+from .generation import Sampler, SamplingSettings, decode
+from .runtime import peak_memory_so_far, reset_peak_memory, resolve_device
+from .tokenizer import SPECIAL_TOKENS, load_tokenizer
+
+IM_END = SPECIAL_TOKENS[2]  # "<|im_end|>": ChatML's end of turn
+
+
+@dataclass
+class GenerationSettings:
+    """What to generate and how. ``loops`` None: the model's ``total_ut_steps``.
+
+    stop: strings that end a row's generation; the text is cut before the first one.
+    stop_token_ids: token ids that end a row (not part of the text); None: the model's EOS id(s)
+      plus ``<|im_end|>`` when the tokenizer has it (Ouro's configs set EOS = 0 only, OURO.md §6).
+    chat: wrap each prompt in the tokenizer's chat template as one user turn.
+    exit_at_step (0-based) / exit_threshold (None: the config's): Ouro's exit options, which pick
+      the loop whose logits choose the token; all loops still run and fill the cache.
+    chunk_size: prefill chunk size (None: MELT's trained chunk size; Ouro's whole prompt).
+    batch_size: prompts decoded together (left-padded) in batch mode.
+    """
+
+    max_new_tokens: int = 256
+    loops: int | None = None
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    chat: bool = False
+    exit_at_step: int | None = None
+    exit_threshold: float | None = None
+    chunk_size: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgumentError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.loops is not None and self.loops < 1:
+            raise InvalidArgumentError(f"loops must be >= 1, got {self.loops}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise InvalidArgumentError(f"chunk size must be >= 1, got {self.chunk_size}")
+        if self.batch_size < 1:
+            raise InvalidArgumentError(f"batch size must be >= 1, got {self.batch_size}")
+        if any(s == "" for s in self.stop):
+            raise InvalidArgumentError("a stop string must not be empty")
+        if self.exit_at_step is not None and self.exit_threshold is not None:
+            raise InvalidArgumentError("exit-at-step and exit-threshold exclude each other: exit-at-step always wins")
+        if self.exit_at_step is not None and self.exit_at_step < 0:
+            raise InvalidArgumentError(f"exit-at-step is a 0-based loop index, got {self.exit_at_step}")
+        if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
+            raise InvalidArgumentError(f"exit-threshold must be in [0, 1], got {self.exit_threshold}")
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"loops": self.loops}
+        if self.exit_at_step is not None:
+            kwargs["exit_at_step"] = self.exit_at_step
+        if self.exit_threshold is not None:
+            kwargs["exit_threshold"] = self.exit_threshold
+        return kwargs
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output. ``finish_reason``: ``stop_token``, ``stop_string`` or ``length``.
+    ``generated_tokens`` counts every token the model produced, a final stop token included."""
+
+    index: int
+    prompt: str
+    text: str
+    loops: int
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    token_ids: list[int]
+
+
+@dataclass
+class GenerationStats:
+    """Numbers of one run (all batches).
+
+    Throughput counts positions fed to the model: prefill = rows x padded prompt length per second
+    of prefill; decode = rows x one-token steps per second of decoding.
+    kv_cache_bytes: exact K/V storage of the (largest) preallocated cache (prompt + max new tokens).
+    kv_cache_bytes_per_loop: the storage each loop adds — Ouro: its own (loop, layer) slots, equal
+      for every loop; MELT: loop 1 holds the one shared row per token and layer, later loops add 0.
+    peak_memory_bytes / peak_memory_kind: the CUDA allocator's peak during generation
+      (``cuda_allocator_peak``) or, on CPU, the process's peak RSS (``process_peak_rss``, model
+      loading included).
+    """
+
+    model_type: str
+    loops: int
+    device: str
+    dtype: str
+    num_prompts: int
+    batch_size: int
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    prefill_tokens_per_s: float
+    decode_seconds: float
+    decode_tokens_per_s: float
+    kv_cache_bytes: int
+    kv_cache_bytes_per_loop: list[int]
+    kv_cache_positions: int
+    peak_memory_bytes: int | None
+    peak_memory_kind: str
+
+
+@dataclass
+class GenerationReport:
+    results: list[GenerationResult]
+    stats: GenerationStats
+
+    def to_dict(self) -> dict[str, Any]:
+        """One JSON object for a single prompt: its result (``text`` ...) and the statistics."""
+        first = asdict(self.results[0])
+        first.pop("index")
+        return {**first, **asdict(self.stats)}
+
+
+class TextStream:
+    """Incremental detokenizer of one row, with stop strings.
+
+    Byte-level BPE pieces can split a multi-byte character, so text is decoded from a window of
+    the running ids and only the new suffix is released, once it no longer ends in U+FFFD (an
+    incomplete UTF-8 sequence). Text that could be the start of a stop string is held back until
+    it is known not to be one; a stop string cuts the text before it and ends the row.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # the complete characters decoded so far (cut at a stop string)
+        self.released = 0  # characters of ``text`` already returned
+        self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] decode to the tail of ``text`` (context for the next piece)
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now final (possibly empty)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Flush what is held back (an incomplete character decodes as U+FFFD)."""
+        if not self.stopped and self._read < len(self.ids):
+            before = self._decode(self.ids[self._prefix:self._read])
+            self.text += self._decode(self.ids[self._prefix:])[len(before):]
+            self._prefix = self._read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop:
+            search_from = max(0, self.released - max(len(s) for s in self.stop))
+            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+                final = True
+        end = len(self.text)
+        if not final and self.stop:
+            end -= max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = max(end, self.released)
+        out = self.text[self.released:end]
+        self.released = end
+        return out
+
+
+def default_stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The model's EOS id(s), the tokenizer's EOS id and ``<|im_end|>`` when it is in the vocabulary."""
+    ids = set(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return tuple(sorted(ids))
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a prompt; with ``chat`` as one user turn plus the assistant generation prompt."""
+    if not prompt.strip():
+        raise InvalidArgumentError("the prompt is empty; pass some text with --prompt, --prompt-file or stdin")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidArgumentError("--chat needs a chat template, and this tokenizer has none")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt)
+
+
+def kv_bytes_per_loop(cache: Any, loops: int) -> list[int]:
+    """The K/V storage each loop adds: per-loop slots for Ouro; MELT's shared rows all at loop 1."""
+    if hasattr(cache, "nbytes_per_loop"):
+        return cache.nbytes_per_loop()
+    return [cache.nbytes()] + [0] * (loops - 1)
+
+
+@torch.no_grad()
+def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                  settings: GenerationSettings | None = None, *,
+                  on_text: Callable[[int, str], None] | None = None,
+                  on_result: Callable[[GenerationResult], None] | None = None) -> GenerationReport:
+    """Generate a continuation of every prompt, ``settings.batch_size`` prompts at a time.
+
+    Prompts of a batch are left-padded; the cache records which positions are padding, and MELT's
+    prefill chunks are aligned to the end of the prompt, so that greedy results are identical to
+    generating each prompt alone. ``on_text(index, delta)`` receives each prompt's text as it
+    becomes final; ``on_result`` each finished prompt's result.
+    """
+    settings = settings or GenerationSettings()
+    config = model.config
+    loops = model.resolve_loops(settings.loops)
+    if settings.exit_at_step is not None and settings.exit_at_step >= loops:
+        raise InvalidArgumentError(f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, "
+                                   f"got {settings.exit_at_step}")
+    if not prompts:
+        raise InvalidArgumentError("no prompts to generate from")
+    encoded = [encode_prompt(tokenizer, p, settings.chat) for p in prompts]
+    limit = config.max_position_embeddings
+    for i, ids in enumerate(encoded):
+        if len(ids) >= limit:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            raise InvalidArgumentError(f"{which} has {len(ids)} tokens; the model's maximum is {limit} "
+                                       f"(max_position_embeddings), so there is no room to generate")
+    stop_ids = set(settings.stop_token_ids if settings.stop_token_ids is not None
+                   else default_stop_token_ids(model, tokenizer))
+    device = model.device
+    sampler = Sampler(settings.sampling, device)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    forward_kwargs = settings.forward_kwargs()
+
+    reset_peak_memory(device)
+    results: list[GenerationResult] = []
+    prefill_s = decode_s = 0.0
+    prefill_positions = decode_positions = 0
+    kv_bytes, kv_per_loop, kv_positions = 0, [0] * loops, 0
+    for first in range(0, len(prompts), settings.batch_size):
+        rows = list(range(first, min(first + settings.batch_size, len(prompts))))
+        B, S = len(rows), max(len(encoded[i]) for i in rows)
+        budget = [min(settings.max_new_tokens, limit - len(encoded[i])) for i in rows]  # per row
+        steps = max(budget)
+        input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+        mask = torch.zeros(B, S, dtype=torch.long)
+        for b, i in enumerate(rows):
+            input_ids[b, S - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[b, S - len(encoded[i]):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        mask_arg = None if bool(mask.all()) else mask
+        cache = model.new_cache(B, S + steps, loops)
+        if cache.nbytes() > kv_bytes:
+            kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), kv_bytes_per_loop(cache, loops), S + steps
+        streams = [TextStream(tokenizer, settings.stop) for _ in rows]
+        counts, reasons = [0] * B, [""] * B
+
+        start = time.perf_counter()
+        last = start
+        yielded = 0
+        with closing(decode(model, input_ids, mask_arg, cache, sampler, max_new_tokens=steps,
+                            chunk_size=settings.chunk_size, **forward_kwargs)) as tokens:
+            for next_ids in tokens:
+                next_list = next_ids.tolist()  # waits for the device: the timings below are honest
+                now = time.perf_counter()
+                if yielded == 0:
+                    prefill_s += now - start
+                    prefill_positions += B * S
+                else:
+                    decode_s += now - last
+                    decode_positions += B
+                last, yielded = now, yielded + 1
+                for b, i in enumerate(rows):
+                    if reasons[b]:
+                        continue
+                    counts[b] += 1
+                    token = next_list[b]
+                    if token in stop_ids:
+                        reasons[b] = "stop_token"
+                        continue
+                    delta = streams[b].push(token)
+                    if delta and on_text is not None:
+                        on_text(i, delta)
+                    if streams[b].stopped:
+                        reasons[b] = "stop_string"
+                    elif counts[b] >= budget[b]:
+                        reasons[b] = "length"
+                if all(reasons):
+                    break
+        for b, i in enumerate(rows):
+            tail = streams[b].finish()
+            if tail and on_text is not None:
+                on_text(i, tail)
+            if streams[b].stopped:  # a stop string can also complete in the flushed tail
+                reasons[b] = "stop_string"
+            result = GenerationResult(index=i, prompt=prompts[i], text=streams[b].text, loops=loops,
+                                      prompt_tokens=len(encoded[i]), generated_tokens=counts[b],
+                                      finish_reason=reasons[b] or "length", token_ids=streams[b].ids)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        del cache
+
+    peak, kind = peak_memory_so_far(device)
+    stats = GenerationStats(
+        model_type=config.model_type, loops=loops, device=str(device), dtype=str(model.dtype).removeprefix("torch."),
+        num_prompts=len(prompts), batch_size=min(settings.batch_size, len(prompts)),
+        prompt_tokens=sum(len(e) for e in encoded), generated_tokens=sum(r.generated_tokens for r in results),
+        prefill_seconds=prefill_s, prefill_tokens_per_s=prefill_positions / prefill_s if prefill_s else 0.0,
+        decode_seconds=decode_s, decode_tokens_per_s=decode_positions / decode_s if decode_s else 0.0,
+        kv_cache_bytes=kv_bytes, kv_cache_bytes_per_loop=kv_per_loop, kv_cache_positions=kv_positions,
+        peak_memory_bytes=peak, peak_memory_kind=kind,
+    )
+    return GenerationReport(results, stats)
+
+
+@dataclass
+class GenerateArgs:
+    """``melt generate``'s inputs. Exactly one prompt source: ``prompt``, ``prompt_file`` (a text
+    file), ``prompts_file`` (JSON lines ``{"prompt": ...}``: batch mode) or ``stdin_text``."""
+
+    checkpoint: Path
+    prompt: str | None = None
+    prompt_file: Path | None = None
+    prompts_file: Path | None = None
+    stdin_text: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+
+    @property
+    def batch_mode(self) -> bool:
+        return self.prompts_file is not None
+
+
+def read_prompts_jsonl(path: str | Path) -> list[str]:
+    """The ``prompt`` of every non-blank line of a JSON-lines file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"prompts file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidArgumentError(f"{path} line {n} is not valid JSON: {e}") from e
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise InvalidArgumentError(f'{path} line {n} must be an object with a string "prompt", got {line[:60]!r}')
+        prompts.append(item["prompt"])
+    if not prompts:
+        raise InvalidArgumentError(f"{path} holds no prompts")
+    return prompts
+
+
+def collect_prompts(args: GenerateArgs) -> list[str]:
+    """The prompts of ``args``, from its one prompt source."""
+    given = [name for name, value in (("--prompt", args.prompt), ("--prompt-file", args.prompt_file),
+                                      ("--prompts-file", args.prompts_file)) if value is not None]
+    if len(given) > 1:
+        raise InvalidArgumentError(f"{' and '.join(given)} exclude each other: pass one prompt source")
+    if args.prompts_file is not None:
+        return read_prompts_jsonl(args.prompts_file)
+    if args.prompt_file is not None:
+        if not Path(args.prompt_file).is_file():
+            raise InvalidArgumentError(f"prompt file {args.prompt_file} does not exist")
+        return [Path(args.prompt_file).read_text(encoding="utf-8")]
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.stdin_text is not None:
+        return [args.stdin_text]
+    raise InvalidArgumentError("no prompt: pass --prompt TEXT, --prompt-file FILE, --prompts-file FILE.jsonl "
+                               "or pipe text on stdin")
+
+
+def run_generate(args: GenerateArgs, on_text: Callable[[int, str], None] | None = None,
+                 on_result: Callable[[GenerationResult], None] | None = None) -> GenerationReport:
+    """Load the checkpoint and tokenizer named by ``args`` and generate (see ``generate_text``).
+    Options are checked before the weights are read."""
+    prompts = collect_prompts(args)
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            where = f"prompt {i} of {args.prompts_file}" if args.batch_mode else "the prompt"
+            raise InvalidArgumentError(f"{where} is empty")
+    device = resolve_device(args.device)
+    config = load_config(args.checkpoint)
+    loops = args.settings.loops or config.total_ut_steps
+    if args.settings.exit_at_step is not None and args.settings.exit_at_step >= loops:
+        raise InvalidArgumentError(f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, "
+                                   f"got {args.settings.exit_at_step}")
+    tokenizer = load_tokenizer(args.checkpoint)
+    model = load_model(args.checkpoint, dtype=args.dtype, device=device)
+    return generate_text(model, tokenizer, prompts, args.settings, on_text=on_text, on_result=on_result)

@@ -1,0 +1,156 @@
+"""Devices and memory measurement for generation and profiling.
+
+Peak memory is measured where it can be read exactly: on CUDA the caching allocator's peak
+(``torch.cuda.max_memory_allocated``); on CPU the process's resident set size (RSS). The kernel's
+own RSS peak (``getrusage``) covers the whole process life and cannot be reset, so ``PeakMemory``
+samples the current RSS from a background thread to get the peak of one block of work.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+import time
+from types import TracebackType
+
+import torch
+
+from .errors import DeviceNotAvailableError, InvalidArgumentError
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device
+    this machine does not have is an error, not a silent fallback."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidArgumentError(f"unknown device {str(name)!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceNotAvailableError(
+                f"device {str(name)!r} is not available: torch {torch.__version__} sees no CUDA GPU; use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceNotAvailableError(
+                f"device {str(name)!r} is not available: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceNotAvailableError(f"device {str(name)!r} is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise InvalidArgumentError(f"device type {device.type!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels so that wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size now (Linux ``/proc/self/statm``); None where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak RSS over its whole life (``getrusage``); None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def memory_now(device: torch.device) -> int:
+    """Memory in use now: CUDA allocated bytes, or the process RSS (0 where unreadable)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return current_rss_bytes() or 0
+
+
+def peak_memory_so_far(device: torch.device) -> tuple[int | None, str]:
+    """(peak bytes, what was measured): the CUDA allocator's peak since the last reset, or the
+    process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_allocator_peak"
+    return peak_rss_bytes(), "process_peak_rss"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class PeakMemory:
+    """Peak memory of a block of work, and its baseline just before it.
+
+    ``with PeakMemory(device) as pm: ...`` then ``pm.baseline``, ``pm.peak``, ``pm.delta`` (peak -
+    baseline) in bytes and ``pm.kind``. On CUDA: allocated bytes and the allocator's peak (exact).
+    On CPU: the RSS sampled every ``interval`` seconds by a thread (torch kernels release the GIL)
+    and at every ``sample()`` call; a peak shorter than the interval can be missed.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.0005) -> None:
+        self.device = device
+        self.interval = interval
+        self.kind = "cuda_allocated" if device.type == "cuda" else "process_rss"
+        self.baseline = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            rss = current_rss_bytes()
+            if rss is not None:
+                self.peak = max(self.peak, rss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.empty_cache()
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            rss = current_rss_bytes()
+            if rss is None:  # no /proc: fall back to the (unresettable) lifetime peak
+                self.kind = "process_peak_rss"
+                rss = peak_rss_bytes() or 0
+            self.baseline = rss
+            self.peak = rss
+            if self.kind == "process_rss":
+                self._thread = threading.Thread(target=self._run, daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.sample()
+        else:
+            self.peak = max(self.peak, peak_rss_bytes() or 0)
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.baseline)
