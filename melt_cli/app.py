@@ -58,9 +58,9 @@ def root(
 
 
 def _register() -> None:
-    from .commands import convert, evaluate, generate, info, pretrain, quickstart, random_model, train
+    from .commands import convert, evaluate, generate, info, pretrain, profile, quickstart, random_model, train
 
-    for module in (quickstart, info, convert, train, evaluate, pretrain, generate, random_model):
+    for module in (quickstart, info, convert, train, evaluate, pretrain, generate, profile, random_model):
         module.register(app)
 
 

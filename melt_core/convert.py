@@ -7,6 +7,7 @@ directory, reloaded with melt's own loader as a check, and only then renamed int
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,8 @@ from .checkpoint import (
 from .config import MeltConfig, MeltSettings, OuroConfig
 from .dtypes import dtype_name, parse_dtype
 from .errors import CheckpointNotFoundError, InvalidArgumentError, UnsupportedModelError
-from .melt import KVGate
+from .melt import KVGate, MeltForCausalLM
+from .ouro import OuroForCausalLM
 
 # (done_bytes, total_bytes, phase) with phase in {"read", "write", "verify"}
 ConvertProgress = Callable[[int, int, str], None]
@@ -106,3 +108,21 @@ def convert_ouro_to_melt(source: str | os.PathLike, out: str | os.PathLike, sett
         load_model(tmp, device="cpu")
         report(out_bytes, "verify")
     return Path(out)
+
+
+def melt_from_ouro(ouro: OuroForCausalLM, settings: MeltSettings | None = None) -> MeltForCausalLM:
+    """An in-memory MELT model converted from a loaded Ouro model, as ``melt convert`` would write
+    it: the base tensors are SHARED with ``ouro`` (no copy: both models fit in the memory of one)
+    and the gates are freshly initialised from ``settings``. Inference only (eval mode)."""
+    if ouro.config.model_type != "ouro":
+        raise UnsupportedModelError(f"melt_from_ouro takes an Ouro model, got model_type {ouro.config.model_type!r}")
+    settings = dataclasses.replace(settings or MeltSettings())  # a copy: the caller's is not touched
+    if settings.source is None:
+        settings.source = getattr(ouro, "name_or_path", None)
+    config = MeltConfig.from_ouro(ouro.config, settings)
+    melt = build_model(config, "meta", ouro.dtype)
+    state = dict(ouro.state_dict())
+    state.update({name: t.to(ouro.device) for name, t in gate_tensors(config, ouro.dtype).items()})
+    melt.load_state_dict(state, strict=True, assign=True)
+    melt.name_or_path = settings.source
+    return melt.eval()

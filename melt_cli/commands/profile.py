@@ -1,0 +1,179 @@
+"""``melt profile memory`` and ``melt profile speed``: Ouro vs MELT, per loop count."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from melt_core.profile import (
+    MemoryEntry,
+    MemoryProfileArgs,
+    MemoryReport,
+    SpeedProfileArgs,
+    SpeedReport,
+    memory_profile,
+    speed_profile,
+)
+
+from .. import console
+from ..options import ChunkSize, Device, Json, int_list
+
+MEMORY_EPILOG = """Examples:
+
+  melt profile memory --preset ouro-1.4b --loops 4 --seq-len 32000      (the MELT paper's Table 2)
+
+  melt profile memory --preset ouro-2.6b --loops 1,2,4,8,16 --seq-len 4096,32000 --plot memory.png
+
+  melt profile memory ./Ouro-1.4B --measure --loops 1,2,4 --seq-len 2048 --dtype bf16 --json
+"""
+
+SPEED_EPILOG = """Examples:
+
+  melt profile speed ./Ouro-1.4B --loops 1,2,4,8
+
+  melt profile speed ./MELT-1.6B --loops 4 --prompt-tokens 2000 --new-tokens 64 --json
+"""
+
+profile_app = typer.Typer(help="Memory and speed of Ouro vs MELT, per loop count.", no_args_is_help=True)
+
+
+def _size(n: int) -> str:
+    """GB (1e9 B) and GiB for big numbers; bytes and binary units for small ones."""
+    if n >= 100_000_000:
+        return f"{n / 1e9:.4g} GB / {n / 2**30:.4g} GiB"
+    return console.human_bytes(n)
+
+
+def _per_loop(in_use: list[int]) -> str:
+    """The per-loop view of a decode step: rows in use after loop 1, then what each later loop adds."""
+    if not in_use:
+        return "-"
+    first = f"{console.human_bytes(in_use[0])} after loop 1"
+    steps = {b - a for a, b in zip(in_use, in_use[1:])}
+    if not steps:
+        return first
+    if len(steps) == 1:
+        return f"{first}, +{console.human_bytes(steps.pop())} per later loop"
+    return f"{first}, then " + " ".join(f"+{console.human_bytes(b - a)}" for a, b in zip(in_use, in_use[1:]))
+
+
+def _print_wide(table: Table) -> None:
+    """Tables keep their natural width when stdout is not a terminal (files, pipes, tests)."""
+    if console.out.is_terminal:
+        console.out.print(table)
+    else:
+        Console(file=sys.stdout, width=240, highlight=False).print(table)
+
+
+def _memory_table(report: MemoryReport) -> Table:
+    measured = any(e.measured is not None for e in report.entries)
+    table = Table(title=f"memory of {report.source}: {report.dtype}, batch {report.batch} "
+                        f"(GB = 1e9 B, GiB = 2^30 B)", title_justify="left")
+    for name in ("seq len", "loops", "model", "weights", "gates", "KV cache", "total"):
+        table.add_column(name, justify="left" if name == "model" else "right")
+    if measured:
+        for name in ("measured cache", "rows in use per loop (decode step)", "peak above baseline"):
+            table.add_column(name, justify="right")
+    previous: MemoryEntry | None = None
+    for e in report.entries:
+        if previous is not None and previous.seq_len != e.seq_len:
+            table.add_section()
+        previous = e
+        row = [f"{e.seq_len:,}", str(e.loops), e.name + (" (no loops)" if e.model == "plain" else ""),
+               _size(e.weights_bytes), _size(e.gate_bytes) if e.gate_bytes else "-", _size(e.kv_cache_bytes),
+               _size(e.total_bytes)]
+        if measured:
+            m = e.measured
+            row += ["-", "-", "-"] if m is None else [
+                _size(m.cache_bytes), _per_loop(m.in_use_bytes_after_loop),
+                f"{_size(m.peak_delta_bytes)} [dim]({m.memory_kind})[/]"]
+        table.add_row(*row)
+    return table
+
+
+def memory(
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint directory (config.json is enough "
+                                                           "without --measure).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="ouro-1.4b or ouro-2.6b (or their MELT names melt-1.6b, melt-3.1b): both rows are shown.")] = None,
+    loops: Annotated[str, typer.Option(help="Loop counts, comma-separated.")] = "1,2,4,8,16",
+    seq_len: Annotated[str, typer.Option(
+        help="Sequence lengths (prompt + generated), comma-separated.")] = "4096,32000",
+    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16: weights and cache.")] = "bf16",
+    measure: Annotated[bool, typer.Option(
+        "--measure", help="Also run a real prefill + decode per loop count and sequence length on CKPT.")] = False,
+    device: Device = "auto",
+    chunk_size: ChunkSize = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of memory vs loops (needs matplotlib).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Memory of Ouro, MELT and a plain model per loop count and sequence length: weights, gates, KV cache."""
+    args = MemoryProfileArgs(checkpoint=checkpoint, preset=preset, loops=int_list(loops, "--loops"),
+                             seq_lens=int_list(seq_len, "--seq-len"), batch=batch, dtype=dtype, measure=measure,
+                             device=device, chunk_size=chunk_size)
+    with console.err.status("profiling memory") as status:
+        report = memory_profile(args, progress=lambda msg: status.update(msg))
+    if plot is not None:
+        from ..plots import plot_memory
+
+        plot_memory(report, plot)
+        console.err.print(f"wrote {plot}")
+    if as_json:
+        console.out.print_json(json.dumps(report.to_dict()))
+    else:
+        _print_wide(_memory_table(report))
+
+
+def _speed_table(report: SpeedReport) -> Table:
+    table = Table(title=f"speed on {report.device}, {report.dtype}, batch {report.batch}: "
+                        f"{report.prompt_tokens} prompt tokens, {report.new_tokens} new tokens\n"
+                        f"Ouro: {report.ouro_source}\nMELT: {report.melt_source}", title_justify="left")
+    for name in ("loops", "Ouro prefill tokens/s", "MELT prefill tokens/s", "MELT/Ouro",
+                 "Ouro decode tokens/s", "MELT decode tokens/s", "MELT/Ouro ", "KV Ouro", "KV MELT"):
+        table.add_column(name, justify="right")
+    for r in report.rows:
+        table.add_row(str(r.loops), f"{r.ouro.prefill_tokens_per_s:,.1f}", f"{r.melt.prefill_tokens_per_s:,.1f}",
+                      f"{r.prefill_ratio:.2f}x", f"{r.ouro.decode_tokens_per_s:,.1f}",
+                      f"{r.melt.decode_tokens_per_s:,.1f}", f"{r.decode_ratio:.2f}x",
+                      console.human_bytes(r.ouro.cache_bytes), console.human_bytes(r.melt.cache_bytes))
+    return table
+
+
+def speed(
+    checkpoint: Annotated[Path, typer.Argument(help="Ouro checkpoint (converted in memory) or MELT checkpoint "
+                                                    "(its melt.source is the Ouro side).")],
+    loops: Annotated[str, typer.Option(help="Loop counts, comma-separated.")] = "1,2,4,8",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids, the same for both).")] = 256,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded one at a time.")] = 32,
+    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = None,
+    device: Device = "auto",
+    chunk_size: ChunkSize = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    as_json: Json = False,
+) -> None:
+    """Prefill and decode tokens/s of an Ouro model and its MELT conversion, side by side."""
+    args = SpeedProfileArgs(checkpoint=checkpoint, loops=int_list(loops, "--loops"), prompt_tokens=prompt_tokens,
+                            new_tokens=new_tokens, batch=batch, dtype=dtype, device=device, chunk_size=chunk_size,
+                            seed=seed)
+    with console.err.status("timing") as status:
+        report = speed_profile(args, progress=lambda msg: status.update(msg))
+    if as_json:
+        console.out.print_json(json.dumps(report.to_dict()))
+    else:
+        _print_wide(_speed_table(report))
+
+
+profile_app.command(epilog=MEMORY_EPILOG)(memory)
+profile_app.command(epilog=SPEED_EPILOG)(speed)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(profile_app, name="profile")

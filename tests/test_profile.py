@@ -1,0 +1,208 @@
+"""``melt profile memory`` / ``melt profile speed``: Table 2 from the presets, the measured per-loop
+view, the Ouro/MELT pairing, JSON schemas, plots and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from melt_cli.app import app
+from melt_core import load_model
+from melt_core.config import MeltSettings
+from melt_core.convert import convert_ouro_to_melt, melt_from_ouro
+from melt_core.errors import MissingDependencyError
+from melt_core.profile import MemoryProfileArgs, load_pair, measure_generation, memory_profile
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _by_model(report, loops: int, seq_len: int) -> dict:
+    return {e.model: e for e in report.entries if e.seq_len == seq_len and (e.loops == loops or e.model == "plain")}
+
+
+@pytest.mark.parametrize("preset", ["ouro-1.4b", "melt-1.6b", "OURO-1.4B"])
+def test_table_2_from_the_presets(preset):
+    """MELT paper Table 2, 32,000 tokens, bf16: KV 25.17 GB vs 6.29 GB; weights 2.869 vs 3.272 GB."""
+    report = memory_profile(MemoryProfileArgs(preset=preset, loops=[4], seq_lens=[32000], dtype="bf16"))
+    rows = _by_model(report, 4, 32000)
+    assert round(rows["ouro"].kv_cache_bytes / 1e9, 2) == 25.17
+    assert round(rows["melt"].kv_cache_bytes / 1e9, 2) == 6.29
+    assert round(rows["ouro"].weights_bytes / 1e9, 3) == 2.869
+    assert round(rows["melt"].weights_bytes / 1e9, 3) == 3.272
+    assert rows["ouro"].kv_cache_bytes == 786_432 * 32000
+    assert rows["melt"].gate_parameters == 201_375_744 and rows["ouro"].parameters == 1_434_652_673
+    assert rows["plain"].kv_cache_bytes == rows["melt"].kv_cache_bytes
+    assert rows["ouro"].name == "Ouro-1.4B" and rows["melt"].name == "MELT-1.6B"
+
+
+def test_ouro_2_6b_and_loop_scaling():
+    report = memory_profile(MemoryProfileArgs(preset="ouro-2.6b", loops=[1, 2, 4, 8, 16], seq_lens=[4096]))
+    ouro = {e.loops: e for e in report.entries if e.model == "ouro"}
+    melt = {e.loops: e for e in report.entries if e.model == "melt"}
+    assert melt[1].gate_parameters == 402_751_488 and ouro[1].parameters == 2_667_974_657
+    for t in (1, 2, 4, 8, 16):
+        assert ouro[t].kv_cache_bytes == t * ouro[1].kv_cache_bytes
+        assert melt[t].kv_cache_bytes == ouro[1].kv_cache_bytes
+        assert ouro[t].kv_cache_bytes_per_loop == [ouro[1].kv_cache_bytes] * t
+        assert melt[t].kv_cache_bytes_per_loop == [melt[t].kv_cache_bytes] + [0] * (t - 1)
+        assert ouro[t].total_bytes == ouro[t].weights_bytes + ouro[t].kv_cache_bytes
+
+
+def test_profile_memory_cli_json_and_table():
+    result = runner.invoke(app, ["profile", "memory", "--preset", "ouro-1.4b", "--loops", "4", "--seq-len", "32000",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {"source", "dtype", "batch", "kv_bytes_per_token", "entries"} <= data.keys()
+    entry_keys = {"model", "name", "loops", "seq_len", "batch", "parameters", "gate_parameters", "weights_bytes",
+                  "gate_bytes", "kv_cache_bytes", "kv_cache_bytes_per_loop", "total_bytes", "measured"}
+    assert all(entry_keys <= e.keys() for e in data["entries"])
+    ouro = next(e for e in data["entries"] if e["model"] == "ouro")
+    assert ouro["kv_cache_bytes"] == 25_165_824_000
+    table = runner.invoke(app, ["profile", "memory", "--preset", "ouro-1.4b", "--loops", "4", "--seq-len", "32000"])
+    assert table.exit_code == 0
+    for needle in ("25.17 GB", "6.291 GB", "2.869 GB", "3.272 GB", "GiB", "MELT-1.6B"):
+        assert needle in table.stdout
+
+
+@pytest.fixture(scope="module")
+def melt_ckpt(tiny_ckpt, tmp_path_factory):
+    return convert_ouro_to_melt(tiny_ckpt, tmp_path_factory.mktemp("prof") / "melt", MeltSettings(chunk_size=4))
+
+
+def test_measured_per_loop_view(tiny_ckpt):
+    """After each loop of a decode step: Ouro has written one more layer stack of rows, MELT none."""
+    pair = load_pair(tiny_ckpt, dtype="fp32")
+    cfg = pair.ouro.config
+    N, row = cfg.num_hidden_layers, 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    seq = 10
+    ouro = measure_generation(pair.ouro, loops=4, seq_len=seq, decode_tokens=2)
+    melt = measure_generation(pair.melt, loops=4, seq_len=seq, decode_tokens=2)
+    assert ouro.cache_bytes == cfg.kv_bytes_per_token(torch.float32, 4) * seq
+    assert melt.cache_bytes == pair.melt.config.kv_bytes_per_token(torch.float32) * seq
+    assert len(ouro.in_use_bytes_after_loop) == len(melt.in_use_bytes_after_loop) == 4
+    # Ouro: earlier tokens fill all 4 loops' slots; the last token adds N rows per loop
+    assert ouro.in_use_bytes_after_loop == [(4 * N * (seq - 1) + N * t) * row for t in (1, 2, 3, 4)]
+    assert ouro.in_use_bytes_after_loop[-1] == ouro.cache_bytes
+    # MELT: the last token's N rows appear at loop 1; later loops overwrite them
+    assert melt.in_use_bytes_after_loop == [N * seq * row] * 4 == [melt.cache_bytes] * 4
+    assert ouro.decode_tokens_per_s > 0 and melt.prefill_tokens_per_s > 0
+
+
+def test_measure_cli_json(melt_ckpt):
+    result = runner.invoke(app, ["profile", "memory", str(melt_ckpt), "--measure", "--loops", "1,3",
+                                 "--seq-len", "12", "--dtype", "fp32", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    entries = json.loads(result.stdout)["entries"]
+    measured = [e for e in entries if e["measured"] is not None]
+    assert {(e["model"], e["loops"]) for e in measured} == {("ouro", 1), ("ouro", 3), ("melt", 1), ("melt", 3)}
+    for e in measured:
+        m = e["measured"]
+        assert m["cache_bytes"] == e["kv_cache_bytes"]  # measured == analytic, exactly
+        assert {"in_use_bytes_after_loop", "peak_delta_bytes", "held_delta_bytes", "memory_kind",
+                "decode_tokens_per_s", "prefill_tokens_per_s"} <= m.keys()
+    table = runner.invoke(app, ["profile", "memory", str(melt_ckpt), "--measure", "--loops", "2", "--seq-len", "8",
+                                "--dtype", "fp32"])
+    assert table.exit_code == 0, table.output
+    assert "per later loop" in table.stdout and "peak above baseline" in table.stdout
+
+
+def test_load_pair_from_melt_uses_its_source_and_from_ouro_converts(tiny_ckpt, melt_ckpt):
+    pair = load_pair(melt_ckpt)
+    assert pair.ouro_source == str(tiny_ckpt.resolve()) and pair.melt_source == str(melt_ckpt)
+    converted = load_pair(tiny_ckpt)
+    assert "in-memory conversion" in converted.melt_source
+    assert converted.melt.model.embed_tokens.weight.data_ptr() == converted.ouro.model.embed_tokens.weight.data_ptr()
+
+
+def test_melt_from_ouro_equals_the_converted_checkpoint(tiny_ckpt, melt_ckpt):
+    in_memory = melt_from_ouro(load_model(tiny_ckpt))
+    on_disk = load_model(melt_ckpt)
+    for (name, a), (_, b) in zip(sorted(in_memory.state_dict().items()), sorted(on_disk.state_dict().items())):
+        assert torch.equal(a, b), name
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(in_memory(ids, chunk_size=4).logits, on_disk(ids, chunk_size=4).logits)
+
+
+def test_profile_speed_json(tiny_ckpt):
+    result = runner.invoke(app, ["profile", "speed", str(tiny_ckpt), "--loops", "1,2", "--prompt-tokens", "16",
+                                 "--new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["loops"] for r in data["rows"]] == [1, 2]
+    for r in data["rows"]:
+        assert r["prefill_ratio"] > 0 and r["decode_ratio"] > 0
+        assert r["ouro"]["decode_tokens_per_s"] > 0 and r["melt"]["prefill_tokens_per_s"] > 0
+        assert r["ouro"]["decode_tokens"] == 4 and r["melt"]["prefill_tokens"] == 16
+    assert data["rows"][1]["ouro"]["cache_bytes"] == 2 * data["rows"][1]["melt"]["cache_bytes"]
+    table = runner.invoke(app, ["profile", "speed", str(tiny_ckpt), "--loops", "1", "--prompt-tokens", "8",
+                                "--new-tokens", "2"])
+    assert table.exit_code == 0 and "MELT/Ouro" in table.stdout and "tokens/s" in table.stdout
+
+
+def test_plot_memory(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "memory.png"
+    result = runner.invoke(app, ["profile", "memory", "--preset", "ouro-1.4b", "--loops", "1,2,4,8,16",
+                                 "--seq-len", "4096,32000", "--plot", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
+    from melt_cli.plots import plot_memory
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    report = memory_profile(MemoryProfileArgs(preset="ouro-1.4b", loops=[1], seq_lens=[16]))
+    with pytest.raises(MissingDependencyError, match=r"pip install 'melt\[plot\]'"):
+        plot_memory(report, tmp_path / "x.png")
+
+
+def _one_red_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("error:") and "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["memory", "--preset", "ouro-9b"], "unknown preset 'ouro-9b'; choose from ouro-1.4b, ouro-2.6b"),
+    (["memory"], "exactly one"),
+    (["memory", "--preset", "ouro-1.4b", "--loops", "0,4"], "loops must be >= 1"),
+    (["memory", "--preset", "ouro-1.4b", "--loops", "1,x"], "comma-separated integers"),
+    (["memory", "--preset", "ouro-1.4b", "--seq-len", "70000"], "exceeds the model's maximum 65536"),
+    (["memory", "--preset", "ouro-1.4b", "--measure"], "needs a checkpoint"),
+    (["memory", "--preset", "ouro-1.4b", "--dtype", "int8"], "unknown dtype"),
+])
+def test_profile_errors_are_one_line(args, expected):
+    assert expected in _one_red_line(runner.invoke(app, ["profile", *args]))
+
+
+def test_speed_on_melt_without_source_is_a_clear_error(melt_ckpt, tmp_path):
+    import shutil
+
+    src = tmp_path / "orphan"
+    shutil.copytree(melt_ckpt, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["melt"]["source"] = None
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = _one_red_line(runner.invoke(app, ["profile", "speed", str(src), "--loops", "1"]))
+    assert "records no Ouro source" in line
+    cfg["melt"]["source"] = str(tmp_path / "gone")
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert "does not exist here" in _one_red_line(runner.invoke(app, ["profile", "speed", str(src)]))
+    if not torch.cuda.is_available():
+        assert "not available" in _one_red_line(runner.invoke(app, ["profile", "speed", str(melt_ckpt),
+                                                                    "--device", "cuda"]))
