@@ -155,7 +155,8 @@ class MeasuredRun:
       step (the per-loop view; see the module docstring).
     held_delta_bytes: memory held right after decoding (cache still alive) above the baseline taken
       before the cache was allocated (weights loaded); peak_delta_bytes: the peak above it, with
-      prefill activations. memory_kind: ``cuda_allocated`` or ``process_rss`` (sampled).
+      prefill activations; baseline_bytes: that baseline (absolute peak = baseline + peak delta).
+      memory_kind: ``cuda_allocated`` or ``process_rss`` (sampled).
     """
 
     model_type: str
@@ -169,6 +170,7 @@ class MeasuredRun:
     in_use_bytes_after_loop: list[int]
     held_delta_bytes: int
     peak_delta_bytes: int
+    baseline_bytes: int
     memory_kind: str
     prefill_seconds: float
     decode_seconds: float
@@ -233,6 +235,7 @@ def measure_generation(model: nn.Module, *, loops: int, seq_len: int, batch: int
         prefill_tokens=seq_len - decode_tokens, decode_tokens=decode_tokens, chunk_size=chunk,
         cache_bytes=cache_bytes, in_use_bytes_after_loop=after_loop,
         held_delta_bytes=max(0, held), peak_delta_bytes=meter.delta if meter is not None else 0,
+        baseline_bytes=meter.baseline if meter is not None else 0,
         memory_kind=meter.kind if meter is not None else "not measured",
         prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
     )

@@ -8,6 +8,8 @@ samples the current RSS from a background thread to get the peak of one block of
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import os
 import sys
@@ -59,6 +61,14 @@ def current_rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) so that the RSS baseline does
+    not include memory a later allocation would silently reuse; a no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def peak_rss_bytes() -> int | None:
@@ -128,6 +138,7 @@ class PeakMemory:
             self.baseline = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            release_free_heap()
             rss = current_rss_bytes()
             if rss is None:  # no /proc: fall back to the (unresettable) lifetime peak
                 self.kind = "process_peak_rss"
