@@ -74,8 +74,7 @@ def convert_ouro_to_melt(source: str | os.PathLike, out: str | os.PathLike, sett
     check_weights(build_model(ouro, "meta"), infos, root)
     target = parse_dtype(dtype) if dtype is not None else stored_dtype(infos, ouro)
 
-    settings = settings or MeltSettings()
-    settings.source = str(root.resolve())
+    settings = dataclasses.replace(settings or MeltSettings(), source=str(root.resolve()))
     config = MeltConfig.from_ouro(ouro, settings)
     gates = gate_tensors(config, target)
     base_bytes = sum(i.nbytes for i in infos.values())

@@ -21,7 +21,8 @@ from .config import MeltSettings
 from .convert import convert_ouro_to_melt
 from .distill import DataArgs, DistillSettings, run_phase
 from .evaluation import LoopResult, evaluate_checkpoint
-from .generation import greedy_generate
+from .generation import SamplingSettings
+from .inference import GenerationSettings, generate_text
 from .kv_cache import PerLoopKVCache, SharedKVCache
 from .tokenizer import load_tokenizer
 from .trainer import TrainingArgs
@@ -98,14 +99,13 @@ def run_quickstart(out: str | os.PathLike, settings: QuickstartSettings | None =
         report.evaluation[name] = next(iter(result.results.values()))
     lap("evaluate")
 
-    stage("5/6 generate", None)
+    stage("5/6 generate (temperature 0.8, top-k 40, seed 0)", None)
     tokenizer = load_tokenizer(s.teacher)
-    prompt = torch.tensor([tokenizer.encode(s.prompt)])
+    generation = GenerationSettings(max_new_tokens=s.new_tokens,
+                                    sampling=SamplingSettings(temperature=0.8, top_k=40, seed=0))
     for name, path in models.items():
-        model = load_model(path, dtype="fp32")
-        stop = tuple(model.config.eos_token_ids)
-        tokens = greedy_generate(model, prompt, max_new_tokens=s.new_tokens, stop_token_ids=stop).tokens[0]
-        report.samples[name] = s.prompt + tokenizer.decode(tokens, skip_special_tokens=True)
+        result = generate_text(load_model(path, dtype="fp32"), tokenizer, [s.prompt], generation).results[0]
+        report.samples[name] = s.prompt + result.text
     lap("generate")
 
     stage("6/6 KV-cache memory per loop count", None)

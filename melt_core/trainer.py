@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from .checkpoint import CONFIG_NAME, fresh_output_dir, save_checkpoint
 from .data import PackedSequences
 from .errors import InvalidArgumentError, MeltError, OutputExistsError
+from .runtime import peak_memory_so_far
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -129,13 +129,6 @@ class TrainResult:
     steps: int
     last_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA allocator peak on GPU; the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -308,7 +301,7 @@ class _Run:
                     **{f"lr_{k}": v for k, v in lrs.items()},
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens_per_s": tokens_per_step / elapsed,
-                    "peak_memory_bytes": peak_memory_bytes(acc.device),
+                    "peak_memory_bytes": peak_memory_so_far(acc.device)[0],  # CUDA allocator / process RSS
                 }
                 self.log_metrics(last)
                 if acc.is_main_process:

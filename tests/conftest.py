@@ -11,6 +11,9 @@ from melt_core import load_model
 from melt_core.random_model import write_random_ouro
 from melt_core.tokenizer import SAMPLE_TEXT, train_bpe_tokenizer
 
+# Tiny models run fastest on one thread, and far faster than with two when another process holds a core.
+torch.set_num_threads(1)
+
 # MHA and GQA variants; small enough that a forward takes milliseconds.
 TINY_MHA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, total_ut_steps=3)

@@ -29,15 +29,6 @@ PROMPTS = ["The cat sat on the mat and", "Once", "A looped model applies the sam
 NO_STOP = dict(stop_token_ids=())  # random models hit EOS by chance; most tests want fixed lengths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and robust when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def melt_ckpt(tiny_ckpt, tmp_path_factory):
     """A MELT checkpoint with token-dependent gates and a small chunk size (3), so that chunked

@@ -20,14 +20,6 @@ from melt_core.profile import MemoryProfileArgs, load_pair, measure_generation, 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _by_model(report, loops: int, seq_len: int) -> dict:
     return {e.model: e for e in report.entries if e.seq_len == seq_len and (e.loops == loops or e.model == "plain")}
 
