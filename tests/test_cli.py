@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from cli_helpers import one_red_line
 from typer.testing import CliRunner
 
 from melt_cli.app import app
@@ -49,13 +50,6 @@ def test_random_model_command(tmp_path):
     assert again.exit_code == 1 and "--force" in again.stderr
 
 
-def _one_red_line(result) -> str:
-    assert result.exit_code == 1
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert lines[0].startswith("error:") and "Traceback" not in result.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize("case", ["missing_dir", "no_config", "not_ouro", "shape", "truncated"])
 def test_info_errors_are_one_line(tiny_ckpt, tmp_path, case):
     src = tmp_path / "ckpt"
@@ -74,7 +68,7 @@ def test_info_errors_are_one_line(tiny_ckpt, tmp_path, case):
         cfg = json.loads((src / "config.json").read_text())
         cfg["vocab_size"] += 1
         (src / "config.json").write_text(json.dumps(cfg))
-    line = _one_red_line(runner.invoke(app, ["info", str(src)]))
+    line = one_red_line(runner.invoke(app, ["info", str(src)]))
     expected = {"missing_dir": "does not exist", "no_config": "config.json not found",
                 "not_ouro": "model_type 'qwen3'", "truncated": "truncated or corrupt",
                 "shape": "has shape"}[case]

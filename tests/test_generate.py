@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from cli_helpers import one_red_line
 from typer.testing import CliRunner
 
 from melt_cli.app import app
@@ -250,13 +251,6 @@ def test_exit_options_reach_the_model(tiny_ckpt):
         generate_text(model, tok, [PROMPTS[0]], GenerationSettings(exit_at_step=4))
 
 
-def _one_red_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert lines[0].startswith("error:") and "Traceback" not in result.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize(("args", "expected"), [
     (["--loops", "0"], "loops must be >= 1"),
     (["--prompt", "   "], "empty"),
@@ -273,7 +267,7 @@ def _one_red_line(result) -> str:
 def test_cli_errors_are_one_line(tiny_ckpt, args, expected):
     if expected == "not available" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    line = _one_red_line(runner.invoke(app, ["generate", str(tiny_ckpt), *args], input=""))
+    line = one_red_line(runner.invoke(app, ["generate", str(tiny_ckpt), *args], input=""))
     assert expected in line
 
 
@@ -283,7 +277,7 @@ def test_prompt_longer_than_the_model_maximum(tiny_ckpt, tmp_path):
     cfg = json.loads((short / "config.json").read_text())
     cfg["max_position_embeddings"] = 8
     (short / "config.json").write_text(json.dumps(cfg))
-    line = _one_red_line(runner.invoke(app, ["generate", str(short), "--prompt", PROMPTS[2]]))
+    line = one_red_line(runner.invoke(app, ["generate", str(short), "--prompt", PROMPTS[2]]))
     assert "tokens; the model's maximum is 8 (max_position_embeddings)" in line
     # a prompt that fits generates up to the maximum, then stops
     out = runner.invoke(app, ["generate", str(short), "--prompt", "Once", "--max-new-tokens", "50", "--json"])
@@ -294,8 +288,8 @@ def test_prompt_longer_than_the_model_maximum(tiny_ckpt, tmp_path):
 def test_bad_prompts_file_lines(tiny_ckpt, tmp_path):
     file = tmp_path / "bad.jsonl"
     file.write_text('{"prompt": "ok"}\nnot json\n')
-    assert "line 2 is not valid JSON" in _one_red_line(
+    assert "line 2 is not valid JSON" in one_red_line(
         runner.invoke(app, ["generate", str(tiny_ckpt), "--prompts-file", str(file)]))
     file.write_text('{"text": "no prompt key"}\n')
-    assert 'string "prompt"' in _one_red_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--prompts-file",
+    assert 'string "prompt"' in one_red_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--prompts-file",
                                                                   str(file)]))

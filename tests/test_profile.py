@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import one_red_line
 from typer.testing import CliRunner
 
 from melt_cli.app import app
@@ -162,13 +163,6 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
         plot_memory(report, tmp_path / "x.png")
 
 
-def _one_red_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert lines[0].startswith("error:") and "Traceback" not in result.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize(("args", "expected"), [
     (["memory", "--preset", "ouro-9b"], "unknown preset 'ouro-9b'; choose from ouro-1.4b, ouro-2.6b"),
     (["memory"], "exactly one"),
@@ -179,7 +173,7 @@ def _one_red_line(result) -> str:
     (["memory", "--preset", "ouro-1.4b", "--dtype", "int8"], "unknown dtype"),
 ])
 def test_profile_errors_are_one_line(args, expected):
-    assert expected in _one_red_line(runner.invoke(app, ["profile", *args]))
+    assert expected in one_red_line(runner.invoke(app, ["profile", *args]))
 
 
 def test_speed_on_melt_without_source_is_a_clear_error(melt_ckpt, tmp_path):
@@ -190,11 +184,11 @@ def test_speed_on_melt_without_source_is_a_clear_error(melt_ckpt, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["melt"]["source"] = None
     (src / "config.json").write_text(json.dumps(cfg))
-    line = _one_red_line(runner.invoke(app, ["profile", "speed", str(src), "--loops", "1"]))
+    line = one_red_line(runner.invoke(app, ["profile", "speed", str(src), "--loops", "1"]))
     assert "records no Ouro source" in line
     cfg["melt"]["source"] = str(tmp_path / "gone")
     (src / "config.json").write_text(json.dumps(cfg))
-    assert "does not exist here" in _one_red_line(runner.invoke(app, ["profile", "speed", str(src)]))
+    assert "does not exist here" in one_red_line(runner.invoke(app, ["profile", "speed", str(src)]))
     if not torch.cuda.is_available():
-        assert "not available" in _one_red_line(runner.invoke(app, ["profile", "speed", str(melt_ckpt),
+        assert "not available" in one_red_line(runner.invoke(app, ["profile", "speed", str(melt_ckpt),
                                                                     "--device", "cuda"]))
