@@ -3,8 +3,9 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .checkpoint import load_config, load_model, save_checkpoint
-from .config import OuroConfig
+from .config import MeltConfig, MeltSettings, OuroConfig
 from .errors import MeltError
+from .melt import MeltForCausalLM
 from .ouro import LoopLMOutput, OuroForCausalLM
 from .tokenizer import load_tokenizer
 
@@ -14,6 +15,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "LoopLMOutput", "MeltError", "OuroConfig", "OuroForCausalLM", "__version__",
+    "LoopLMOutput", "MeltConfig", "MeltError", "MeltForCausalLM", "MeltSettings", "OuroConfig", "OuroForCausalLM",
+    "__version__",
     "load_config", "load_model", "load_tokenizer", "save_checkpoint",
 ]
