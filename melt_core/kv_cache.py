@@ -126,10 +126,6 @@ class SharedKVCache(_PreallocatedRows):
         self.num_layers = config.num_hidden_layers
         super().__init__(config, self.num_layers, batch_size, max_len, dtype, device)
 
-    def slot(self, layer: int) -> int:
-        """The slot of a layer (the same for every loop)."""
-        return layer
-
 
 class GrowingRows:
     """Differentiable row store for chunk-wise training: earlier chunks' rows are tensors kept in
