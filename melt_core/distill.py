@@ -189,6 +189,8 @@ def run_phase(student_path: str | os.PathLike, teacher_path: str | os.PathLike |
     from .trainer import train
 
     teacher_path = teacher_path or default_teacher(student_path)
+    if teacher_dtype is None:  # the frozen teacher only runs forwards: bf16 where it is fast
+        teacher_dtype = "bf16" if torch.cuda.is_available() and not args.cpu else "fp32"
     objective = DistillObjective(student_path, teacher_path, settings, args.steps, teacher_dtype)
     tokenizer = load_tokenizer(student_path)
     data = PackedSequences.from_path(data_args.data, tokenizer, args.seq_len, args.seed, data_args.text_field)

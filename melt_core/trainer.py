@@ -142,6 +142,17 @@ def find_checkpoint(path: Path) -> Path:
     return candidates[-1]
 
 
+def run_directory(out: Path | None, resume: Path | None) -> Path:
+    """``--out``, or when only ``--resume`` is given, the run it continues (named by its run
+    directory or by one of its checkpoints)."""
+    if out is not None:
+        return Path(out)
+    if resume is None:
+        raise InvalidArgumentError("--out is required (unless --resume names the run to continue)")
+    resume = Path(resume)
+    return find_checkpoint(resume).parent.parent if (resume / "run_state.json").is_file() else resume
+
+
 def _schedule(optimizer: torch.optim.Optimizer, args: TrainingArgs):
     if args.schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)

@@ -7,7 +7,7 @@ import typer
 
 from melt_core.errors import InvalidArgumentError
 from melt_core.pretrain import PRETRAIN_PRESETS, PretrainSettings, run_pretrain
-from melt_core.trainer import TrainingArgs
+from melt_core.trainer import TrainingArgs, run_directory
 
 from .. import console
 from .. import options as o
@@ -59,13 +59,10 @@ def pretrain(
     """Train an Ouro-format LoopLM from scratch (the teacher of MELT's post-training)."""
     if tokenizer is not None and vocab_size is not None:
         raise InvalidArgumentError("--tokenizer and --vocab-size exclude each other (the tokenizer fixes the vocab)")
-    if out is None:
-        if resume is None:
-            raise InvalidArgumentError("--out is required (unless --resume names the run to continue)")
-        out = resume
     settings = PretrainSettings(preset=preset, loops=loops, vocab_size=vocab_size or 4096, tokenizer=tokenizer,
                                 objective=objective, entropy_beta=entropy_beta)
-    args = TrainingArgs(out=out, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch,
+    args = TrainingArgs(out=run_directory(out, resume), steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
+                        micro_batch=micro_batch,
                         lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, clip=clip,
                         save_every=save_every, keep_last=keep_last, eval_every=eval_every, eval_batches=eval_batches,
                         seed=seed, mixed_precision=mixed_precision, cpu=cpu, resume=resume, force=force,

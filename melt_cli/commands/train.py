@@ -9,7 +9,7 @@ import typer
 
 from melt_core.distill import DataArgs, DistillSettings, run_phase
 from melt_core.errors import InvalidArgumentError
-from melt_core.trainer import TrainingArgs, find_checkpoint
+from melt_core.trainer import TrainingArgs, run_directory
 
 from .. import console
 from .. import options as o
@@ -34,12 +34,7 @@ EPILOG = """Examples:
 def _train_phase(phase: int, student: Path, teacher: Path | None, data: Path, eval_data: Path | None,
                  text_field: str, out: Path | None, steps: int | None, settings: dict, targs: dict,
                  teacher_dtype: str | None) -> Path:
-    resume = targs.get("resume")
-    if out is None:
-        if resume is None:
-            raise InvalidArgumentError("--out is required (unless --resume names the run to continue)")
-        out = find_checkpoint(resume).parent.parent if (resume / "run_state.json").is_file() else resume
-    args = TrainingArgs(out=out, steps=steps or DEFAULT_STEPS[phase], **targs)
+    args = TrainingArgs(out=run_directory(out, targs.get("resume")), steps=steps or DEFAULT_STEPS[phase], **targs)
     with training_progress(args.steps, f"phase {phase}") as (on_step, on_event):
         result = run_phase(student, teacher, DistillSettings(phase=phase, **settings),
                            DataArgs(data, eval_data, text_field), args, teacher_dtype, on_step, on_event)
@@ -88,10 +83,6 @@ def distill(
     """Post-train a MELT model from its Ouro teacher: phase 1, phase 2, or both in sequence."""
     if phase not in ("1", "2", "all"):
         raise InvalidArgumentError(f"--phase must be 1, 2 or all, got {phase!r}")
-    if teacher_dtype is None:
-        import torch
-
-        teacher_dtype = "bf16" if torch.cuda.is_available() and not cpu else "fp32"
     settings = dict(beta=beta, ce_weight=ce_weight, kd_loops=kd_loops, chunk_size=chunk_size,
                     detach_history=detach_history, checkpoint_chunks=checkpoint_chunks, freeze_base=freeze_base)
     targs = dict(seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, lr=lr, gate_lr=gate_lr,
