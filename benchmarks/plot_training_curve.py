@@ -1,6 +1,9 @@
-"""Plot a run's training curve from its metrics.jsonl: loss per loop and held-out eval per loop.
+"""Plot a training curve from metrics.jsonl: loss per loop and held-out eval per loop.
 
-Usage: python benchmarks/plot_training_curve.py RUN_DIR OUT.png
+Several runs (e.g. a pretraining run and its ``--init-from`` continuation) are drawn one after the
+other, with a dashed line where each later stage starts.
+
+Usage: python benchmarks/plot_training_curve.py RUN_DIR [RUN_DIR ...] OUT.png
 """
 
 from __future__ import annotations
@@ -15,26 +18,39 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(run: Path, out: Path) -> None:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval" in r]
+def read_stages(runs: list[Path]) -> tuple[list[dict], list[dict], list[int]]:
+    """Step records and eval records of all runs, steps offset so that the stages follow each other."""
+    steps, evals, starts, offset = [], [], [], 0
+    for run in runs:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        starts.append(offset)
+        steps += [dict(r, step=r["step"] + offset) for r in records if "loss" in r]
+        evals += [dict(r, step=r["step"] + offset) for r in records if "eval" in r]
+        offset = steps[-1]["step"]
+    return steps, evals, starts[1:]
+
+
+def main(runs: list[Path], out: Path) -> None:
+    steps, evals, boundaries = read_stages(runs)
     fig, ax = plt.subplots(figsize=(7, 4))
-    loops = sorted(k for k in steps[0] if k.startswith("ce_loop"))
-    for key in loops:
+    for key in sorted(k for k in steps[0] if k.startswith("ce_loop")):
         ax.plot([r["step"] for r in steps], [r[key] for r in steps], lw=0.6, alpha=0.6, label=f"train {key[3:]}")
     for key in sorted(evals[0]["eval"]) if evals else []:
         ax.plot([r["step"] for r in evals], [r["eval"][key] for r in evals], marker="o", label=f"held-out {key[5:]}")
+    for step in boundaries:
+        ax.axvline(step, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("next-token loss (nats)")
     ax.set_ylim(top=min(8.5, max(r["loss"] for r in steps)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{run.name}: training curve")
+    ax.set_title(f"{' + '.join(run.name for run in runs)}: training curve")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main([Path(a) for a in sys.argv[1:-1]], Path(sys.argv[-1]))

@@ -270,6 +270,12 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_weights(state_dict: dict[str, torch.Tensor], out: Path,
                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                   progress: Callable[[int], None] | None = None) -> None:
@@ -279,6 +285,7 @@ def write_weights(state_dict: dict[str, torch.Tensor], out: Path,
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+        os.chmod(out / filename, 0o666 & ~_umask())  # safetensors writes 0600; give it a normal file's mode
         if progress is not None:
             progress(sum(tensors[n].nbytes for n in names))
     if split.is_sharded:

@@ -1,9 +1,12 @@
 """Training an Ouro-format LoopLM from scratch (``melt pretrain``).
 
-Two objectives:
+Three objectives:
 - ``uniform`` (default): the mean over loops of next-token cross-entropy. Every loop becomes a
   usable predictor, which is what MELT's all-loop distillation needs from a teacher (each loop's
   logits are a target), and nothing can collapse at small scale. The exit gate is not trained.
+- ``ramp``: per-loop cross-entropy weighted by the loop index (t / sum(1..T)). Still supervises every
+  loop, but the last loops, the ones run at inference, count most; at small scale this is what makes
+  the deepest loop clearly the best predictor (``uniform`` makes all loops about equally good).
 - ``ouro``: the Ouro paper's ``sum_t p_t * CE_t - beta * H(p)``, with p the exit gate's pdf over
   loops per token; trains the exit gate too (``--entropy-beta``, 0.1 early in the paper, 0.05 later).
 """
@@ -20,9 +23,9 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_model, save_checkpoint
 from .data import PackedSequences, iter_documents
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnsupportedModelError
 from .evaluation import finish, score_batch
 from .losses import next_token_cross_entropy, per_token_cross_entropy
 from .ouro import OuroForCausalLM, exit_pdf
@@ -37,7 +40,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
     "small": {"hidden_size": 192, "intermediate_size": 576, "num_hidden_layers": 4, "num_attention_heads": 3,
               "num_key_value_heads": 3},
 }
-OBJECTIVES = ("uniform", "ouro")
+OBJECTIVES = ("uniform", "ramp", "ouro")
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -50,6 +53,7 @@ class PretrainSettings:
     objective: str = "uniform"
     entropy_beta: float = 0.1
     max_position_embeddings: int = 4096
+    init_from: Path | None = None  # continue from this Ouro checkpoint (its shape and tokenizer) instead of random
 
     def __post_init__(self) -> None:
         if self.preset not in PRETRAIN_PRESETS:
@@ -58,6 +62,12 @@ class PretrainSettings:
             raise InvalidArgumentError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.loops < 1:
             raise InvalidArgumentError(f"--loops must be >= 1, got {self.loops}")
+
+
+def loop_weights(objective: str, loops: int) -> Tensor:
+    """Weights of the per-loop cross-entropies (they sum to 1): equal, or proportional to the loop index."""
+    w = torch.ones(loops) if objective == "uniform" else torch.arange(1, loops + 1, dtype=torch.float32)
+    return w / w.sum()
 
 
 class LoopLMLoss(nn.Module):
@@ -70,9 +80,10 @@ class LoopLMLoss(nn.Module):
     def forward(self, input_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         hidden, _ = self.lm.forward_hidden(input_ids)
         w = self.lm.lm_head.weight
-        if self.settings.objective == "uniform":
+        if self.settings.objective in ("uniform", "ramp"):
             per_loop = torch.stack([next_token_cross_entropy(h, w, input_ids) for h in hidden])
-            return per_loop.mean(), {f"ce_loop{t + 1}": v.detach() for t, v in enumerate(per_loop)}
+            weights = loop_weights(self.settings.objective, len(hidden)).to(per_loop)
+            return (weights * per_loop).sum(), {f"ce_loop{t + 1}": v.detach() for t, v in enumerate(per_loop)}
         ce = torch.stack([per_token_cross_entropy(h, w, input_ids) for h in hidden], -1)  # (B, S-1, T)
         gate = self.lm.model.early_exit_gate
         pdf = exit_pdf([gate(h).squeeze(-1) for h in hidden])[:, :-1].float()  # (B, S-1, T)
@@ -89,7 +100,7 @@ class PretrainObjective:
     def __init__(self, model: OuroForCausalLM, tokenizer: PreTrainedTokenizerFast, settings: PretrainSettings,
                  out: Path) -> None:
         self.lm, self.tokenizer, self.settings, self.out = model, tokenizer, settings, Path(out)
-        if settings.objective == "uniform":
+        if settings.objective != "ouro":
             model.model.early_exit_gate.requires_grad_(False)  # no gradient reaches it
         self.model = LoopLMLoss(model, settings)
 
@@ -124,27 +135,39 @@ def build_tokenizer(settings: PretrainSettings, data: str | os.PathLike, text_fi
     return train_bpe_tokenizer(iter_documents(data, text_field), settings.vocab_size)
 
 
+def initial_checkpoint(path: str | os.PathLike) -> tuple[OuroForCausalLM, PreTrainedTokenizerFast]:
+    """The Ouro model (fp32, trainable) and tokenizer of ``--init-from``."""
+    model = load_model(path, dtype="fp32")
+    if type(model) is not OuroForCausalLM:
+        raise UnsupportedModelError(f"--init-from needs an Ouro checkpoint; {path} holds a {type(model).__name__}")
+    return model.train(), load_tokenizer(model.name_or_path)
+
+
 def run_pretrain(settings: PretrainSettings, data: str | os.PathLike, args: TrainingArgs,
                  eval_data: str | os.PathLike | None = None, text_field: str = "text",
                  on_step=None, on_event=None) -> TrainResult:
-    """Train a LoopLM from scratch; the run directory ends up holding an Ouro checkpoint."""
-    if args.resume is not None and (args.out / TOKENIZER_DIR).is_dir():
-        tokenizer = load_tokenizer(args.out / TOKENIZER_DIR)
+    """Train a LoopLM from scratch (or on from ``settings.init_from``); the run directory ends up holding an
+    Ouro checkpoint."""
+    if settings.init_from is not None:
+        model, tokenizer = initial_checkpoint(settings.init_from)
     else:
-        tokenizer = build_tokenizer(settings, data, text_field)
-    shape = dict(PRETRAIN_PRESETS[settings.preset], total_ut_steps=settings.loops,
-                 max_position_embeddings=settings.max_position_embeddings)
+        if args.resume is not None and (args.out / TOKENIZER_DIR).is_dir():
+            tokenizer = load_tokenizer(args.out / TOKENIZER_DIR)
+        else:
+            tokenizer = build_tokenizer(settings, data, text_field)
+        shape = dict(PRETRAIN_PRESETS[settings.preset], total_ut_steps=settings.loops,
+                     max_position_embeddings=settings.max_position_embeddings)
+        model = OuroForCausalLM(ouro_config_for(tokenizer, torch.float32, **shape))
+        init_weights(model, args.seed)  # --resume then overwrites these with the saved state
     if settings.objective == "ouro":
-        shape["early_exit_threshold"] = 1.0
-    config = ouro_config_for(tokenizer, torch.float32, **shape)
-    model = OuroForCausalLM(config)
-    init_weights(model, args.seed)
+        model.config.early_exit_threshold = 1.0
     packed = PackedSequences.from_path(data, tokenizer, args.seq_len, args.seed, text_field)
     held_out = PackedSequences.from_path(eval_data, tokenizer, args.seq_len, args.seed, text_field) \
         if eval_data is not None else None
     if on_event:
         n = sum(p.numel() for p in model.parameters())
-        on_event(f"pretraining a {n:,}-parameter LoopLM ({settings.preset}, {settings.loops} loops, vocab "
+        source = f"from {settings.init_from}" if settings.init_from is not None else settings.preset
+        on_event(f"pretraining a {n:,}-parameter LoopLM ({source}, {model.config.total_ut_steps} loops, vocab "
                  f"{len(tokenizer)}) on {len(packed)} sequences of {args.seq_len} tokens")
     return train(PretrainObjective(model, tokenizer, settings, args.out), packed, args, eval_data=held_out,
                  on_step=on_step, on_event=on_event)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -46,6 +47,9 @@ def test_sharded_load_equals_single_file_load(tiny_ckpt, tmp_path):
     assert not (out / WEIGHTS_NAME).exists()
     index = json.loads((out / INDEX_NAME).read_text())
     assert len(set(index["weight_map"].values())) > 2
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {(f.stat().st_mode & 0o777) for f in out.glob("*.safetensors")} == {0o666 & ~mask}  # not 0600
     sharded = load_model(out)
     for (name, a), (_, b) in zip(model.state_dict().items(), sharded.state_dict().items()):
         assert torch.equal(a, b), name

@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 
 from melt_cli.app import app
 from melt_core import load_model, load_tokenizer
+from melt_core.convert import convert_ouro_to_melt
 from melt_core.data import PackedSequences
+from melt_core.errors import UnsupportedModelError
 from melt_core.evaluation import evaluate_checkpoint
-from melt_core.pretrain import PretrainSettings, run_pretrain
+from melt_core.pretrain import LoopLMLoss, PretrainSettings, run_pretrain
 from melt_core.trainer import TrainingArgs
 
 runner = CliRunner()
@@ -47,6 +49,33 @@ def test_pretrain_resume_reuses_tokenizer(text_file, tmp_path):
     first = (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
     run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run", steps=4, save_every=2, resume=tmp_path / "run"))
     assert (tmp_path / "run" / "tokenizer.json").read_text() == first
+
+
+def test_ramp_objective_weights_loops_by_index(tiny_ckpt, text_file):
+    model = load_model(tiny_ckpt)
+    ids = PackedSequences.from_path(text_file, load_tokenizer(tiny_ckpt), 16).sequences[:2]
+    loss, parts = LoopLMLoss(model, PretrainSettings(objective="ramp"))(ids)
+    logits = model(ids, return_loop_logits=True).loop_logits
+    ce = [F.cross_entropy(x[:, :-1].reshape(-1, x.shape[-1]), ids[:, 1:].reshape(-1)).item() for x in logits]
+    assert len(ce) == 4 and [parts[f"ce_loop{t + 1}"].item() for t in range(4)] == pytest.approx(ce, rel=1e-5)
+    assert loss.item() == pytest.approx(sum((t + 1) / 10 * c for t, c in enumerate(ce)), rel=1e-5)
+
+
+def test_pretrain_init_from_starts_at_the_checkpoint(tiny_ckpt, text_file, tmp_path):
+    settings = PretrainSettings(init_from=tiny_ckpt)
+    result = run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run", steps=2, lr=0.0))
+    before, after = load_model(tiny_ckpt).state_dict(), load_model(result.out).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert (result.out / "tokenizer.json").read_text() == (tiny_ckpt / "tokenizer.json").read_text()
+
+
+def test_pretrain_init_from_refuses_melt_and_shape_flags(tiny_ckpt, text_file, tmp_path):
+    convert_ouro_to_melt(tiny_ckpt, tmp_path / "melt")
+    with pytest.raises(UnsupportedModelError, match="needs an Ouro checkpoint"):
+        run_pretrain(PretrainSettings(init_from=tmp_path / "melt"), text_file, _pretrain_args(tmp_path / "run"))
+    result = runner.invoke(app, ["pretrain", "--data", str(text_file), "--out", str(tmp_path / "x"),
+                                 "--init-from", str(tiny_ckpt), "--loops", "2", "--preset", "tiny"])
+    assert result.exit_code == 1 and "drop --preset, --loops" in result.stderr
 
 
 def test_cli_pretrain_rejects_tokenizer_with_vocab_size(text_file, tiny_ckpt, tmp_path):

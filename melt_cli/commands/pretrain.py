@@ -20,19 +20,24 @@ EPILOG = """Examples:
   melt pretrain --data corpus/ --out runs/tiny --preset tiny --loops 4 --vocab-size 2048 --steps 50
 
   melt pretrain --data train.jsonl.gz --out runs/looplm --resume runs/looplm     (continue)
+
+  melt pretrain --data train.jsonl.gz --out runs/longer --init-from example --objective ramp --steps 1000
 """
 
 
 def pretrain(
     data: o.Data,
     out: o.Out = None,
-    preset: Annotated[str, typer.Option(help=f"Model shape: {', '.join(PRETRAIN_PRESETS)}.")] = "small",
-    loops: Annotated[int, typer.Option(help="Loops (total_ut_steps).")] = 4,
+    preset: Annotated[str | None, typer.Option(
+        help=f"Model shape: {', '.join(PRETRAIN_PRESETS)} [default: small].")] = None,
+    loops: Annotated[int | None, typer.Option(help="Loops (total_ut_steps) [default: 4].")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        help="Start from this Ouro checkpoint (its shape, weights and tokenizer) instead of random weights.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Use this checkpoint's tokenizer (no BPE training).")] = None,
     vocab_size: Annotated[int | None, typer.Option(help="Vocabulary of the BPE trained on --data [default: 4096].")] = (
         None),
-    objective: Annotated[str, typer.Option(help="uniform: mean per-loop CE; ouro: sum p_t CE_t - beta H(p).")] = (
-        "uniform"),
+    objective: Annotated[str, typer.Option(
+        help="uniform: mean per-loop CE; ramp: CE weighted by loop t; ouro: sum p_t CE_t - beta H(p).")] = "uniform",
     entropy_beta: Annotated[float, typer.Option(help="ouro objective: weight of the exit-pdf entropy.")] = 0.1,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     eval_data: o.EvalData = None,
@@ -59,8 +64,14 @@ def pretrain(
     """Train an Ouro-format LoopLM from scratch (the teacher of MELT's post-training)."""
     if tokenizer is not None and vocab_size is not None:
         raise InvalidArgumentError("--tokenizer and --vocab-size exclude each other (the tokenizer fixes the vocab)")
-    settings = PretrainSettings(preset=preset, loops=loops, vocab_size=vocab_size or 4096, tokenizer=tokenizer,
-                                objective=objective, entropy_beta=entropy_beta)
+    if init_from is not None:
+        given = [flag for flag, value in (("--preset", preset), ("--loops", loops), ("--tokenizer", tokenizer),
+                                          ("--vocab-size", vocab_size)) if value is not None]
+        if given:
+            raise InvalidArgumentError(f"--init-from fixes the model and tokenizer; drop {', '.join(given)}")
+    settings = PretrainSettings(preset=preset or "small", loops=loops or 4, vocab_size=vocab_size or 4096,
+                                tokenizer=tokenizer, objective=objective, entropy_beta=entropy_beta,
+                                init_from=init_from)
     args = TrainingArgs(out=run_directory(out, resume), steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
                         micro_batch=micro_batch,
                         lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, clip=clip,
