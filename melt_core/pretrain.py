@@ -5,8 +5,8 @@ Three objectives:
   usable predictor, which is what MELT's all-loop distillation needs from a teacher (each loop's
   logits are a target), and nothing can collapse at small scale. The exit gate is not trained.
 - ``ramp``: per-loop cross-entropy weighted by the loop index (t / sum(1..T)). Still supervises every
-  loop, but the last loops, the ones run at inference, count most; at small scale this is what makes
-  the deepest loop clearly the best predictor (``uniform`` makes all loops about equally good).
+  loop, but the last loops, the ones run at inference, count most (``uniform`` gives loop 1 as much
+  weight as loop T, which at small scale keeps all loops about equally good).
 - ``ouro``: the Ouro paper's ``sum_t p_t * CE_t - beta * H(p)``, with p the exit gate's pdf over
   loops per token; trains the exit gate too (``--entropy-beta``, 0.1 early in the paper, 0.05 later).
 """
@@ -159,8 +159,6 @@ def run_pretrain(settings: PretrainSettings, data: str | os.PathLike, args: Trai
                      max_position_embeddings=settings.max_position_embeddings)
         model = OuroForCausalLM(ouro_config_for(tokenizer, torch.float32, **shape))
         init_weights(model, args.seed)  # --resume then overwrites these with the saved state
-    if settings.objective == "ouro":
-        model.config.early_exit_threshold = 1.0
     packed = PackedSequences.from_path(data, tokenizer, args.seq_len, args.seed, text_field)
     held_out = PackedSequences.from_path(eval_data, tokenizer, args.seq_len, args.seed, text_field) \
         if eval_data is not None else None

@@ -46,5 +46,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: str | os.PathLike) -> None:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json, plus vocab.json and
     merges.txt as in a real Ouro checkpoint."""
+    for key in ("is_local", "local_files_only"):  # how from_pretrained found the files, not the tokenizer's
+        tokenizer.init_kwargs.pop(key, None)
     tokenizer.save_pretrained(str(out))
     tokenizer.backend_tokenizer.model.save(str(out))

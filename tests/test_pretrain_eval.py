@@ -66,7 +66,8 @@ def test_pretrain_init_from_starts_at_the_checkpoint(tiny_ckpt, text_file, tmp_p
     result = run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run", steps=2, lr=0.0))
     before, after = load_model(tiny_ckpt).state_dict(), load_model(result.out).state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert (result.out / "tokenizer.json").read_text() == (tiny_ckpt / "tokenizer.json").read_text()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (result.out / name).read_text() == (tiny_ckpt / name).read_text(), name
 
 
 def test_pretrain_init_from_refuses_melt_and_shape_flags(tiny_ckpt, text_file, tmp_path):
