@@ -6,9 +6,11 @@ Trains and evaluates, on held-out text (valid.jsonl.gz) and out-of-domain text (
   phase 1          MELT (element-wise gate) after the interpolated transition
   phase 2          MELT after phase 1 + attention-aligned distillation (the full recipe)
   phase 2, beta 0  phase 1 + phase 2 without the attention alignment
+  final-loop KD    phase 1 + phase 2 distilling the last loop only (melt's default is all loops)
   direct phase 2   phase 2 straight from the conversion (no transition)
   scalar gate      the full recipe with one gate value per layer and token
-and the loss vs loop count (1..8) of the teacher and of MELT after phase 2.
+(last loop, and per loop on held-out text), and the loss vs loop count (1..8) of the teacher and of
+MELT after phase 2.
 Writes OUT/results.json, OUT/loss_vs_loops.png and prints a Markdown table.
 
 Usage: python benchmarks/replicate_paper.py [--teacher example] [--steps1 60 --steps2 60] [--out runs/replicate]
@@ -75,6 +77,8 @@ def main() -> None:
     models["MELT phase 1"] = p1
     models["MELT phase 1 + phase 2 (full)"] = phase(p1, "gate-phase2", 2, args.steps2)
     models["MELT phase 1 + phase 2, beta 0"] = phase(p1, "gate-phase2-beta0", 2, args.steps2, beta=0.0)
+    models["MELT phase 1 + phase 2, final-loop KD"] = phase(p1, "gate-phase2-kdfinal", 2, args.steps2,
+                                                            kd_loops="final")
     models["MELT direct phase 2 (no transition)"] = phase(gate, "gate-direct-phase2", 2, args.steps1 + args.steps2)
     scalar = convert("scalar", "scalar")
     models["scalar gate, phase 1 + phase 2"] = phase(phase(scalar, "scalar-phase1", 1, args.steps1),
@@ -87,9 +91,9 @@ def main() -> None:
         for split, data in (("valid", args.valid), ("ood", args.ood)):
             report = evaluate_checkpoint(path, data, teacher=args.teacher, seq_len=args.seq_len,
                                          max_sequences=args.eval_sequences)
-            last = next(iter(report.results.values()))[-1]
-            row[split] = {"loss": last.loss, "ppl": last.perplexity, "kl": last.kl_to_teacher,
-                          "top1": last.top1_agreement}
+            per_loop = [{"loss": r.loss, "ppl": r.perplexity, "kl": r.kl_to_teacher, "top1": r.top1_agreement}
+                        for r in next(iter(report.results.values()))]
+            row[split] = dict(per_loop[-1], per_loop=per_loop)
         results["models"][name] = row
         print(f"  {name}: valid {row['valid']['loss']:.4f}, ood {row['ood']['loss']:.4f}", flush=True)
     loop_counts = list(range(1, args.max_loops + 1))
@@ -117,6 +121,14 @@ def print_markdown(results: dict) -> None:
         v, o = row["valid"], row["ood"]
         print(f"| {name} | {v['loss']:.4f} | {v['ppl']:.2f} | {v['kl']:.4f} | {v['top1']:.1%} "
               f"| {o['loss']:.4f} | {o['ppl']:.2f} | {o['kl']:.4f} | {o['top1']:.1%} |")
+    loops = len(next(iter(results["models"].values()))["valid"]["per_loop"])
+    print("\n| model (valid, loss / KL per loop) | " + " | ".join(f"loop {t + 1}" for t in range(loops))
+          + " | mean KL |")
+    print("|---|" + "---|" * (loops + 1))
+    for name, row in results["models"].items():
+        per_loop = row["valid"]["per_loop"]
+        cells = [f"{r['loss']:.4f} / {r['kl'] or 0:.4f}" for r in per_loop]
+        print(f"| {name} | " + " | ".join(cells) + f" | {sum(r['kl'] or 0 for r in per_loop) / loops:.4f} |")
     print("\n| loops | " + " | ".join(results["loops"]) + " |")
     print("|---|" + "---|" * len(results["loops"]))
     counts = next(iter(results["loops"].values())).keys()
