@@ -23,11 +23,12 @@ EPILOG = """Examples:
 
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where the converted and trained models go.")] = Path("melt-quickstart"),
-    steps1: Annotated[int, typer.Option(help="Phase-1 (transition) steps.")] = 40,
-    steps2: Annotated[int, typer.Option(help="Phase-2 (distillation) steps.")] = 30,
-    teacher: Annotated[str, typer.Option(help="The Ouro LoopLM to start from.")] = "example",
+    steps1: Annotated[int, typer.Option(help="Phase-1 (transition) steps.")] = QuickstartSettings.steps1,
+    steps2: Annotated[int, typer.Option(help="Phase-2 (distillation) steps.")] = QuickstartSettings.steps2,
+    teacher: Annotated[str, typer.Option(help="The Ouro LoopLM to start from.")] = QuickstartSettings.teacher,
     eval_sequences: Annotated[int, typer.Option(
-        help="Held-out sequences of 256 tokens to evaluate on (the shipped slice has 48).")] = 48,
+        help="Held-out sequences of 256 tokens to evaluate on (the shipped slice has 48).")] = (
+        QuickstartSettings.eval_sequences),
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Run the whole MELT pipeline on the built-in example LoopLM (a few minutes on a CPU)."""
