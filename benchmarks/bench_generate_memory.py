@@ -4,7 +4,7 @@ A random Ouro model (shapes chosen so that the KV cache, not the weights, domina
 its in-memory MELT conversion (shared weights) each prefill the same random context and decode a
 few tokens, teacher-forced, through a cache sized for exactly that context, for every loop count.
 
-What is measured (``melt_core.profile.measure_generation``):
+What is measured (``melt_core.profiling.measure_generation``):
 - decode tokens/s: one-token forward steps per second after the prefill;
 - peak memory: the process's peak RSS (CUDA: allocator peak) during the run, weights included;
 - memory: the baseline is taken right before the cache is allocated (weights loaded, process
@@ -26,11 +26,11 @@ import platform
 
 import torch
 
-from melt_core.config import OuroConfig
-from melt_core.convert import melt_from_ouro
-from melt_core.ouro import OuroForCausalLM
-from melt_core.profile import measure_generation
-from melt_core.random_model import init_weights
+from melt_core.checkpoints.convert import melt_from_ouro
+from melt_core.checkpoints.random_model import init_weights
+from melt_core.models.config import OuroConfig
+from melt_core.models.ouro import OuroForCausalLM
+from melt_core.profiling import measure_generation
 
 
 def build_ouro(layers: int, hidden: int, heads: int, head_dim: int, seq_len: int) -> OuroForCausalLM:

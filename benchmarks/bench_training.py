@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from melt_core.checkpoint import load_config
-from melt_core.config import MeltSettings
-from melt_core.convert import convert_ouro_to_melt
-from melt_core.distill import DistillObjective, DistillSettings
-from melt_core.losses import next_token_cross_entropy
-from melt_core.random_model import write_random_ouro
+from melt_core.checkpoints.convert import convert_ouro_to_melt
+from melt_core.checkpoints.io import load_config
+from melt_core.checkpoints.random_model import write_random_ouro
+from melt_core.models.config import MeltSettings
+from melt_core.training.distill import DistillObjective, DistillSettings
+from melt_core.training.losses import next_token_cross_entropy
 
 
 def timed(fn, repeats: int) -> float:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from melt_core.config import MeltSettings
-from melt_core.convert import convert_ouro_to_melt
-from melt_core.distill import DataArgs, DistillSettings, run_phase
+from melt_core.checkpoints.convert import convert_ouro_to_melt
 from melt_core.evaluation import evaluate_checkpoint
-from melt_core.trainer import TrainingArgs
+from melt_core.models.config import MeltSettings
+from melt_core.training.distill import DataArgs, DistillSettings, run_phase
+from melt_core.training.trainer import TrainingArgs
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from melt_core.errors import InvalidArgumentError
+from melt_core.training import TrainingArgs
 
 Data = Annotated[Path, typer.Option("--data", help="Training text: .txt, .jsonl(.gz), a folder, or a saved dataset.")]
 EvalData = Annotated[Path | None, typer.Option("--eval-data", help="Held-out text for periodic evaluation.")]
@@ -32,6 +37,41 @@ Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU
 Resume = Annotated[Path | None, typer.Option(help="Continue a run: its directory or one of its checkpoints.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
 SaveDtype = Annotated[str | None, typer.Option(help="dtype of the final model (default: the model's own).")]
+
+# The optimisation and bookkeeping options of every training command, one per ``TrainingArgs`` field.
+TRAINING_OPTIONS: dict[str, Any] = {
+    "seq_len": SeqLen, "batch_tokens": BatchTokens, "micro_batch": MicroBatch, "lr": LR, "weight_decay": WeightDecay,
+    "schedule": Schedule, "warmup_steps": WarmupSteps, "clip": Clip, "save_every": SaveEvery, "keep_last": KeepLast,
+    "eval_every": EvalEvery, "eval_batches": EvalBatches, "seed": Seed, "mixed_precision": MixedPrecision, "cpu": Cpu,
+    "resume": Resume, "force": Force, "save_dtype": SaveDtype,
+}
+
+
+def with_training_options(defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
+    """Add ``TRAINING_OPTIONS`` to a command; they reach it as one ``training`` dict of
+    ``TrainingArgs`` keyword arguments. Defaults are ``TrainingArgs``'s, overridden by ``defaults``
+    (a core module's, e.g. pretraining's)."""
+    fields = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
+    values = {name: fields[name] for name in TRAINING_OPTIONS} | (defaults or {})
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.name != "training"]
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=values[name])
+                 for name, kind in TRAINING_OPTIONS.items()]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            training = {name: kwargs.pop(name) for name in TRAINING_OPTIONS}
+            return command(training=training, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + extra)
+        wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "training"},
+                                   **TRAINING_OPTIONS}
+        return wrapper
+
+    return decorate
+
 
 # generate / profile
 Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from melt_core.errors import MissingDependencyError
-from melt_core.profile import MemoryReport
+from melt_core.profiling import MemoryReport
 
 
 def plot_memory(report: MemoryReport, path: Path) -> Path:

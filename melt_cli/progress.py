@@ -60,7 +60,7 @@ def format_step(m: dict) -> str:
 
 @contextmanager
 def training_progress(total_steps: int, description: str = "training") -> Iterator[tuple]:
-    """Yields ``(on_step, on_event)`` for ``melt_core.trainer.train``: a bar with the step's numbers
+    """Yields ``(on_step, on_event)`` for ``melt_core.training.trainer.train``: a bar with the step's numbers
     (``format_step``); events are printed above it."""
     with Progress(*STEP_COLUMNS, console=console.err) as bar:
         task = bar.add_task(description, total=total_steps, stats="")

@@ -1,13 +1,21 @@
-"""melt core library: looped language models (Ouro) and their memory-efficient MELT conversion."""
+"""melt core library: looped language models (Ouro) and their memory-efficient MELT conversion.
+
+Layers, bottom up (each imports only those below it):
+  errors, dtypes, runtime, data   small shared modules
+  models/        configs, the shared block, KV policies and row stores, Ouro and MELT (no I/O)
+  checkpoints/   load/save, convert, presets, tokenizer, built-in and random checkpoints
+  inference/     sampling, the decode loop, text streaming, ``generate_text``
+  evaluation/    per-loop held-out loss and teacher agreement
+  training/      the accelerate loop, losses, MELT's two phases, LoopLM pretraining
+  profiling/     analytic and measured memory, Ouro vs MELT speed
+  quickstart     the whole pipeline on the built-in example model
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .checkpoint import load_config, load_model, save_checkpoint
-from .config import MeltConfig, MeltSettings, OuroConfig
+from .checkpoints import load_config, load_model, load_tokenizer, save_checkpoint
 from .errors import MeltError
-from .melt import MeltForCausalLM
-from .ouro import LoopLMOutput, OuroForCausalLM
-from .tokenizer import load_tokenizer
+from .models import LoopLMOutput, MeltConfig, MeltForCausalLM, MeltSettings, OuroConfig, OuroForCausalLM
 
 try:
     __version__ = version("melt")

@@ -69,21 +69,30 @@ def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
         elif file.name.endswith(".txt"):
             yield file.read_text(encoding="utf-8")
         else:
-            opener = gzip.open if file.name.endswith(".gz") else open
-            try:
-                with opener(file, "rt", encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{file}:{lineno}: not valid JSON: {e}") from e
-                        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                            raise DataError(f"{file}:{lineno}: no string field {text_field!r}")
-                        yield record[text_field]
-            except (OSError, EOFError, UnicodeDecodeError) as e:
-                raise DataError(f"{file}: cannot read: {e}") from e
+            yield from read_jsonl_field(file, text_field)
+
+
+def read_jsonl_field(file: str | os.PathLike, field: str) -> Iterator[str]:
+    """The string ``field`` of every non-blank line of a JSON-lines file (``.jsonl`` or ``.jsonl.gz``);
+    a line that is not a JSON object with that string field is an error naming the file and line."""
+    file = Path(file)
+    opener = gzip.open if file.name.endswith(".gz") else open
+    try:
+        with opener(file, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file}:{lineno}: not valid JSON: {e}") from e
+                if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                    raise DataError(f"{file}:{lineno}: no string field {field!r}")
+                yield record[field]
+    except FileNotFoundError as e:
+        raise DataError(f"{file} does not exist") from e
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: cannot read: {e}") from e
 
 
 def _cache_key(path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, text_field: str) -> str:

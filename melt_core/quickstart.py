@@ -15,17 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .builtin_models import ASSETS
-from .checkpoint import fresh_output_dir, load_config, load_model
-from .config import MeltSettings
-from .convert import convert_ouro_to_melt
-from .distill import DataArgs, DistillSettings, run_phase
+from .checkpoints import convert_ouro_to_melt, fresh_output_dir, load_config, load_model, load_tokenizer
+from .checkpoints.builtin import ASSETS
 from .evaluation import LoopResult, evaluate_checkpoint
-from .generation import SamplingSettings
-from .inference import GenerationSettings, generate_text
-from .kv_cache import PerLoopKVCache, SharedKVCache
-from .tokenizer import load_tokenizer
-from .trainer import TrainingArgs
+from .inference import GenerationSettings, SamplingSettings, generate_text
+from .models import KVCache, MeltSettings
+from .training import DataArgs, DistillSettings, TrainingArgs, run_phase
 
 TRAIN_TEXT = ASSETS / "quickstart" / "train.jsonl.gz"
 VALID_TEXT = ASSETS / "quickstart" / "valid.jsonl.gz"
@@ -115,8 +110,8 @@ def run_quickstart(out: str | os.PathLike, settings: QuickstartSettings | None =
         report.kv_bytes[loops] = {"ouro": ouro_config.kv_bytes_per_token(bf16, loops),
                                   "melt": melt_config.kv_bytes_per_token(bf16, loops)}
         report.measured_cache_bytes[loops] = {  # the caches generation allocates, for kv_tokens tokens
-            "ouro": PerLoopKVCache(ouro_config, 1, s.kv_tokens, loops, dtype=bf16).nbytes(),
-            "melt": SharedKVCache(melt_config, 1, s.kv_tokens, dtype=bf16).nbytes(),
+            "ouro": KVCache(ouro_config, 1, s.kv_tokens, loops, dtype=bf16).nbytes(),
+            "melt": KVCache(melt_config, 1, s.kv_tokens, loops, dtype=bf16).nbytes(),
         }
     lap("memory")
     return report

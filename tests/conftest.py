@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from melt_core import load_model
-from melt_core.random_model import write_random_ouro
-from melt_core.tokenizer import SAMPLE_TEXT, train_bpe_tokenizer
+from melt_core.checkpoints.random_model import write_random_ouro
+from melt_core.checkpoints.tokenizer import SAMPLE_TEXT, train_bpe_tokenizer
 
 # Tiny models run fastest on one thread, and far faster than with two when another process holds a core.
 torch.set_num_threads(1)
@@ -65,3 +65,20 @@ def ckpt(request) -> Path:
 def model(ckpt):
     torch.manual_seed(0)
     return load_model(ckpt, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def melt_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny Ouro checkpoint converted to MELT (chunk size 4), with token-dependent gates
+    (normal, std 0.3; a fresh conversion starts at W = U = 0), saved: the shared MELT checkpoint."""
+    from melt_core import save_checkpoint
+    from melt_core.checkpoints import convert_ouro_to_melt
+    from melt_core.models import MeltSettings
+
+    root = tmp_path_factory.mktemp("melt")
+    converted = load_model(convert_ouro_to_melt(tiny_ckpt, root / "converted", MeltSettings(chunk_size=4)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in converted.gate_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return save_checkpoint(converted, root / "melt", tokenizer=tiny_ckpt)

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from melt_core import load_model, save_checkpoint
-from melt_core.checkpoint import INDEX_NAME, WEIGHTS_NAME, atomic_directory, load_config, read_config_dict
+from melt_core.checkpoints.io import INDEX_NAME, WEIGHTS_NAME, load_config, read_config_dict
+from melt_core.checkpoints.outputs import atomic_directory
+from melt_core.checkpoints.tokenizer import load_tokenizer
 from melt_core.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -20,7 +22,6 @@ from melt_core.errors import (
     UnsupportedModelError,
     WeightsMismatchError,
 )
-from melt_core.tokenizer import load_tokenizer
 
 
 def _copy(src, dst):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from melt_cli.app import app
 from melt_core import __version__
-from melt_core.checkpoint import WEIGHTS_NAME
+from melt_core.checkpoints.io import WEIGHTS_NAME
 
 runner = CliRunner()
 

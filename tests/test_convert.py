@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from melt_cli.app import app
 from melt_core import load_model
-from melt_core.checkpoint import WEIGHTS_NAME, build_model, config_from_dict, read_config_dict
-from melt_core.config import MeltConfig, MeltSettings
-from melt_core.convert import convert_ouro_to_melt
+from melt_core.checkpoints.convert import convert_ouro_to_melt
+from melt_core.checkpoints.io import WEIGHTS_NAME, build_model, config_from_dict, read_config_dict
+from melt_core.checkpoints.presets import preset_config
 from melt_core.errors import OutputExistsError, UnsupportedModelError
-from melt_core.presets import preset_config
+from melt_core.models.config import MeltConfig, MeltSettings
 
 runner = CliRunner()
 
@@ -85,7 +85,7 @@ def test_refuses_melt_source_non_ouro_and_existing_out(tiny_ckpt, tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
-    import melt_core.convert as convert_module
+    import melt_core.checkpoints.convert as convert_module
 
     def broken(*args, **kwargs):
         raise KeyboardInterrupt

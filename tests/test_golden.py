@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from melt_core.config import MeltSettings
-from melt_core.convert import convert_ouro_to_melt
-from melt_core.distill import DataArgs, DistillSettings, run_phase
-from melt_core.pretrain import PretrainSettings, run_pretrain
-from melt_core.trainer import TrainingArgs
+from melt_core.checkpoints.convert import convert_ouro_to_melt
+from melt_core.models.config import MeltSettings
+from melt_core.training.distill import DataArgs, DistillSettings, run_phase
+from melt_core.training.pretrain import PretrainSettings, run_pretrain
+from melt_core.training.trainer import TrainingArgs
 
 # Recorded on torch 2.13.0+cpu; the tolerance absorbs kernel-order noise, not a changed computation.
 GOLDEN = {

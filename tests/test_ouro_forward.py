@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from greedy import greedy_tokens
 from reference_ouro import reference_forward
 
 from melt_core import load_model
-from melt_core.checkpoint import read_config_dict
+from melt_core.checkpoints.io import read_config_dict
 from melt_core.errors import InvalidArgumentError
-from melt_core.generation import greedy_generate, prefill
-from melt_core.ouro import exit_pdf
+from melt_core.inference.decode import prefill
+from melt_core.models.ouro import exit_pdf
 
 ATOL = 1e-5
 
@@ -46,13 +47,13 @@ def test_chunked_forward_equals_full_forward(model, chunk):
 
 def test_cached_decode_equals_full_recompute(model):
     prompt = _ids(model, 1, 5)
-    result = greedy_generate(model, prompt, max_new_tokens=12)
+    result = greedy_tokens(model, prompt, max_new_tokens=12)
     # full recompute: the whole sequence from scratch at every step, argmax of the last position
     seq = prompt
     for _ in range(12):
         nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
-    assert torch.equal(result.tokens, seq[:, 5:])
+    assert torch.equal(result, seq[:, 5:])
     # and the cached logits at every step agree with the recomputed ones
     cache = model.new_cache(1, seq.shape[1])
     stepwise = prefill(model, seq, None, cache, chunk_size=1)
@@ -67,11 +68,11 @@ def test_batched_left_padding_equals_each_prompt_alone(model):
     for b, p in enumerate(prompts):
         ids[b, S - len(p):] = p
         mask[b, S - len(p):] = 1
-    batched = greedy_generate(model, ids, mask, max_new_tokens=8)
+    batched = greedy_tokens(model, ids, mask, max_new_tokens=8)
     full = model(ids, mask).logits
     for b, p in enumerate(prompts):
-        alone = greedy_generate(model, p[None], max_new_tokens=8)
-        assert torch.equal(batched.tokens[b], alone.tokens[0]), f"row {b} differs from its prompt alone"
+        alone = greedy_tokens(model, p[None], max_new_tokens=8)
+        assert torch.equal(batched[b], alone[0]), f"row {b} differs from its prompt alone"
         torch.testing.assert_close(full[b, S - len(p):], model(p[None]).logits[0], atol=ATOL, rtol=1e-4)
 
 

@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from melt_cli.app import app
-from melt_core.checkpoint import build_model, config_from_dict
-from melt_core.presets import preset_config
+from melt_core.checkpoints.io import build_model, config_from_dict
+from melt_core.checkpoints.presets import preset_config
 
 
 @pytest.mark.parametrize(("name", "params", "tensors"), [

@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from melt_cli.app import app
 from melt_core import load_model, load_tokenizer
-from melt_core.convert import convert_ouro_to_melt
+from melt_core.checkpoints.convert import convert_ouro_to_melt
 from melt_core.data import PackedSequences
 from melt_core.errors import UnsupportedModelError
 from melt_core.evaluation import evaluate_checkpoint
-from melt_core.pretrain import LoopLMLoss, PretrainSettings, run_pretrain
-from melt_core.trainer import TrainingArgs
+from melt_core.training.pretrain import LoopLMLoss, PretrainSettings, run_pretrain
+from melt_core.training.trainer import TrainingArgs
 
 runner = CliRunner()
 

@@ -13,10 +13,9 @@ from typer.testing import CliRunner
 
 from melt_cli.app import app
 from melt_core import load_model
-from melt_core.config import MeltSettings
-from melt_core.convert import convert_ouro_to_melt, melt_from_ouro
+from melt_core.checkpoints.convert import convert_ouro_to_melt, melt_from_ouro
 from melt_core.errors import MissingDependencyError
-from melt_core.profile import MemoryProfileArgs, load_pair, measure_generation, memory_profile
+from melt_core.profiling import MemoryProfileArgs, load_pair, measure_generation, memory_profile
 
 runner = CliRunner()
 
@@ -70,11 +69,6 @@ def test_profile_memory_cli_json_and_table():
         assert needle in table.stdout
 
 
-@pytest.fixture(scope="module")
-def melt_ckpt(tiny_ckpt, tmp_path_factory):
-    return convert_ouro_to_melt(tiny_ckpt, tmp_path_factory.mktemp("prof") / "melt", MeltSettings(chunk_size=4))
-
-
 def test_measured_per_loop_view(tiny_ckpt):
     """After each loop of a decode step: Ouro has written one more layer stack of rows, MELT none."""
     pair = load_pair(tiny_ckpt, dtype="fp32")
@@ -120,9 +114,9 @@ def test_load_pair_from_melt_uses_its_source_and_from_ouro_converts(tiny_ckpt, m
     assert converted.melt.model.embed_tokens.weight.data_ptr() == converted.ouro.model.embed_tokens.weight.data_ptr()
 
 
-def test_melt_from_ouro_equals_the_converted_checkpoint(tiny_ckpt, melt_ckpt):
+def test_melt_from_ouro_equals_the_converted_checkpoint(tiny_ckpt, tmp_path):
     in_memory = melt_from_ouro(load_model(tiny_ckpt))
-    on_disk = load_model(melt_ckpt)
+    on_disk = load_model(convert_ouro_to_melt(tiny_ckpt, tmp_path / "melt"))
     for (name, a), (_, b) in zip(sorted(in_memory.state_dict().items()), sorted(on_disk.state_dict().items())):
         assert torch.equal(a, b), name
     ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(0))

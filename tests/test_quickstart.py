@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from melt_cli.app import app
 from melt_core import load_model, load_tokenizer
-from melt_core.builtin_models import BUILTIN_CHECKPOINTS
+from melt_core.checkpoints.builtin import BUILTIN_CHECKPOINTS
 
 runner = CliRunner()
 

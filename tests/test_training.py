@@ -15,22 +15,15 @@ from typer.testing import CliRunner
 
 from melt_cli.app import app
 from melt_core import load_model
-from melt_core.config import MeltSettings
-from melt_core.convert import convert_ouro_to_melt
+from melt_core.checkpoints.random_model import write_random_ouro
+from melt_core.checkpoints.tokenizer import load_tokenizer
 from melt_core.data import PackedSequences
-from melt_core.distill import DataArgs, DistillObjective, DistillSettings, run_phase
 from melt_core.errors import InvalidArgumentError, UnsupportedModelError
-from melt_core.random_model import write_random_ouro
-from melt_core.tokenizer import load_tokenizer
-from melt_core.trainer import TrainingArgs, TrainingDivergedError, TrainingInterruptedError
+from melt_core.training.distill import DataArgs, DistillObjective, DistillSettings, run_phase
+from melt_core.training.trainer import TrainingArgs, TrainingDivergedError, TrainingInterruptedError
 
 runner = CliRunner()
 SEQ = 32
-
-
-@pytest.fixture(scope="module")
-def melt_ckpt(tiny_ckpt, tmp_path_factory):
-    return convert_ouro_to_melt(tiny_ckpt, tmp_path_factory.mktemp("student") / "melt", MeltSettings(chunk_size=8))
 
 
 def _args(out, steps=4, **kw):

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from melt_core.config import MELT_H0, MELT_POLICIES, MeltSettings
-from melt_core.convert import convert_ouro_to_melt
+from melt_core.checkpoints import convert_ouro_to_melt
+from melt_core.models.config import MELT_H0, MELT_POLICIES, MeltSettings
 
 from .. import console
 from ..progress import byte_progress
@@ -23,13 +23,17 @@ EPILOG = """Examples:
 """
 
 
+M = MeltSettings
+
+
 def convert(
     source: Annotated[Path, typer.Argument(help="Ouro checkpoint directory.")],
     out: Annotated[Path, typer.Argument(help="Output MELT checkpoint directory.")],
-    policy: Annotated[str, typer.Option(help=f"KV-update policy: {', '.join(MELT_POLICIES)}.")] = "gate",
-    h0: Annotated[str, typer.Option(help=f"Latent state before loop 1: {', '.join(MELT_H0)}.")] = "first_input",
-    z0: Annotated[float, typer.Option(help="Initial gate value: b_z = logit(z0), W_z = U_z = 0.")] = 0.1,
-    chunk_size: Annotated[int, typer.Option(help="Chunk size for training and prefill.")] = 500,
+    policy: Annotated[str, typer.Option(help=f"KV-update policy: {', '.join(MELT_POLICIES)}.")] = M.policy,
+    h0: Annotated[str, typer.Option(help=f"Latent state before loop 1 (learned gates): {', '.join(MELT_H0)}.")] = (
+        M.h0),
+    z0: Annotated[float, typer.Option(help="Initial gate value: b_z = logit(z0), W_z = U_z = 0.")] = M.z0,
+    chunk_size: Annotated[int, typer.Option(help="Chunk size for training and prefill.")] = M.chunk_size,
     dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (default: the source's dtype).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
 ) -> None:

@@ -10,8 +10,14 @@ from typing import Annotated
 
 import typer
 
-from melt_core.generation import SamplingSettings
-from melt_core.inference import GenerateArgs, GenerationReport, GenerationResult, GenerationSettings, run_generate
+from melt_core.inference import (
+    GenerateArgs,
+    GenerationReport,
+    GenerationResult,
+    GenerationSettings,
+    SamplingSettings,
+    run_generate,
+)
 
 from .. import console
 from ..options import ChunkSize, Device, Json
@@ -61,6 +67,9 @@ def _print_stats(report: GenerationReport) -> None:
     err(f"peak memory: {peak} ({kind}); KV cache exactly {s.kv_cache_bytes:,} B")
 
 
+G, S = GenerationSettings, SamplingSettings
+
+
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="Ouro or MELT checkpoint directory.")],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
@@ -68,23 +77,23 @@ def generate(
     prompts_file: Annotated[Path | None, typer.Option(
         help='Batch mode: a JSON-lines file of {"prompt": ...}; prints one JSON line per prompt.')] = None,
     chat: Annotated[bool, typer.Option(
-        "--chat", help="Apply the chat template (stops at <|im_end|> and EOS).")] = False,
-    loops: Annotated[int | None, typer.Option(help="Loops per token (default: the model's total_ut_steps).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per prompt.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; above 0, sample.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off; needs --temperature > 0).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = 0,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampling generator (reproducible samples).")] = None,
+        "--chat", help="Apply the chat template (stops at <|im_end|> and EOS).")] = G.chat,
+    loops: Annotated[int | None, typer.Option(help="Loops per token (default: the model's total_ut_steps).")] = G.loops,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per prompt.")] = G.max_new_tokens,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; above 0, sample.")] = S.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off; needs --temperature > 0).")] = S.top_p,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = S.top_k,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling generator (reproducible samples).")] = S.seed,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop string (repeatable); the text ends before it.")] = None,
     device: Device = "auto",
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = None,
     exit_at_step: Annotated[int | None, typer.Option(
-        help="Take the logits of this loop (0-based); all loops still run.")] = None,
+        help="Take the logits of this loop (0-based); all loops still run.")] = G.exit_at_step,
     exit_threshold: Annotated[float | None, typer.Option(
-        help="Exit-gate CDF threshold (default: the config's early_exit_threshold).")] = None,
-    chunk_size: ChunkSize = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = 8,
+        help="Exit-gate CDF threshold (default: the config's early_exit_threshold).")] = G.exit_threshold,
+    chunk_size: ChunkSize = G.chunk_size,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = G.batch_size,
     as_json: Json = False,
 ) -> None:
     """Generate text from an Ouro or MELT checkpoint; tokens stream to stdout, statistics to stderr."""

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from melt_core.summary import summarize_checkpoint
+from melt_core.checkpoints.summary import summarize_checkpoint
 
 from .. import console
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from melt_core.profile import (
+from melt_core.profiling import (
     MemoryEntry,
     MemoryProfileArgs,
     MemoryReport,
@@ -40,6 +40,11 @@ SPEED_EPILOG = """Examples:
   melt profile speed ./MELT-1.6B --loops 4 --prompt-tokens 2000 --new-tokens 64 --json
 """
 
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+M, SP = MemoryProfileArgs, SpeedProfileArgs
 profile_app = typer.Typer(help="Memory and speed of Ouro vs MELT, per loop count.", no_args_is_help=True)
 
 
@@ -102,15 +107,15 @@ def memory(
                                                            "without --measure).")] = None,
     preset: Annotated[str | None, typer.Option(
         help="ouro-1.4b or ouro-2.6b (or their MELT names melt-1.6b, melt-3.1b): both rows are shown.")] = None,
-    loops: Annotated[str, typer.Option(help="Loop counts, comma-separated.")] = "1,2,4,8,16",
+    loops: Annotated[str, typer.Option(help="Loop counts, comma-separated.")] = _csv(M.loops),
     seq_len: Annotated[str, typer.Option(
-        help="Sequence lengths (prompt + generated), comma-separated.")] = "4096,32000",
-    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16: weights and cache.")] = "bf16",
+        help="Sequence lengths (prompt + generated), comma-separated.")] = _csv(M.seq_lens),
+    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = M.batch,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16: weights and cache.")] = M.dtype,
     measure: Annotated[bool, typer.Option(
         "--measure", help="Also run a real prefill + decode per loop count and sequence length on CKPT.")] = False,
-    device: Device = "auto",
-    chunk_size: ChunkSize = None,
+    device: Device = M.device,
+    chunk_size: ChunkSize = M.chunk_size,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of memory vs loops (needs matplotlib).")] = None,
     as_json: Json = False,
 ) -> None:
@@ -149,14 +154,15 @@ def _speed_table(report: SpeedReport) -> Table:
 def speed(
     checkpoint: Annotated[Path, typer.Argument(help="Ouro checkpoint (converted in memory) or MELT checkpoint "
                                                     "(its melt.source is the Ouro side).")],
-    loops: Annotated[str, typer.Option(help="Loop counts, comma-separated.")] = "1,2,4,8",
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids, the same for both).")] = 256,
-    new_tokens: Annotated[int, typer.Option(help="Tokens decoded one at a time.")] = 32,
-    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
-    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = None,
-    device: Device = "auto",
-    chunk_size: ChunkSize = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    loops: Annotated[str, typer.Option(help="Loop counts, comma-separated.")] = _csv(SP.loops),
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids, the same for both).")] = (
+        SP.prompt_tokens),
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded one at a time.")] = SP.new_tokens,
+    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = SP.batch,
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = SP.dtype,
+    device: Device = SP.device,
+    chunk_size: ChunkSize = SP.chunk_size,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = SP.seed,
     as_json: Json = False,
 ) -> None:
     """Prefill and decode tokens/s of an Ouro model and its MELT conversion, side by side."""

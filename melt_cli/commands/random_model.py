@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from melt_core.random_model import TINY_SHAPE, write_random_ouro
+from melt_core.checkpoints.random_model import TINY_SHAPE, write_random_ouro
 
 from .. import console
 

@@ -1,21 +1,20 @@
 """``melt transition`` (phase 1) and ``melt distill --phase 1|2|all``: MELT post-training."""
 
-
 import inspect
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from melt_core.distill import DataArgs, DistillSettings, run_phase
 from melt_core.errors import InvalidArgumentError
-from melt_core.trainer import TrainingArgs, run_directory
+from melt_core.training import DataArgs, DistillSettings, TrainingArgs, run_both_phases, run_phase
+from melt_core.training.distill import DEFAULT_STEPS
+from melt_core.training.trainer import run_directory
 
 from .. import console
 from .. import options as o
 from ..progress import training_progress
-
-DEFAULT_STEPS = {1: 500, 2: 300}
 
 EPILOG = """Examples:
 
@@ -29,83 +28,58 @@ EPILOG = """Examples:
 
   melt distill --phase 2 runs/phase1 --data train.jsonl.gz --resume runs/p2      (continue an interrupted run)
 """
+D = DistillSettings
 
 
-def _train_phase(phase: int, student: Path, teacher: Path | None, data: Path, eval_data: Path | None,
-                 text_field: str, out: Path | None, steps: int | None, settings: dict, targs: dict,
-                 teacher_dtype: str | None) -> Path:
-    args = TrainingArgs(out=run_directory(out, targs.get("resume")), steps=steps or DEFAULT_STEPS[phase], **targs)
-    with training_progress(args.steps, f"phase {phase}") as (on_step, on_event):
-        result = run_phase(student, teacher, DistillSettings(phase=phase, **settings),
-                           DataArgs(data, eval_data, text_field), args, teacher_dtype, on_step, on_event)
-    loss = result.last_metrics.get("loss", float("nan"))
-    console.err.print(f"phase {phase} done: {result.steps} steps, final loss {loss:.4f}; model in {result.out}")
-    return result.out
-
-
+@o.with_training_options()
 def distill(
     student: Annotated[Path, typer.Argument(help="MELT checkpoint (from melt convert, or a phase-1 output).")],
     data: o.Data,
     phase: Annotated[str, typer.Option(help="1 (transition), 2 (attention-aligned distillation), or all.")] = "2",
     teacher: Annotated[Path | None, typer.Option(help="Ouro teacher (default: the convert source).")] = None,
     out: o.Out = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: 500 phase 1, 300 phase 2).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help=f"Optimizer steps (default: {DEFAULT_STEPS[1]} phase 1, {DEFAULT_STEPS[2]} phase 2).")] = None,
     eval_data: o.EvalData = None,
     text_field: o.TextField = "text",
-    beta: Annotated[float, typer.Option(help="Phase 2: weight of the attention alignment.")] = 0.1,
-    ce_weight: Annotated[float, typer.Option(help="Weight of a next-token CE term (mean over loops).")] = 0.0,
-    kd_loops: Annotated[str, typer.Option(help="KD on all loops or the final loop only.")] = "all",
-    chunk_size: Annotated[int | None, typer.Option(help="Student chunk size (default: the model's).")] = None,
-    detach_history: Annotated[bool, typer.Option(help="Cut gradients through earlier chunks' rows.")] = False,
-    checkpoint_chunks: Annotated[bool, typer.Option(help="Recompute each chunk in backward (less memory).")] = False,
-    freeze_base: Annotated[bool, typer.Option(help="Train only the gates.")] = False,
-    gate_lr: Annotated[float, typer.Option(help="Learning rate of the gates.")] = 5e-4,
-    lr: o.LR = 8e-6,
+    beta: Annotated[float, typer.Option(help="Phase 2: weight of the attention alignment.")] = D.beta,
+    ce_weight: Annotated[float, typer.Option(help="Weight of a next-token CE term (mean over loops).")] = D.ce_weight,
+    kd_loops: Annotated[str, typer.Option(help="KD on all loops or the final loop only.")] = D.kd_loops,
+    chunk_size: Annotated[int | None, typer.Option(help="Student chunk size (default: the model's).")] = D.chunk_size,
+    detach_history: Annotated[bool, typer.Option(help="Cut gradients through earlier chunks' rows.")] = (
+        D.detach_history),
+    checkpoint_chunks: Annotated[bool, typer.Option(help="Recompute each chunk in backward (less memory).")] = (
+        D.checkpoint_chunks),
+    freeze_base: Annotated[bool, typer.Option(help="Train only the gates.")] = D.freeze_base,
+    gate_lr: Annotated[float, typer.Option(help="Learning rate of the gates.")] = TrainingArgs.gate_lr,
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default: bf16 on CUDA, else fp32).")] = None,
-    seq_len: o.SeqLen = 2048,
-    batch_tokens: o.BatchTokens = None,
-    micro_batch: o.MicroBatch = 1,
-    weight_decay: o.WeightDecay = 0.0,
-    schedule: o.Schedule = "cosine",
-    warmup_steps: o.WarmupSteps = None,
-    clip: o.Clip = 1.0,
-    save_every: o.SaveEvery = 0,
-    keep_last: o.KeepLast = 2,
-    eval_every: o.EvalEvery = 0,
-    eval_batches: o.EvalBatches = 8,
-    seed: o.Seed = 0,
-    mixed_precision: o.MixedPrecision = "auto",
-    cpu: o.Cpu = False,
-    resume: o.Resume = None,
-    force: o.Force = False,
-    save_dtype: o.SaveDtype = None,
+    training: dict[str, Any] | None = None,
 ) -> None:
     """Post-train a MELT model from its Ouro teacher: phase 1, phase 2, or both in sequence."""
     if phase not in ("1", "2", "all"):
         raise InvalidArgumentError(f"--phase must be 1, 2 or all, got {phase!r}")
-    settings = dict(beta=beta, ce_weight=ce_weight, kd_loops=kd_loops, chunk_size=chunk_size,
-                    detach_history=detach_history, checkpoint_chunks=checkpoint_chunks, freeze_base=freeze_base)
-    targs = dict(seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, lr=lr, gate_lr=gate_lr,
-                 weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps, clip=clip,
-                 save_every=save_every, keep_last=keep_last, eval_every=eval_every, eval_batches=eval_batches,
-                 seed=seed, mixed_precision=mixed_precision, cpu=cpu, resume=resume, force=force,
-                 save_dtype=save_dtype)
-    common = dict(teacher=teacher, data=data, eval_data=eval_data, text_field=text_field,
-                  settings=settings, teacher_dtype=teacher_dtype)
-    if phase != "all":
-        _train_phase(int(phase), student, out=out, steps=steps, targs=targs, **common)
-        return
-    if resume is not None:
-        raise InvalidArgumentError("--resume continues one phase; rerun that phase with --phase 1 or --phase 2")
-    if out is None:
-        raise InvalidArgumentError("--out is required")
-    if teacher is None:
-        from melt_core.distill import default_teacher
+    settings = DistillSettings(phase=2 if phase == "all" else int(phase), beta=beta, ce_weight=ce_weight,
+                               kd_loops=kd_loops, chunk_size=chunk_size, detach_history=detach_history,
+                               checkpoint_chunks=checkpoint_chunks, freeze_base=freeze_base)
+    data_args = DataArgs(data, eval_data, text_field)
+    run_dir = run_directory(out, training["resume"])
+    if phase == "all":
+        base = TrainingArgs(out=run_dir, steps=1, gate_lr=gate_lr, **training)  # steps are set per phase
+        with ExitStack() as bar:
+            def on_phase(n: int, args: TrainingArgs) -> tuple:
+                bar.close()  # one live progress bar at a time
+                return bar.enter_context(training_progress(args.steps, f"phase {n}"))
 
-        common["teacher"] = Path(default_teacher(student))
-    first = _train_phase(1, student, out=out / "phase1", steps=steps, targs=targs, **common)
-    final = _train_phase(2, first, out=out / "phase2", steps=steps, targs=targs, **common)
-    console.err.print(f"both phases done; the final MELT checkpoint is {final}")
+            _, final = run_both_phases(student, teacher, settings, data_args, base, steps=steps,
+                                       teacher_dtype=teacher_dtype, on_phase=on_phase)
+        console.err.print(f"both phases done; the final MELT checkpoint is {final.out}")
+        return
+    args = TrainingArgs(out=run_dir, steps=DEFAULT_STEPS[settings.phase] if steps is None else steps,
+                        gate_lr=gate_lr, **training)
+    with training_progress(args.steps, f"phase {settings.phase}") as (on_step, on_event):
+        result = run_phase(student, teacher, settings, data_args, args, teacher_dtype, on_step, on_event)
+    loss = result.last_metrics.get("loss", float("nan"))
+    console.err.print(f"phase {settings.phase} done: {result.steps} steps, final loss {loss:.4f}; model in {result.out}")
 
 
 def transition(**kwargs) -> None:
@@ -118,6 +92,7 @@ _signature = inspect.signature(distill)
 transition.__signature__ = _signature.replace(
     parameters=[p for p in _signature.parameters.values() if p.name not in ("phase", "beta")]
 )
+transition.__annotations__ = {k: v for k, v in distill.__annotations__.items() if k not in ("phase", "beta")}
 
 
 def register(app: typer.Typer) -> None:

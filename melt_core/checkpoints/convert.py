@@ -14,14 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
+from ..dtypes import dtype_name, parse_dtype
+from ..errors import CheckpointNotFoundError, InvalidArgumentError, UnsupportedModelError
+from ..models import MeltConfig, MeltForCausalLM, MeltSettings, OuroForCausalLM, config_from_dict, is_melt, is_ouro
+from ..models.melt import GATE_MODULE
+from ..models.update_rules import UPDATE_RULES
+from .io import (
     DEFAULT_MAX_SHARD_SIZE,
     _open_safetensors,
-    atomic_directory,
     build_model,
     check_weights,
     checkpoint_dir,
-    config_from_dict,
     copy_tokenizer_files,
     load_model,
     read_config_dict,
@@ -30,11 +33,7 @@ from .checkpoint import (
     write_config,
     write_weights,
 )
-from .config import MeltConfig, MeltSettings, OuroConfig
-from .dtypes import dtype_name, parse_dtype
-from .errors import CheckpointNotFoundError, InvalidArgumentError, UnsupportedModelError
-from .melt import KVGate, MeltForCausalLM
-from .ouro import OuroForCausalLM
+from .outputs import atomic_directory
 
 # (done_bytes, total_bytes, phase) with phase in {"read", "write", "verify"}
 ConvertProgress = Callable[[int, int, str], None]
@@ -42,15 +41,14 @@ ConvertProgress = Callable[[int, int, str], None]
 
 def gate_tensors(config: MeltConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The initial gate tensors of every layer (none for training-free policies)."""
-    if not config.melt.learned:
+    gate = UPDATE_RULES[config.melt.policy].make_gate(config.hidden_size)
+    if gate is None:
         return {}
-    width = config.hidden_size if config.melt.policy == "gate" else 1
-    gate = KVGate(config.hidden_size, width)
     gate.reset(config.melt.z0)
     tensors = {}
     for i in range(config.num_hidden_layers):
         for name, p in gate.named_parameters():
-            tensors[f"model.layers.{i}.kv_gate.{name}"] = p.detach().to(dtype).clone()
+            tensors[f"model.layers.{i}.{GATE_MODULE}.{name}"] = p.detach().to(dtype).clone()
     return tensors
 
 
@@ -61,11 +59,9 @@ def convert_ouro_to_melt(source: str | os.PathLike, out: str | os.PathLike, sett
     """Write a MELT checkpoint converted from the Ouro checkpoint ``source`` to ``out``."""
     root = checkpoint_dir(source)
     raw = read_config_dict(root)
-    if raw.get("model_type") == "melt":
+    if is_melt(raw):
         raise UnsupportedModelError(f"{root} is already a MELT checkpoint; melt convert takes an Ouro checkpoint")
     ouro = config_from_dict(raw, source=str(root / "config.json"))
-    if not isinstance(ouro, OuroConfig) or ouro.model_type != "ouro":  # pragma: no cover - registry guard
-        raise UnsupportedModelError(f"{root} is not an Ouro checkpoint")
     if Path(out).resolve() == root.resolve():
         raise InvalidArgumentError("the output directory must differ from the source checkpoint")
     infos = read_weight_headers(root)
@@ -113,7 +109,7 @@ def melt_from_ouro(ouro: OuroForCausalLM, settings: MeltSettings | None = None) 
     """An in-memory MELT model converted from a loaded Ouro model, as ``melt convert`` would write
     it: the base tensors are SHARED with ``ouro`` (no copy: both models fit in the memory of one)
     and the gates are freshly initialised from ``settings``. Inference only (eval mode)."""
-    if ouro.config.model_type != "ouro":
+    if not is_ouro(ouro):
         raise UnsupportedModelError(f"melt_from_ouro takes an Ouro model, got model_type {ouro.config.model_type!r}")
     settings = dataclasses.replace(settings or MeltSettings())  # a copy: the caller's is not touched
     if settings.source is None:

@@ -23,14 +23,16 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
-from .checkpoint import load_model, save_checkpoint
-from .data import PackedSequences, iter_documents
-from .errors import InvalidArgumentError, UnsupportedModelError
-from .evaluation import finish, score_batch
+from ..checkpoints import load_model, load_tokenizer, save_checkpoint
+from ..checkpoints.random_model import init_weights, ouro_config_for
+from ..checkpoints.tokenizer import save_tokenizer, train_bpe_tokenizer
+from ..data import PackedSequences, iter_documents
+from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..evaluation.heldout import finish, score_batch
+from ..models import OuroForCausalLM, is_ouro
+from ..models.config import validate_loops
+from ..models.ouro import exit_pdf
 from .losses import next_token_cross_entropy, per_token_cross_entropy
-from .ouro import OuroForCausalLM, exit_pdf
-from .random_model import init_weights, ouro_config_for
-from .tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 from .trainer import TrainingArgs, TrainResult, train
 
 # Model shapes of `melt pretrain --preset` (the loop count and vocabulary are set separately).
@@ -42,6 +44,9 @@ PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
 }
 OBJECTIVES = ("uniform", "ramp", "ouro")
 TOKENIZER_DIR = "tokenizer"
+# Where pretraining's optimisation defaults differ from ``TrainingArgs``'s (which suit post-training).
+PRETRAIN_TRAINING_DEFAULTS = {"steps": 2000, "lr": 2e-3, "seq_len": 256, "micro_batch": 8, "weight_decay": 0.1,
+                              "save_every": 200, "eval_every": 200, "eval_batches": 16}
 
 
 @dataclass
@@ -60,8 +65,7 @@ class PretrainSettings:
             raise InvalidArgumentError(f"unknown --preset {self.preset!r}; choose from {', '.join(PRETRAIN_PRESETS)}")
         if self.objective not in OBJECTIVES:
             raise InvalidArgumentError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.loops < 1:
-            raise InvalidArgumentError(f"--loops must be >= 1, got {self.loops}")
+        validate_loops(self.loops, "--loops")
 
 
 def loop_weights(objective: str, loops: int) -> Tensor:
@@ -138,7 +142,7 @@ def build_tokenizer(settings: PretrainSettings, data: str | os.PathLike, text_fi
 def initial_checkpoint(path: str | os.PathLike) -> tuple[OuroForCausalLM, PreTrainedTokenizerFast]:
     """The Ouro model (fp32, trainable) and tokenizer of ``--init-from``."""
     model = load_model(path, dtype="fp32")
-    if type(model) is not OuroForCausalLM:
+    if not is_ouro(model):
         raise UnsupportedModelError(f"--init-from needs an Ouro checkpoint; {path} holds a {type(model).__name__}")
     return model.train(), load_tokenizer(model.name_or_path)
 

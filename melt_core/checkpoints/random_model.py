@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from .checkpoint import save_checkpoint
-from .config import OuroConfig
-from .dtypes import dtype_name, parse_dtype
-from .ouro import OuroForCausalLM
+from ..dtypes import dtype_name, parse_dtype
+from ..models import OuroConfig, OuroForCausalLM
+from .io import save_checkpoint
 from .tokenizer import SAMPLE_TEXT, train_bpe_tokenizer
 
 # Shapes of the random "tiny" model (a few hundred thousand parameters).

@@ -6,8 +6,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .checkpoint import build_model, check_weights, checkpoint_dir, load_config, read_weight_headers, stored_dtype
-from .dtypes import dtype_bytes, dtype_name
+from ..dtypes import dtype_bytes, dtype_name
+from ..models import is_melt
+from .io import build_model, check_weights, checkpoint_dir, load_config, read_weight_headers, stored_dtype
 
 
 @dataclass
@@ -62,10 +63,10 @@ def summarize_checkpoint(path: str | os.PathLike) -> ModelSummary:
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
         num_parameters=num_parameters,
-        gate_parameters=sum(p.numel() for name, p in model.named_parameters() if ".kv_gate." in name),
+        gate_parameters=sum(p.numel() for p in model.gate_parameters()),
         dtype=dtype_name(dtype),
         has_weights=bool(infos),
         weights_bytes=weights_bytes,
         kv_bytes_per_token=config.kv_bytes_per_token(dtype),
-        melt=asdict(config.melt) if config.model_type == "melt" else None,
+        melt=asdict(config.melt) if is_melt(config) else None,
     )

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_model
-from .data import PackedSequences
-from .errors import InvalidArgumentError
-from .tokenizer import load_tokenizer
+from ..checkpoints import load_model, load_tokenizer
+from ..data import PackedSequences
+from ..errors import InvalidArgumentError
 
 
 @dataclass

@@ -8,7 +8,6 @@ decoded; the returned ``GenerationReport`` holds every prompt's result and the r
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
@@ -20,13 +19,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .checkpoint import load_config, load_model
-from .errors import InvalidArgumentError
-from .generation import Sampler, SamplingSettings, decode
-from .runtime import peak_memory_so_far, reset_peak_memory, resolve_device
-from .tokenizer import SPECIAL_TOKENS, load_tokenizer
-
-IM_END = SPECIAL_TOKENS[2]  # "<|im_end|>": ChatML's end of turn
+from ..checkpoints import load_config, load_model, load_tokenizer
+from ..data import read_jsonl_field
+from ..errors import InvalidArgumentError
+from ..models.config import validate_loops
+from ..runtime import peak_memory_so_far, reset_peak_memory, resolve_device
+from .decode import decode
+from .sampling import Sampler, SamplingSettings
+from .text import TextStream, default_stop_token_ids, encode_prompt
 
 
 @dataclass
@@ -57,8 +57,8 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InvalidArgumentError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.loops is not None and self.loops < 1:
-            raise InvalidArgumentError(f"loops must be >= 1, got {self.loops}")
+        if self.loops is not None:
+            validate_loops(self.loops)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InvalidArgumentError(f"chunk size must be >= 1, got {self.chunk_size}")
         if self.batch_size < 1:
@@ -141,96 +141,6 @@ class GenerationReport:
         return {**first, **asdict(self.stats)}
 
 
-class TextStream:
-    """Incremental detokenizer of one row, with stop strings.
-
-    Byte-level BPE pieces can split a multi-byte character, so text is decoded from a window of
-    the running ids and only the new suffix is released, once it no longer ends in U+FFFD (an
-    incomplete UTF-8 sequence). Text that could be the start of a stop string is held back until
-    it is known not to be one; a stop string cuts the text before it and ends the row.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.ids: list[int] = []
-        self.text = ""  # the complete characters decoded so far (cut at a stop string)
-        self.released = 0  # characters of ``text`` already returned
-        self.stopped = False
-        self._prefix = 0  # ids[_prefix:_read] decode to the tail of ``text`` (context for the next piece)
-        self._read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text that is now final (possibly empty)."""
-        if self.stopped:
-            return ""
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self._prefix:self._read])
-        now = self._decode(self.ids[self._prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.text += now[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        """Flush what is held back (an incomplete character decodes as U+FFFD)."""
-        if not self.stopped and self._read < len(self.ids):
-            before = self._decode(self.ids[self._prefix:self._read])
-            self.text += self._decode(self.ids[self._prefix:])[len(before):]
-            self._prefix = self._read = len(self.ids)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self.stop:
-            search_from = max(0, self.released - max(len(s) for s in self.stop))
-            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.stopped = True
-                final = True
-        end = len(self.text)
-        if not final and self.stop:
-            end -= max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = max(end, self.released)
-        out = self.text[self.released:end]
-        self.released = end
-        return out
-
-
-def default_stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
-    """The model's EOS id(s), the tokenizer's EOS id and ``<|im_end|>`` when it is in the vocabulary."""
-    ids = set(model.config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return tuple(sorted(ids))
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
-    """Token ids of a prompt; with ``chat`` as one user turn plus the assistant generation prompt."""
-    if not prompt.strip():
-        raise InvalidArgumentError("the prompt is empty; pass some text with --prompt, --prompt-file or stdin")
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidArgumentError("--chat needs a chat template, and this tokenizer has none")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(prompt)
-
-
-def kv_bytes_per_loop(cache: Any, loops: int) -> list[int]:
-    """The K/V storage each loop adds: per-loop slots for Ouro; MELT's shared rows all at loop 1."""
-    if hasattr(cache, "nbytes_per_loop"):
-        return cache.nbytes_per_loop()
-    return [cache.nbytes()] + [0] * (loops - 1)
-
-
 @torch.no_grad()
 def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                   settings: GenerationSettings | None = None, *,
@@ -245,7 +155,7 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
     """
     settings = settings or GenerationSettings()
     config = model.config
-    loops = model.resolve_loops(settings.loops)
+    loops = model.config.resolve_loops(settings.loops)
     if settings.exit_at_step is not None and settings.exit_at_step >= loops:
         raise InvalidArgumentError(f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, "
                                    f"got {settings.exit_at_step}")
@@ -284,7 +194,7 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
         mask_arg = None if bool(mask.all()) else mask
         cache = model.new_cache(B, S + steps, loops)
         if cache.nbytes() > kv_bytes:
-            kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), kv_bytes_per_loop(cache, loops), S + steps
+            kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), cache.nbytes_per_loop(), S + steps
         streams = [TextStream(tokenizer, settings.stop) for _ in rows]
         counts, reasons = [0] * B, [""] * B
 
@@ -368,20 +278,7 @@ class GenerateArgs:
 
 def read_prompts_jsonl(path: str | Path) -> list[str]:
     """The ``prompt`` of every non-blank line of a JSON-lines file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgumentError(f"prompts file {path} does not exist")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidArgumentError(f"{path} line {n} is not valid JSON: {e}") from e
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise InvalidArgumentError(f'{path} line {n} must be an object with a string "prompt", got {line[:60]!r}')
-        prompts.append(item["prompt"])
+    prompts = list(read_jsonl_field(path, "prompt"))
     if not prompts:
         raise InvalidArgumentError(f"{path} holds no prompts")
     return prompts
@@ -418,7 +315,7 @@ def run_generate(args: GenerateArgs, on_text: Callable[[int, str], None] | None 
             raise InvalidArgumentError(f"{where} is empty")
     device = resolve_device(args.device)
     config = load_config(args.checkpoint)
-    loops = args.settings.loops or config.total_ut_steps
+    loops = config.resolve_loops(args.settings.loops)
     if args.settings.exit_at_step is not None and args.settings.exit_at_step >= loops:
         raise InvalidArgumentError(f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, "
                                    f"got {args.settings.exit_at_step}")

@@ -12,11 +12,19 @@ from typing import Any
 
 import torch
 
-from .dtypes import dtype_bytes
-from .errors import ConfigError, UnsupportedModelError
+from ..dtypes import dtype_bytes
+from ..errors import ConfigError, InvalidArgumentError, UnsupportedModelError
+from .update_rules import UPDATE_RULES
 
 # Keys melt writes itself and does not keep in ``extra``.
 _DERIVED_KEYS = {"model_type", "architectures"}
+
+
+def validate_loops(loops: int, name: str = "loops") -> int:
+    """The one check of a loop count: a positive integer."""
+    if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+        raise InvalidArgumentError(f"{name} must be >= 1, got {loops!r}")
+    return loops
 
 
 @dataclass
@@ -80,10 +88,23 @@ class OuroConfig:
         """Width of one K (or V) row: kv_heads * head_dim."""
         return self.num_key_value_heads * self.head_dim
 
+    def resolve_loops(self, loops: int | None) -> int:
+        """The loop count of a forward: ``loops``, or the trained ``total_ut_steps`` when None."""
+        return self.total_ut_steps if loops is None else validate_loops(loops)
+
+    def kv_slots_per_loop(self, loops: int | None = None) -> list[int]:
+        """Cache slots (one K and one V row per token each) that every loop adds: Ouro keeps one per
+        (loop, layer), so each loop adds a layer stack. The one place that sizes a KV cache."""
+        return [self.num_hidden_layers] * self.resolve_loops(loops)
+
+    def kv_bytes_per_loop(self, dtype: torch.dtype, loops: int | None = None) -> list[int]:
+        """KV bytes per token that each loop adds."""
+        row = 2 * self.kv_width * dtype_bytes(dtype)  # one K and one V row
+        return [slots * row for slots in self.kv_slots_per_loop(loops)]
+
     def kv_bytes_per_token(self, dtype: torch.dtype, loops: int | None = None) -> int:
-        """Ouro's KV cache bytes per token: one K and one V row per (loop, layer)."""
-        loops = self.total_ut_steps if loops is None else loops
-        return 2 * loops * self.num_hidden_layers * self.kv_width * dtype_bytes(dtype)
+        """KV cache bytes per token at ``loops`` (default: the trained loop count)."""
+        return sum(self.kv_bytes_per_loop(dtype, loops))
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -117,7 +138,7 @@ class OuroConfig:
         return out
 
 
-MELT_POLICIES = ("gate", "scalar", "last", "mean", "ema")
+MELT_POLICIES = tuple(UPDATE_RULES)
 MELT_H0 = ("first_input", "zeros")
 
 
@@ -129,7 +150,8 @@ class MeltSettings:
       element-wise learned gate), ``scalar`` (one learned gate value per layer and token), or the
       training-free ``last`` (z = 0), ``mean`` (running mean over loops), ``ema`` (EMA over loops).
     h0: the latent state before loop 1 for ``gate``/``scalar``: ``first_input`` (h = u at loop 1,
-      so loop 1 writes Ouro's loop-1 row) or ``zeros``. The other policies always start from u.
+      so loop 1 writes Ouro's loop-1 row) or ``zeros``. The other policies always start from u, so
+      ``zeros`` with them is an error.
     z0: initial gate value (W_z = U_z = 0, b_z = logit(z0)) used by ``melt convert``.
     chunk_size: tokens per chunk in training and prefill (the chunk-wise forward, MELT.md §3).
     ema_factor: weight of the newest loop for ``ema`` (h = (1 - f) h_prev + f u).
@@ -148,6 +170,9 @@ class MeltSettings:
             raise ConfigError(f"melt.policy must be one of {', '.join(MELT_POLICIES)}, got {self.policy!r}")
         if self.h0 not in MELT_H0:
             raise ConfigError(f"melt.h0 must be one of {', '.join(MELT_H0)}, got {self.h0!r}")
+        if self.h0 != "first_input" and not self.learned:
+            raise ConfigError(f"melt.h0 {self.h0!r} applies to learned gates (gate, scalar); "
+                              f"policy {self.policy!r} always starts from the loop's input")
         if not 0.0 < self.z0 < 1.0:
             raise ConfigError(f"melt.z0 must be strictly between 0 and 1, got {self.z0}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -158,7 +183,7 @@ class MeltSettings:
     @property
     def learned(self) -> bool:
         """Whether the policy has a learned gate (``gate``, ``scalar``)."""
-        return self.policy in ("gate", "scalar")
+        return UPDATE_RULES[self.policy].learned()
 
 
 @dataclass
@@ -178,9 +203,9 @@ class MeltConfig(OuroConfig):
                 raise ConfigError(f"unknown key(s) in the melt section: {', '.join(sorted(unknown))}")
             self.melt = MeltSettings(**self.melt)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype, loops: int | None = None) -> int:
-        """MELT's KV cache bytes per token: one K and one V row per layer, whatever the loop count."""
-        return 2 * self.num_hidden_layers * self.kv_width * dtype_bytes(dtype)
+    def kv_slots_per_loop(self, loops: int | None = None) -> list[int]:
+        """One shared slot per layer, created at loop 1 and overwritten by later loops."""
+        return [self.num_hidden_layers] + [0] * (self.resolve_loops(loops) - 1)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

@@ -9,8 +9,8 @@ from pathlib import Path
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
-from . import builtin_models
-from .errors import CheckpointNotFoundError
+from ..errors import CheckpointNotFoundError
+from . import builtin
 
 # Ouro's special tokens, at ids 0, 1, 2 (OURO.md §6).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -18,12 +18,12 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SAMPLE_TEXT = Path(__file__).parent / "assets" / "sample.txt"
+SAMPLE_TEXT = builtin.ASSETS / "sample.txt"
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The tokenizer of a checkpoint directory (needs ``tokenizer.json``; no remote code)."""
-    path = builtin_models.resolve(path)
+    path = builtin.resolve(path)
     file = path / "tokenizer.json"
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file} not found: the checkpoint has no tokenizer")

@@ -1,9 +1,8 @@
 """The transformer block shared by Ouro and MELT (OURO.md §4).
 
-The block does not know where its keys and values come from: a KV policy object (a cache, or
-none for a plain full-sequence forward) receives the normalised attention input ``u`` and returns
-the keys/values to attend over. Ouro's per-loop cache and MELT's gated shared cache are two such
-policies; the block code is the same.
+The block does not know where its keys and values come from: a KV policy (``models.kv``)
+receives the normalised attention input ``u`` and returns the keys/values to attend over. Ouro's
+per-loop rows and MELT's gated shared rows are two such policies; the block code is the same.
 """
 
 from __future__ import annotations
@@ -152,10 +151,3 @@ class DecoderLayer(nn.Module):
         x = x + attn
         return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
 
-
-class FullSequenceKV:
-    """No cache: every forward sees only its own tokens (training, scoring a whole sequence)."""
-
-    def keys_values(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor,
-                    rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return layer.self_attn.project_kv(u, rope)

@@ -13,10 +13,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidArgumentError
 from .config import OuroConfig
-from .errors import InvalidArgumentError
-from .kv_cache import PerLoopKVCache
-from .layers import BlockInputs, DecoderLayer, FullSequenceKV, KVPolicy, RMSNorm, rope_cos_sin
+from .kv import FullSequenceKV, KVCache, PerLoopKV
+from .layers import BlockInputs, DecoderLayer, KVPolicy, RMSNorm, rope_cos_sin
 
 ConfigDefault = Literal["config"]
 
@@ -108,9 +108,13 @@ class OuroForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def new_cache(self, batch_size: int, max_len: int, loops: int | None = None) -> PerLoopKVCache:
-        """A preallocated per-(loop, layer) cache for incremental decoding."""
-        return PerLoopKVCache(self.config, batch_size, max_len, loops, dtype=self.dtype, device=self.device)
+    def new_cache(self, batch_size: int, max_len: int, loops: int | None = None) -> KVCache:
+        """A preallocated cache for incremental decoding (Ouro: a slot per (loop, layer))."""
+        return KVCache(self.config, batch_size, max_len, loops, dtype=self.dtype, device=self.device)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The KV-gate parameters (MELT's); Ouro has none."""
+        return []
 
     def forward(
         self,
@@ -129,7 +133,7 @@ class OuroForCausalLM(nn.Module):
         """Run the looped stack over ``input_ids`` (B, S) and pick the returned logits.
 
         ``body`` goes to ``forward_hidden``: ``cache``, ``loops`` (default ``total_ut_steps``),
-        and for MELT the chunk-wise options. ``attention_mask`` (B, S): 1 for real tokens, 0 for
+        and for MELT ``chunk_size``. ``attention_mask`` (B, S): 1 for real tokens, 0 for
         (left) padding; with a ``cache`` it covers the new tokens only.
         Returned logits, by priority: ``exit_at_step`` (0-based) > ``exit_threshold`` (default:
         the config's ``early_exit_threshold``; pass None to disable) > ``weighted_exit`` (the
@@ -143,28 +147,25 @@ class OuroForCausalLM(nn.Module):
                          return_hidden_states=return_hidden_states, num_logits_to_keep=num_logits_to_keep)
 
     def forward_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                       cache: PerLoopKVCache | None = None, loops: int | None = None,
+                       cache: KVCache | None = None, loops: int | None = None,
                        return_attn_outputs: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
         """The per-loop normed hidden states T x (B, S, H) and, if asked, the attention taps
         (T*N x (B, S, H), (loop, layer) order) — no logits (training computes its own)."""
-        loops = self.resolve_loops(loops)
-        if cache is not None and cache.loops != loops:
-            raise InvalidArgumentError(f"the cache was built for {cache.loops} loops, the forward asks for {loops}")
+        loops = self.config.resolve_loops(loops)
+        self.check_cache(cache, loops)
         S = input_ids.shape[1]
         if cache is None:
-            start = 0
             key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+            inputs = self.block_inputs(input_ids, 0, key_valid, FullSequenceKV(), return_attn_outputs)
         else:
             start, key_valid = cache.begin(S, attention_mask)
-        inputs = self.block_inputs(input_ids, start, key_valid, cache if cache is not None else FullSequenceKV(),
-                                   return_attn_outputs)
+            kv = PerLoopKV(cache.store, self.config.num_hidden_layers, start)
+            inputs = self.block_inputs(input_ids, start, key_valid, kv, return_attn_outputs)
         return self.loop_stack(self.model.embed_tokens(input_ids), inputs, loops), inputs.attn_taps
 
-    def resolve_loops(self, loops: int | None) -> int:
-        loops = self.config.total_ut_steps if loops is None else loops
-        if loops < 1:
-            raise InvalidArgumentError(f"loops must be >= 1, got {loops}")
-        return loops
+    def check_cache(self, cache: KVCache | None, loops: int) -> None:
+        if cache is not None and cache.num_slots != sum(self.config.kv_slots_per_loop(loops)):
+            raise InvalidArgumentError(f"the cache was built for {cache.loops} loops, the forward asks for {loops}")
 
     def block_inputs(self, input_ids: Tensor, start: int, key_valid: Tensor | None, kv: KVPolicy,
                      collect_attn: bool) -> BlockInputs:
@@ -190,9 +191,10 @@ class OuroForCausalLM(nn.Module):
             hidden.append(x)
         return hidden
 
-    def head(self, hidden: list[Tensor], attn_taps: list[Tensor] | None, *, exit_at_step: int | None,
-             exit_threshold: float | None | ConfigDefault, weighted_exit: bool, return_loop_logits: bool,
-             return_hidden_states: bool, num_logits_to_keep: int = 0) -> LoopLMOutput:
+    def head(self, hidden: list[Tensor], attn_taps: list[Tensor] | None = None, *, exit_at_step: int | None = None,
+             exit_threshold: float | None | ConfigDefault = "config", weighted_exit: bool = False,
+             return_loop_logits: bool = False, return_hidden_states: bool = False,
+             num_logits_to_keep: int = 0) -> LoopLMOutput:
         """Exit gate, per-loop logits and the returned logits from the per-loop hidden states."""
         if num_logits_to_keep > 0:
             hidden = [h[:, -num_logits_to_keep:] for h in hidden]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 def _ouro_config(num_layers: int) -> dict[str, Any]:
@@ -52,9 +52,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(name: str) -> dict[str, Any]:
-    """A copy of a preset's config.json dict, by case-insensitive name."""
+# MELT preset names: the MELT conversion of an Ouro preset (memory reports show both models anyway).
+MELT_PRESETS = {"melt-1.6b": "ouro-1.4b", "melt-3.1b": "ouro-2.6b"}
+# Display names of a preset's Ouro model and its MELT conversion (Ouro + 201M / 403M gate parameters).
+PRESET_NAMES = {"ouro-1.4b": ("Ouro-1.4B", "MELT-1.6B"), "ouro-2.6b": ("Ouro-2.6B", "MELT-3.1B")}
+
+
+def resolve_preset(name: str) -> str:
+    """An Ouro preset key from an Ouro or MELT preset name (case-insensitive)."""
     key = name.lower()
+    key = MELT_PRESETS.get(key, key)
     if key not in PRESETS:
-        raise InvalidArgumentError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return dict(PRESETS[key])
+        raise InvalidArgumentError(f"unknown preset {name!r}; choose from {', '.join([*PRESETS, *MELT_PRESETS])}")
+    return key
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """A copy of a preset's Ouro config.json dict, by Ouro or MELT preset name."""
+    return dict(PRESETS[resolve_preset(name)])

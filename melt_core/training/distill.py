@@ -11,7 +11,9 @@ chunk-wise forward.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +22,17 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from .checkpoint import load_config, load_model
-from .config import MeltConfig, OuroConfig
-from .errors import InvalidArgumentError, UnsupportedModelError
-from .evaluation import finish, score_batch
+from ..checkpoints import load_config, load_model, load_tokenizer
+from ..data import PackedSequences
+from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..evaluation.heldout import finish, score_batch
+from ..models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, is_melt, is_ouro
+from ..models.melt import is_gate_parameter
 from .losses import attention_alignment, kl_divergence, next_token_cross_entropy
-from .melt import MeltForCausalLM
-from .ouro import OuroForCausalLM
-from .trainer import TrainingArgs, TrainResult, save_model_as
+from .trainer import TrainingArgs, TrainResult, save_model_as, train
+
+# Optimizer steps of each phase when none are given (the paper's).
+DEFAULT_STEPS = {1: 500, 2: 300}
 
 # Fields that must agree between teacher and student for per-loop, per-layer distillation.
 COMPATIBLE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -59,12 +64,12 @@ class DistillSettings:
 def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike) -> tuple[MeltConfig, OuroConfig]:
     """The student must be MELT, the teacher Ouro, with the same shapes and loop count."""
     student, teacher = load_config(student_path), load_config(teacher_path)
-    if student.model_type != "melt":
+    if not is_melt(student):
         raise UnsupportedModelError(
             f"{student_path} is an {student.model_type!r} checkpoint; the student must be MELT "
             f"(run: melt convert {student_path} MELT_DIR)"
         )
-    if teacher.model_type != "ouro":
+    if not is_ouro(teacher):
         raise UnsupportedModelError(f"{teacher_path} is a {teacher.model_type!r} checkpoint; the teacher must be Ouro")
     diffs = [f"{k}: student {getattr(student, k)} vs teacher {getattr(teacher, k)}"
              for k in COMPATIBLE_FIELDS if getattr(student, k) != getattr(teacher, k)]
@@ -76,7 +81,7 @@ def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike)
 def default_teacher(student_path: str | os.PathLike) -> str:
     """The Ouro source recorded by ``melt convert``."""
     config = load_config(student_path)
-    source = getattr(getattr(config, "melt", None), "source", None)
+    source = config.melt.source if is_melt(config) else None
     if not source:
         raise InvalidArgumentError(f"{student_path} records no source checkpoint; pass --teacher OURO_DIR")
     return source
@@ -95,7 +100,7 @@ class StudentLoss(nn.Module):
                 teacher_taps: list[Tensor] | None, teacher_head: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """KD (+ CE) (+ beta * alignment); the parts are returned detached for logging."""
         s = self.settings
-        hidden, taps = self.student.forward_hidden(
+        hidden, taps = self.student.forward_chunkwise(
             input_ids, alpha=alpha, chunk_size=s.chunk_size, detach_history=s.detach_history,
             checkpoint_chunks=s.checkpoint_chunks, return_attn_outputs=s.phase == 2,
         )
@@ -128,15 +133,15 @@ class DistillObjective:
         self.student.model.early_exit_gate.requires_grad_(False)
         if settings.freeze_base:
             for name, p in self.student.named_parameters():
-                p.requires_grad_(".kv_gate." in name)
+                p.requires_grad_(is_gate_parameter(name))
         self.model = StudentLoss(self.student, settings)
 
     def prepare(self, accelerator: Accelerator) -> None:
         self.teacher.to(accelerator.device).eval()
 
     def param_groups(self, args: TrainingArgs) -> list[dict[str, Any]]:
-        gate = [p for n, p in self.student.named_parameters() if ".kv_gate." in n and p.requires_grad]
-        base = [p for n, p in self.student.named_parameters() if ".kv_gate." not in n and p.requires_grad]
+        gate = [p for n, p in self.student.named_parameters() if is_gate_parameter(n) and p.requires_grad]
+        base = [p for n, p in self.student.named_parameters() if not is_gate_parameter(n) and p.requires_grad]
         groups = [{"name": "gate", "params": gate, "lr": args.gate_lr}]
         if base:
             groups.append({"name": "base", "params": base, "lr": args.lr})
@@ -180,17 +185,18 @@ class DataArgs:
     text_field: str = "text"
 
 
+def default_teacher_dtype(args: TrainingArgs) -> str:
+    """The frozen teacher only runs forwards: bf16 where that is fast (CUDA), else fp32."""
+    return "bf16" if torch.cuda.is_available() and not args.cpu else "fp32"
+
+
 def run_phase(student_path: str | os.PathLike, teacher_path: str | os.PathLike | None, settings: DistillSettings,
               data_args: DataArgs, args: TrainingArgs, teacher_dtype: str | None = None,
-              on_step=None, on_event=None) -> TrainResult:
+              on_step: Callable[[dict], None] | None = None,
+              on_event: Callable[[str], None] | None = None) -> TrainResult:
     """Load data and models, then train one phase; the output is a loadable MELT checkpoint."""
-    from .data import PackedSequences
-    from .tokenizer import load_tokenizer
-    from .trainer import train
-
     teacher_path = teacher_path or default_teacher(student_path)
-    if teacher_dtype is None:  # the frozen teacher only runs forwards: bf16 where it is fast
-        teacher_dtype = "bf16" if torch.cuda.is_available() and not args.cpu else "fp32"
+    teacher_dtype = teacher_dtype or default_teacher_dtype(args)
     objective = DistillObjective(student_path, teacher_path, settings, args.steps, teacher_dtype)
     tokenizer = load_tokenizer(student_path)
     data = PackedSequences.from_path(data_args.data, tokenizer, args.seq_len, args.seed, data_args.text_field)
@@ -202,3 +208,28 @@ def run_phase(student_path: str | os.PathLike, teacher_path: str | os.PathLike |
         on_event(f"phase {settings.phase}: student {student_path}, teacher {teacher_path}, "
                  f"{len(data)} sequences of {args.seq_len} tokens")
     return train(objective, data, args, eval_data=eval_data, on_step=on_step, on_event=on_event)
+
+
+def run_both_phases(student_path: str | os.PathLike, teacher_path: str | os.PathLike | None,
+                    settings: DistillSettings, data_args: DataArgs, args: TrainingArgs, *,
+                    steps: int | None = None, teacher_dtype: str | None = None,
+                    on_phase: Callable[[int, TrainingArgs], tuple[Callable, Callable] | None] | None = None,
+                    ) -> tuple[TrainResult, TrainResult]:
+    """``--phase all``: phase 1 into ``args.out / "phase1"``, then phase 2 from its output into
+    ``args.out / "phase2"``, with the same teacher and settings; each phase runs ``steps`` steps
+    (default: ``DEFAULT_STEPS`` of that phase; ``args.steps`` is not used). ``on_phase(phase,
+    args)`` may return the ``(on_step, on_event)`` callbacks of that phase."""
+    if args.resume is not None:
+        raise InvalidArgumentError("--resume continues one phase; rerun that phase with --phase 1 or --phase 2")
+    teacher_path = teacher_path or default_teacher(student_path)
+    results = []
+    student = student_path
+    for phase in (1, 2):
+        phase_args = dataclasses.replace(args, out=Path(args.out) / f"phase{phase}", steps=DEFAULT_STEPS[phase] if steps is None else steps)
+        callbacks = on_phase(phase, phase_args) if on_phase is not None else None
+        on_step, on_event = callbacks or (None, None)
+        result = run_phase(student, teacher_path, dataclasses.replace(settings, phase=phase), data_args, phase_args,
+                           teacher_dtype, on_step, on_event)
+        results.append(result)
+        student = result.out
+    return results[0], results[1]

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,18 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from . import builtin_models
-from .config import MeltConfig, OuroConfig
-from .dtypes import SAFETENSORS_DTYPES, dtype_name, parse_dtype
-from .errors import (
+from ..dtypes import SAFETENSORS_DTYPES, dtype_name, parse_dtype
+from ..errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
-    OutputExistsError,
     UnsupportedModelError,
     WeightsMismatchError,
 )
-from .melt import MeltForCausalLM
-from .ouro import OuroForCausalLM
+from ..models import OuroConfig
+from ..models.registry import config_from_dict, model_class
+from . import builtin
+from .outputs import atomic_directory
 from .tokenizer import save_tokenizer
 
 CONFIG_NAME = "config.json"
@@ -49,11 +47,7 @@ TOKENIZER_FILES = (
 )
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-# model_type -> (config class, model class). Later model families register here.
-MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
-    "ouro": (OuroConfig, OuroForCausalLM),
-    "melt": (MeltConfig, MeltForCausalLM),
-}
+ALIGNMENT = 64  # bytes: tensors read from a safetensors file can start at any offset; kernels want aligned data
 
 
 @dataclass(frozen=True)
@@ -71,7 +65,7 @@ class TensorInfo:
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
     """The checkpoint directory ``path`` names: a path, or a built-in name such as ``example``."""
-    p = builtin_models.resolve(path)
+    p = builtin.resolve(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"checkpoint directory {p} does not exist")
     if not p.is_dir():
@@ -93,33 +87,21 @@ def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Any:
-    """Dispatch on ``model_type`` to the registered config class."""
-    model_type = raw.get("model_type")
-    if model_type is None:
-        raise ConfigError(f"{source} has no model_type; expected one of {sorted(MODEL_TYPES)}")
-    if model_type not in MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{source} has model_type {model_type!r}; "
-            f"melt reads {' and '.join(repr(t) for t in MODEL_TYPES)} checkpoints"
-        )
-    config_cls, _ = MODEL_TYPES[model_type]
-    try:
-        return config_cls.from_dict(raw)
-    except (ConfigError, UnsupportedModelError) as e:
-        raise type(e)(f"{source}: {e}") from e
+def load_config(path: str | os.PathLike) -> OuroConfig:
+    """The config of a checkpoint directory (or built-in name), as its model type's config class."""
+    return config_from_dict(read_config_dict(path), source=str(checkpoint_dir(path) / CONFIG_NAME))
 
 
-def load_config(path: str | os.PathLike) -> Any:
-    return config_from_dict(read_config_dict(path), source=str(Path(path) / CONFIG_NAME))
-
-
-def build_model(config: Any, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_model(config: OuroConfig, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
     """An un-loaded model for ``config``: on ``meta`` it allocates nothing (for sizing)."""
-    _, model_cls = MODEL_TYPES[config.model_type]
     with torch.device(device):
-        model = model_cls(config)
+        model = model_class(config)(config)
     return model.to(dtype)
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when its data does not start on an ``ALIGNMENT``-byte boundary."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 
 def _open_safetensors(file: Path) -> Any:
@@ -186,7 +168,7 @@ def check_weights(model: nn.Module, infos: dict[str, TensorInfo], where: Path) -
             )
 
 
-def stored_dtype(infos: dict[str, TensorInfo], config: Any) -> torch.dtype:
+def stored_dtype(infos: dict[str, TensorInfo], config: OuroConfig) -> torch.dtype:
     """The dtype the weights are stored in (config's torch_dtype when there are no weights)."""
     if infos:
         return next(iter(infos.values())).dtype
@@ -224,50 +206,11 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                     tensor = f.get_tensor(name)
                 except SafetensorError as e:
                     raise CorruptCheckpointError(f"{file}: cannot read tensor {name}: {e}") from e
-                set_module_tensor_to_device(model, name, device, value=tensor.to(target))
+                set_module_tensor_to_device(model, name, device, value=aligned(tensor.to(target)))
                 done += infos[name].nbytes
                 if progress is not None:
                     progress(done, total)
     return model.eval()
-
-
-def fresh_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
-    """Create ``out``; a non-empty existing ``out`` is refused unless ``force`` (then emptied)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-@contextmanager
-def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to write into; it replaces ``out`` only on success.
-
-    An existing non-empty ``out`` is refused unless ``force``. On any error (Ctrl-C included) the
-    temporary directory is removed and ``out`` is left as it was.
-    """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _umask() -> int:

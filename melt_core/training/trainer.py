@@ -26,10 +26,11 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from .checkpoint import CONFIG_NAME, fresh_output_dir, save_checkpoint
-from .data import PackedSequences
-from .errors import InvalidArgumentError, MeltError, OutputExistsError
-from .runtime import peak_memory_so_far
+from ..checkpoints import fresh_output_dir, save_checkpoint
+from ..checkpoints.io import CONFIG_NAME
+from ..data import PackedSequences
+from ..errors import InvalidArgumentError, MeltError, OutputExistsError
+from ..runtime import peak_memory_so_far
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -52,7 +53,7 @@ class TrainingArgs:
 
     out: Path
     steps: int
-    seq_len: int = 1024
+    seq_len: int = 2048
     batch_tokens: int | None = None  # tokens per optimizer step; default: one micro-batch per process
     micro_batch: int = 1  # sequences per forward per process
     lr: float = 8e-6  # base weights
@@ -81,13 +82,18 @@ class TrainingArgs:
             raise InvalidArgumentError(f"--schedule must be cosine or constant, got {self.schedule!r}")
         if self.micro_batch < 1:
             raise InvalidArgumentError(f"--micro-batch must be >= 1, got {self.micro_batch}")
-        if self.warmup_steps is None:
-            self.warmup_steps = max(1, self.steps // 20) if self.steps > 1 else 0
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InvalidArgumentError(f"--mixed-precision: auto, no, bf16 or fp16, not {self.mixed_precision!r}")
 
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: ``warmup_steps``, or 5% of the steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, self.steps // 20) if self.steps > 1 else 0
+
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {**asdict(self), "warmup_steps": self.warmup}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
@@ -155,8 +161,8 @@ def run_directory(out: Path | None, resume: Path | None) -> Path:
 
 def _schedule(optimizer: torch.optim.Optimizer, args: TrainingArgs):
     if args.schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
-    return get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+        return get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
+    return get_constant_schedule_with_warmup(optimizer, args.warmup)
 
 
 class _Run:

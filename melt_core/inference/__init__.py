@@ -1,0 +1,10 @@
+"""Inference: token choice (``sampling``), the cached prefill + decode loop (``decode``), prompts and
+streamed text (``text``), and whole-request text generation with statistics (``generate``)."""
+
+from .generate import GenerateArgs, GenerationReport, GenerationResult, GenerationSettings, generate_text, run_generate
+from .sampling import Sampler, SamplingSettings
+
+__all__ = [
+    "GenerateArgs", "GenerationReport", "GenerationResult", "GenerationSettings", "Sampler", "SamplingSettings",
+    "generate_text", "run_generate",
+]

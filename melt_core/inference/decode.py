@@ -1,0 +1,69 @@
+"""Incremental inference over a model's own KV cache: chunked prefill, then one token at a time.
+
+The models own no generation logic: this module feeds them prompt chunks and then one token at a
+time through an explicit cache (``model.new_cache``), and picks each next token with a ``Sampler``.
+Text, stop strings and statistics live one level up, in ``inference.generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..models import KVCache, is_melt
+from ..models.chunks import ChunkAlign, chunk_lengths
+from .sampling import Sampler
+
+
+def default_chunk_size(model: nn.Module) -> int | None:
+    """Prefill chunk size when none is given: MELT's trained chunk size; Ouro: the whole prompt
+    (Ouro is chunk-size invariant, so chunking it only bounds activation memory)."""
+    return model.config.melt.chunk_size if is_melt(model) else None
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache,
+            chunk_size: int | None = None, *, align: ChunkAlign = "start", last_only: bool = False,
+            **forward_kwargs: object) -> Tensor:
+    """Feed ``input_ids`` (B, S) through ``cache`` chunk by chunk; return the logits of every
+    position (B, S, V), or with ``last_only`` of the last position only (B, V) — no (B, S, V)
+    tensor is then ever built.
+
+    ``chunk_size`` None means ``default_chunk_size(model)``. Each chunk is one forward call; a MELT
+    model is told that the slice is a single chunk.
+    """
+    chunk_size = default_chunk_size(model) if chunk_size is None else chunk_size
+    logits, start = [], 0
+    for size in chunk_lengths(input_ids.shape[1], chunk_size, align):
+        end = start + size
+        mask = None if attention_mask is None else attention_mask[:, start:end]
+        kwargs = dict(forward_kwargs)
+        if is_melt(model):
+            kwargs["chunk_size"] = size
+        if last_only:
+            kwargs["num_logits_to_keep"] = 1
+        logits.append(model(input_ids[:, start:end], mask, cache=cache, **kwargs).logits)
+        start = end
+    return logits[-1][:, -1] if last_only else torch.cat(logits, dim=1)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache, sampler: Sampler, *,
+           max_new_tokens: int, chunk_size: int | None = None, align: ChunkAlign = "end",
+           **forward_kwargs: object) -> Iterator[Tensor]:
+    """Prefill the left-padded prompt batch, then yield the next token of every row, (B,), once per
+    step; each yielded token is fed back as a one-token forward before the next is yielded.
+
+    ``forward_kwargs`` (``loops``, ``exit_at_step``, ``exit_threshold``) go to every forward.
+    Stop early by closing the generator (``break``); rows that are finished keep being fed their
+    own tokens, which never affects the other rows.
+    """
+    logits = prefill(model, input_ids, attention_mask, cache, chunk_size, align=align, last_only=True,
+                     **forward_kwargs)
+    for step in range(max_new_tokens):
+        next_ids = sampler(logits, input_ids)  # (B,)
+        yield next_ids
+        if step + 1 < max_new_tokens:
+            logits = model(next_ids[:, None], cache=cache, **forward_kwargs).logits[:, -1]

@@ -1,0 +1,158 @@
+"""MELT: the Ouro model with ONE KV row per token per layer, shared by all loops (MELT.md §2-3).
+
+MELT reuses Ouro's weights and block code unchanged. What differs is the KV policy (``SharedKV``):
+at every loop, layer l moves the token's latent state h with its update rule (``gate``:
+``h = z * h_prev + (1 - z) * u``); keys and values come from h (queries still come from u) and
+overwrite the token's single row. A sequence is processed chunk by chunk so that later chunks see
+earlier tokens' final rows, exactly as at inference.
+
+Two forwards share the chunk loop: ``forward_hidden`` (inference and scoring; with a cache the
+rows go to its preallocated store) and ``forward_chunkwise`` (training: differentiable rows, the
+phase-1 interpolation, detached history, activation checkpointing per chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import InvalidArgumentError
+from .chunks import chunk_lengths
+from .config import MeltConfig, OuroConfig
+from .kv import InterpolatedKV, KVCache, PerLoopKV, SharedKV
+from .ouro import OuroForCausalLM
+from .rows import GrowingRows, RowState, TokenLedger
+from .update_rules import UPDATE_RULES, UpdateRule
+
+GATE_MODULE = "kv_gate"  # model.layers.{i}.kv_gate.*
+
+
+def is_gate_parameter(name: str) -> bool:
+    """Whether a parameter (state-dict) name belongs to a KV gate."""
+    return f".{GATE_MODULE}." in name
+
+
+class MeltForCausalLM(OuroForCausalLM):
+    """Ouro weights + a per-layer KV gate (``model.layers.{i}.kv_gate.*``) + the shared cache."""
+
+    config: MeltConfig
+
+    def __init__(self, config: MeltConfig) -> None:
+        super().__init__(config)
+        for layer in self.model.layers:
+            gate = UPDATE_RULES[config.melt.policy].make_gate(config.hidden_size)
+            if gate is not None:
+                layer.add_module(GATE_MODULE, gate)
+
+    def update_rule(self) -> UpdateRule:
+        return UPDATE_RULES[self.config.melt.policy](self.config.melt)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if is_gate_parameter(name)]
+
+    def forward_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                       cache: KVCache | None = None, loops: int | None = None,
+                       chunk_size: int | Sequence[int] | None = None,
+                       return_attn_outputs: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The chunk-wise forward (MELT.md §3) for inference and scoring.
+
+        Chunks of ``chunk_size`` tokens (default: the config's; or a list of chunk lengths), counted
+        from the start of the input, run sequentially, all loops and layers per chunk; each chunk
+        attends to the final rows of earlier chunks. With a ``cache`` the rows go to its store
+        (prefill, decoding: a chunk of one token); without one, see ``forward_chunkwise``.
+        """
+        if cache is None:
+            return self.forward_chunkwise(input_ids, attention_mask, loops=loops, chunk_size=chunk_size,
+                                          return_attn_outputs=return_attn_outputs)
+        loops = self.config.resolve_loops(loops)
+        rule = self.update_rule()
+        parts = []
+        for offset, size in self._chunks(input_ids.shape[1], chunk_size):
+            ids, mask = _slice(input_ids, attention_mask, offset, size)
+            start, key_valid = cache.begin(size, mask)
+            kv = SharedKV(rule, cache.store, self.config.num_hidden_layers, start)
+            parts.append(self._run_chunk(ids, start, key_valid, kv, loops, return_attn_outputs))
+        return _concat(parts)
+
+    def forward_chunkwise(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, loops: int | None = None,
+                          chunk_size: int | Sequence[int] | None = None, alpha: float = 1.0,
+                          detach_history: bool = False, checkpoint_chunks: bool = False,
+                          return_attn_outputs: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The differentiable chunk-wise forward of training (and of scoring without a cache).
+
+        Rows are kept as tensors so gradients flow through earlier chunks' rows (``detach_history``
+        cuts them); ``checkpoint_chunks`` recomputes each chunk's activations in the backward pass.
+        ``alpha`` < 1 attends over ``alpha * KV_MELT + (1 - alpha) * KV_Ouro`` (phase 1).
+        """
+        loops = self.config.resolve_loops(loops)
+        if not 0.0 <= alpha <= 1.0:
+            raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
+        config, B = self.config, input_ids.shape[0]
+        empty = partial(GrowingRows.empty, batch_size=B, kv_heads=config.num_key_value_heads,
+                        head_dim=config.head_dim, dtype=self.dtype, device=input_ids.device)
+        rows = empty(config.num_hidden_layers)
+        base_slots = sum(OuroConfig.kv_slots_per_loop(config, loops))  # Ouro's own per-(loop, layer) rows
+        base = empty(base_slots) if alpha < 1.0 else None
+        ledger = TokenLedger(B, input_ids.shape[1], input_ids.device)
+        parts = []
+        for offset, size in self._chunks(input_ids.shape[1], chunk_size):
+            ids, mask = _slice(input_ids, attention_mask, offset, size)
+            start, key_valid = ledger.begin(size, mask)
+            step = partial(self._train_chunk, ids, start, key_valid, loops, alpha, return_attn_outputs)
+            if checkpoint_chunks and torch.is_grad_enabled():
+                hidden, taps, rows, base = checkpoint(step, rows, base, use_reentrant=False)
+            else:
+                hidden, taps, rows, base = step(rows, base)
+            if detach_history:
+                rows = _detached(rows)
+                base = None if base is None else _detached(base)
+            parts.append((hidden, taps))
+        return _concat(parts)
+
+    def _chunks(self, length: int, chunk_size: int | Sequence[int] | None) -> list[tuple[int, int]]:
+        """(offset, size) of each chunk, full chunks first (the training forward's chunking)."""
+        sizes = chunk_lengths(length, self.config.melt.chunk_size if chunk_size is None else chunk_size)
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        return list(zip(offsets, sizes, strict=True))
+
+    def _run_chunk(self, ids: Tensor, start: int, key_valid: Tensor | None, kv: SharedKV | InterpolatedKV, loops: int,
+                   collect_attn: bool) -> tuple[list[Tensor], list[Tensor] | None]:
+        inputs = self.block_inputs(ids, start, key_valid, kv, collect_attn)
+        return self.loop_stack(self.model.embed_tokens(ids), inputs, loops), inputs.attn_taps
+
+    def _train_chunk(self, ids: Tensor, start: int, key_valid: Tensor | None, loops: int, alpha: float,
+                     collect_attn: bool, rows: RowState, base: RowState | None) -> tuple:
+        """One chunk with differentiable row stores; pure in its inputs, so it can be checkpointed."""
+        N = self.config.num_hidden_layers
+        store = GrowingRows(rows)
+        kv = SharedKV(self.update_rule(), store, N, start)
+        base_store = GrowingRows(base) if base is not None else None
+        if base_store is not None:
+            kv = InterpolatedKV(kv, PerLoopKV(base_store, N, start), alpha)
+        hidden, taps = self._run_chunk(ids, start, key_valid, kv, loops, collect_attn)
+        return hidden, taps, store.state(), (base_store.state() if base_store is not None else None)
+
+
+def _slice(input_ids: Tensor, attention_mask: Tensor | None, offset: int, size: int) -> tuple[Tensor, Tensor | None]:
+    mask = None if attention_mask is None else attention_mask[:, offset:offset + size]
+    return input_ids[:, offset:offset + size], mask
+
+
+def _detached(state: RowState) -> RowState:
+    return tuple([t.detach() for t in part] for part in state)
+
+
+def _concat(parts: list[tuple[list[Tensor], list[Tensor] | None]]) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Per-chunk (hidden, taps) -> whole-sequence hidden states T x (B, S, H) and taps."""
+    if len(parts) == 1:
+        return parts[0]
+    hidden = [torch.cat([h[t] for h, _ in parts], 1) for t in range(len(parts[0][0]))]
+    taps = None
+    if parts[0][1] is not None:
+        taps = [torch.cat([tp[i] for _, tp in parts], 1) for i in range(len(parts[0][1]))]
+    return hidden, taps
+

@@ -1,0 +1,126 @@
+"""Row stores: where a cache's key/value rows live. A store knows nothing about loops or layers.
+
+A store has ``num_slots`` slots; a slot holds one K row and one V row per position, each
+(B, kv_heads, head_dim). A KV policy (``models.kv``) decides which slot a (loop, layer) writes.
+
+- ``PreallocatedRows``: inference. Storage for ``max_len`` positions allocated up front (memory is
+  predictable and ``nbytes()`` exact), written in place: run under ``torch.no_grad()``.
+- ``GrowingRows``: chunk-wise training and scoring. Earlier chunks' rows are tensors kept in the
+  autograd graph and the current chunk's rows are appended by concatenation, so gradients reach
+  earlier chunks.
+
+``TokenLedger`` records which positions of a batch hold real tokens (left padding does not), so
+that masks and positions are always built from the whole sequence seen so far, never from the new
+tokens alone (the reference Ouro code's batched-generation bug).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidArgumentError
+
+
+class RowStore(Protocol):
+    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write rows k, v (B, kv_heads, S, d) at positions [start, start + S) of ``slot``; return
+        every row of the slot so far, (B, kv_heads, start + S, d) each."""
+        ...
+
+    def nbytes(self) -> int: ...
+
+
+class TokenLedger:
+    """Which positions of a batch have been written, and which of them are real tokens.
+
+    ``valid``: bool (B, max_len); True where a real (non-padding) token sits.
+    ``length``: positions written so far (the same for every row: batches are left-padded to a rectangle).
+    """
+
+    def __init__(self, batch_size: int, max_len: int, device: torch.device | str) -> None:
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self._padded = False
+
+    def begin(self, num_tokens: int, attention_mask: Tensor | None) -> tuple[int, Tensor | None]:
+        """Reserve positions for ``num_tokens`` new tokens; return (start, key validity (B, end)
+        or None when no position so far is padding)."""
+        start, end = self.length, self.length + num_tokens
+        if end > self.max_len:
+            raise InvalidArgumentError(
+                f"the cache holds {self.max_len} positions; {start} are used and {num_tokens} more do not fit"
+            )
+        if attention_mask is None:
+            self.valid[:, start:end] = True
+        else:
+            if attention_mask.shape != (self.batch_size, num_tokens):
+                raise InvalidArgumentError(
+                    f"attention_mask must cover the new tokens only, shape {(self.batch_size, num_tokens)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            new_valid = attention_mask.to(torch.bool)
+            self.valid[:, start:end] = new_valid
+            self._padded = self._padded or not bool(new_valid.all())
+        self.length = end
+        return start, (self.valid[:, :end] if self._padded else None)
+
+
+class PreallocatedRows:
+    """``keys`` and ``values``, each (num_slots, B, kv_heads, max_len, head_dim), written in place."""
+
+    def __init__(self, num_slots: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (num_slots, batch_size, kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.keys.shape[0]
+
+    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[2]
+        self.keys[slot, :, :, start:end] = k
+        self.values[slot, :, :, start:end] = v
+        return self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
+
+    def nbytes(self) -> int:
+        """Bytes of key/value storage."""
+        return self.keys.nbytes + self.values.nbytes
+
+
+RowState = tuple[list[Tensor], list[Tensor]]  # per-slot keys and values of the positions so far
+
+
+class GrowingRows:
+    """Differentiable rows: ``frozen`` holds each slot's rows of earlier chunks, (B, kv_heads,
+    start, d); ``write`` appends the current chunk's rows. The last rows written to a slot (its last
+    loop) become that slot's frozen rows for the next chunk (``state``)."""
+
+    def __init__(self, frozen: RowState) -> None:
+        self.frozen_keys, self.frozen_values = frozen
+        self.latest_keys, self.latest_values = list(self.frozen_keys), list(self.frozen_values)
+
+    @staticmethod
+    def empty(num_slots: int, batch_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device | str) -> RowState:
+        empty = torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        return [empty] * num_slots, [empty] * num_slots
+
+    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.frozen_keys[slot].shape[2] != start:
+            raise ValueError(f"slot {slot} holds {self.frozen_keys[slot].shape[2]} frozen rows, the chunk starts at {start}")
+        self.latest_keys[slot] = torch.cat([self.frozen_keys[slot], k], 2)
+        self.latest_values[slot] = torch.cat([self.frozen_values[slot], v], 2)
+        return self.latest_keys[slot], self.latest_values[slot]
+
+    def state(self) -> RowState:
+        return self.latest_keys, self.latest_values
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.latest_keys + self.latest_values)

@@ -1,0 +1,155 @@
+"""Real prefill + decode runs, timed, with the per-loop view of the cache and the peak memory.
+
+The per-loop view is observed, not computed: the cache's row store is wrapped by ``RowUsage``,
+which records the (slot, position) rows written; after every loop of a decode step (a write to
+the last layer's slot) it reports the bytes of the distinct rows written so far. Ouro writes a new
+layer stack of rows at every loop (slot (loop, layer)); MELT writes the token's row of each layer
+at loop 1 and overwrites it at later loops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InvalidArgumentError
+from ..inference.decode import default_chunk_size, prefill
+from ..models.config import validate_loops
+from ..models.rows import RowStore
+from ..runtime import PeakMemory, memory_now, synchronize
+
+
+class RowUsage:
+    """A row store wrapper that records which (slot, position) rows hold written data.
+
+    ``on_loop_end(bytes)`` is called after every write to a last-layer slot (slot % num_layers ==
+    num_layers - 1: the end of a loop, for Ouro's per-loop and MELT's shared slots alike) with the
+    bytes of the rows written so far: one K and one V row of every KV head and batch row each.
+    """
+
+    def __init__(self, store: RowStore, num_layers: int) -> None:
+        self.store, self.num_layers = store, num_layers
+        self.written: Tensor | None = None  # bool (slots, max_len), allocated on the first write
+        self.row_bytes = 0
+        self.on_loop_end: Callable[[int], None] | None = None
+
+    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = self.store.write(slot, start, k, v)
+        if self.written is None:
+            num_slots, _, _, max_len, _ = self.store.keys.shape
+            self.written = torch.zeros(num_slots, max_len, dtype=torch.bool)
+            B, heads, _, d = k.shape
+            self.row_bytes = 2 * B * heads * d * k.element_size()
+        self.written[slot, start:start + k.shape[2]] = True
+        if slot % self.num_layers == self.num_layers - 1 and self.on_loop_end is not None:
+            self.on_loop_end(self.bytes_in_use())
+        return keys, values
+
+    def bytes_in_use(self) -> int:
+        return 0 if self.written is None else int(self.written.sum()) * self.row_bytes
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+
+@dataclass
+class MeasuredRun:
+    """One real prefill + decode run through a cache sized for exactly ``seq_len`` positions.
+
+    cache_bytes: the cache's exact K/V storage (``nbytes()``).
+    in_use_bytes_after_loop: bytes of the rows written so far, after each loop of the LAST decode
+      step (the per-loop view; see the module docstring).
+    held_delta_bytes: memory held right after decoding (cache still alive) above the baseline taken
+      before the cache was allocated (weights loaded); peak_delta_bytes: the peak above it, with
+      prefill activations; baseline_bytes: that baseline (absolute peak = baseline + peak delta).
+      memory_kind: ``cuda_allocated`` or ``process_rss`` (sampled).
+    """
+
+    model_type: str
+    loops: int
+    seq_len: int
+    batch: int
+    prefill_tokens: int
+    decode_tokens: int
+    chunk_size: int | None
+    cache_bytes: int
+    in_use_bytes_after_loop: list[int]
+    held_delta_bytes: int
+    peak_delta_bytes: int
+    baseline_bytes: int
+    memory_kind: str
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch * self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch * self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+@torch.no_grad()
+def measure_generation(model: nn.Module, *, loops: int, seq_len: int, batch: int = 1, decode_tokens: int = 1,
+                       chunk_size: int | None = None, seed: int = 0, track_memory: bool = True) -> MeasuredRun:
+    """Prefill ``seq_len - decode_tokens`` random tokens (seeded: the same ids for every model),
+    then decode ``decode_tokens`` tokens one at a time (teacher-forced), through a row-tracking
+    cache of exactly ``seq_len`` positions; time both phases and measure memory (see
+    ``MeasuredRun``; without ``track_memory`` only the timings and the cache size are taken).
+    ``chunk_size`` None: the model's generation default."""
+    loops = validate_loops(loops)
+    if decode_tokens < 1 or seq_len <= decode_tokens:
+        raise InvalidArgumentError(f"need 1 <= decode tokens < sequence length, got {decode_tokens} and {seq_len}")
+    if seq_len > model.config.max_position_embeddings:
+        raise InvalidArgumentError(f"sequence length {seq_len} exceeds the model's maximum "
+                                   f"{model.config.max_position_embeddings} (max_position_embeddings)")
+    device = model.device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), generator=g).to(device)
+    prompt, new = ids[:, :seq_len - decode_tokens], ids[:, seq_len - decode_tokens:]
+    chunk = default_chunk_size(model) if chunk_size is None else chunk_size
+    after_loop: list[int] = []
+    meter = PeakMemory(device) if track_memory else None
+    held = 0
+    with meter if meter is not None else nullcontext():
+        # speed runs use the model's own cache: no row bookkeeping in the timed loop
+        cache = model.new_cache(batch, seq_len, loops)
+        if track_memory:
+            usage = RowUsage(cache.store, model.config.num_hidden_layers)
+            cache.store = usage
+        synchronize(device)
+        t0 = time.perf_counter()
+        prefill(model, prompt, None, cache, chunk, align="end", last_only=True, loops=loops)
+        synchronize(device)
+        t1 = time.perf_counter()
+        for i in range(decode_tokens):
+            if track_memory and i == decode_tokens - 1:  # the per-loop view of the last step
+                usage.on_loop_end = after_loop.append
+            model(new[:, i:i + 1], cache=cache, loops=loops)
+        synchronize(device)
+        t2 = time.perf_counter()
+        cache_bytes = cache.nbytes()
+        if meter is not None:
+            meter.sample()
+            held = memory_now(device) - meter.baseline
+        del cache
+    return MeasuredRun(
+        model_type=model.config.model_type, loops=loops, seq_len=seq_len, batch=batch,
+        prefill_tokens=seq_len - decode_tokens, decode_tokens=decode_tokens, chunk_size=chunk,
+        cache_bytes=cache_bytes, in_use_bytes_after_loop=after_loop,
+        held_delta_bytes=max(0, held), peak_delta_bytes=meter.delta if meter is not None else 0,
+        baseline_bytes=meter.baseline if meter is not None else 0,
+        memory_kind=meter.kind if meter is not None else "not measured",
+        prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+    )
