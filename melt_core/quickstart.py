@@ -17,6 +17,7 @@ import torch
 
 from .checkpoints import convert_ouro_to_melt, fresh_output_dir, load_config, load_model, load_tokenizer
 from .checkpoints.builtin import ASSETS
+from .errors import InvalidArgumentError
 from .evaluation import LoopResult, evaluate_checkpoint
 from .inference import GenerationSettings, SamplingSettings, generate_text
 from .models import KVCache, MeltSettings
@@ -40,6 +41,11 @@ class QuickstartSettings:
     kv_loops: tuple[int, ...] = (1, 4, 16)
     kv_tokens: int = 4096
     prompt: str = PROMPT
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.batch_tokens < self.seq_len or self.batch_tokens % self.seq_len:
+            raise InvalidArgumentError(f"--batch-tokens ({self.batch_tokens}) must be a positive multiple of "
+                                       f"--seq-len ({self.seq_len}, at least 2)")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from melt_core.errors import ConfigError
 from melt_core.inference.decode import prefill
 from melt_core.models.config import MeltConfig, MeltSettings
 from melt_core.models.kv import SharedKV
+from melt_core.models.melt import is_gate_parameter
 from melt_core.models.update_rules import UPDATE_RULES, KVGate
 
 ATOL = 1e-5
@@ -244,7 +245,7 @@ def test_gradients_reach_gates_and_base_through_chunks(melt):
 
     last_chunk_loss().backward()
     for name, p in melt.named_parameters():
-        if ".kv_gate." in name or name.endswith("k_proj.weight") or name.endswith("mlp.up_proj.weight"):
+        if is_gate_parameter(name) or name.endswith("k_proj.weight") or name.endswith("mlp.up_proj.weight"):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     grads = {n: p.grad.clone() for n, p in melt.named_parameters() if p.grad is not None}
 

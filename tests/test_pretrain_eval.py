@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+import melt_core.training.pretrain as pretrain_module
 from melt_cli.app import app
 from melt_core import load_model, load_tokenizer
 from melt_core.checkpoints.convert import convert_ouro_to_melt
@@ -43,11 +44,18 @@ def test_pretrain_tiny_loss_decreases(text_file, tmp_path, objective):
         assert "exit_entropy" in metrics[0]
 
 
-def test_pretrain_resume_reuses_tokenizer(text_file, tmp_path):
+def test_pretrain_resume_reuses_tokenizer(text_file, tmp_path, monkeypatch):
     settings = PretrainSettings(preset="tiny", loops=2, vocab_size=300)
     run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run", steps=4, save_every=2))
     first = (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
-    run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run", steps=4, save_every=2, resume=tmp_path / "run"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--resume trained a new tokenizer instead of reusing the run's")
+
+    monkeypatch.setattr(pretrain_module, "train_bpe_tokenizer", no_training)
+    # another vocabulary size would give another tokenizer (and model shape) if it were retrained
+    resumed = PretrainSettings(preset="tiny", loops=2, vocab_size=280)
+    run_pretrain(resumed, text_file, _pretrain_args(tmp_path / "run", steps=4, save_every=2, resume=tmp_path / "run"))
     assert (tmp_path / "run" / "tokenizer.json").read_text() == first
 
 

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from melt_core.errors import InvalidArgumentError
 from melt_core.evaluation import evaluate_checkpoint
+from melt_core.models.config import validate_loops
 
 from .. import console
 from .. import options as o
@@ -26,13 +26,7 @@ def parse_loops(text: str | None) -> list[int | None]:
     """'1,2,4' -> [1, 2, 4]; None -> [None] (the model's own loop count)."""
     if not text:
         return [None]
-    try:
-        loops = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise InvalidArgumentError(f"--loops takes comma-separated integers, got {text!r}") from e
-    if not loops or any(n < 1 for n in loops):
-        raise InvalidArgumentError(f"--loops values must be >= 1, got {text!r}")
-    return loops
+    return [validate_loops(n, "--loops values") for n in o.int_list(text, "--loops")]
 
 
 def evaluate(

@@ -18,6 +18,7 @@ from melt_core.inference import (
     SamplingSettings,
     run_generate,
 )
+from melt_core.models import is_melt
 
 from .. import console
 from ..options import ChunkSize, Device, Json
@@ -54,7 +55,7 @@ def _print_stats(report: GenerationReport) -> None:
               + (f" | {s.num_prompts} prompts, batches of {s.batch_size}" if s.num_prompts > 1 else ""))
     err(f"prefill: {s.prefill_tokens_per_s:,.1f} tokens/s ({s.prefill_seconds:.3f} s) | "
               f"decode: {s.decode_tokens_per_s:,.1f} tokens/s ({s.decode_seconds:.3f} s)")
-    if s.model_type == "melt":
+    if is_melt(s):
         err(f"KV cache: {s.kv_cache_bytes:,} B ({hb(s.kv_cache_bytes)}) for {s.kv_cache_positions:,} positions: "
                   f"one shared cache for all {s.loops} loops, the same size for any loop count")
     else:

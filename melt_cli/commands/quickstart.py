@@ -26,13 +26,18 @@ def quickstart(
     steps1: Annotated[int, typer.Option(help="Phase-1 (transition) steps.")] = QuickstartSettings.steps1,
     steps2: Annotated[int, typer.Option(help="Phase-2 (distillation) steps.")] = QuickstartSettings.steps2,
     teacher: Annotated[str, typer.Option(help="The Ouro LoopLM to start from.")] = QuickstartSettings.teacher,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training and evaluation sequence.")] = (
+        QuickstartSettings.seq_len),
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per optimizer step (a multiple of --seq-len).")] = (
+        QuickstartSettings.batch_tokens),
     eval_sequences: Annotated[int, typer.Option(
-        help="Held-out sequences of 256 tokens to evaluate on (the shipped slice has 48).")] = (
+        help="Held-out sequences to evaluate on (the shipped slice has 48 of 256 tokens).")] = (
         QuickstartSettings.eval_sequences),
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Run the whole MELT pipeline on the built-in example LoopLM (a few minutes on a CPU)."""
-    settings = QuickstartSettings(teacher=teacher, steps1=steps1, steps2=steps2, eval_sequences=eval_sequences)
+    settings = QuickstartSettings(teacher=teacher, steps1=steps1, steps2=steps2, seq_len=seq_len,
+                                  batch_tokens=batch_tokens, eval_sequences=eval_sequences)
     with Progress(*STEP_COLUMNS, console=console.err) as bar:
         task = None
 

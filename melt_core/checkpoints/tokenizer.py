@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast

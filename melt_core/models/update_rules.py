@@ -13,13 +13,17 @@ This module depends on torch alone, so that the config can validate a policy nam
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .config import MeltSettings
+
+class RuleSettings(Protocol):
+    """What the rules read of ``MeltSettings`` (which validates its policy against ``UPDATE_RULES``)."""
+
+    h0: str
+    ema_factor: float
 
 
 class KVGate(nn.Module):
@@ -59,7 +63,7 @@ class UpdateRule:
     name: ClassVar[str]
     gate_width: ClassVar[str | None] = None  # "hidden" (width H), "scalar" (width 1) or None: no parameters
 
-    def __init__(self, settings: MeltSettings) -> None:
+    def __init__(self, settings: RuleSettings) -> None:
         self.settings = settings
 
     @classmethod

@@ -1,8 +1,8 @@
 """Real prefill + decode runs, timed, with the per-loop view of the cache and the peak memory.
 
 The per-loop view is observed, not computed: the cache's row store is wrapped by ``RowUsage``,
-which records the (slot, position) rows written; after every loop of a decode step (a write to
-the last layer's slot) it reports the bytes of the distinct rows written so far. Ouro writes a new
+which records the (slot, position) rows written, and a forward hook on the per-loop final norm
+(which closes every loop) reads the bytes of the distinct rows written so far. Ouro writes a new
 layer stack of rows at every loop (slot (loop, layer)); MELT writes the token's row of each layer
 at loop 1 and overwrites it at later loops.
 """
@@ -10,7 +10,6 @@ at loop 1 and overwrites it at later loops.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,31 +27,23 @@ from ..runtime import PeakMemory, memory_now, synchronize
 class RowUsage:
     """A row store wrapper that records which (slot, position) rows hold written data.
 
-    ``on_loop_end(bytes)`` is called after every write to a last-layer slot (slot % num_layers ==
-    num_layers - 1: the end of a loop, for Ouro's per-loop and MELT's shared slots alike) with the
-    bytes of the rows written so far: one K and one V row of every KV head and batch row each.
+    ``bytes_in_use()``: the bytes of the distinct rows written so far, a row being one K and one V
+    vector of every KV head and batch row.
     """
 
-    def __init__(self, store: RowStore, num_layers: int) -> None:
-        self.store, self.num_layers = store, num_layers
-        self.written: Tensor | None = None  # bool (slots, max_len), allocated on the first write
+    def __init__(self, store: RowStore, num_slots: int, max_len: int) -> None:
+        self.store = store
+        self.written = torch.zeros(num_slots, max_len, dtype=torch.bool)
         self.row_bytes = 0
-        self.on_loop_end: Callable[[int], None] | None = None
 
     def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        keys, values = self.store.write(slot, start, k, v)
-        if self.written is None:
-            num_slots, _, _, max_len, _ = self.store.keys.shape
-            self.written = torch.zeros(num_slots, max_len, dtype=torch.bool)
-            B, heads, _, d = k.shape
-            self.row_bytes = 2 * B * heads * d * k.element_size()
-        self.written[slot, start:start + k.shape[2]] = True
-        if slot % self.num_layers == self.num_layers - 1 and self.on_loop_end is not None:
-            self.on_loop_end(self.bytes_in_use())
-        return keys, values
+        B, heads, S, d = k.shape
+        self.row_bytes = 2 * B * heads * d * k.element_size()
+        self.written[slot, start:start + S] = True
+        return self.store.write(slot, start, k, v)
 
     def bytes_in_use(self) -> int:
-        return 0 if self.written is None else int(self.written.sum()) * self.row_bytes
+        return int(self.written.sum()) * self.row_bytes
 
     def nbytes(self) -> int:
         return self.store.nbytes()
@@ -126,7 +117,7 @@ def measure_generation(model: nn.Module, *, loops: int, seq_len: int, batch: int
         # speed runs use the model's own cache: no row bookkeeping in the timed loop
         cache = model.new_cache(batch, seq_len, loops)
         if track_memory:
-            usage = RowUsage(cache.store, model.config.num_hidden_layers)
+            usage = RowUsage(cache.store, cache.num_slots, cache.max_len)
             cache.store = usage
         synchronize(device)
         t0 = time.perf_counter()
@@ -135,8 +126,10 @@ def measure_generation(model: nn.Module, *, loops: int, seq_len: int, batch: int
         t1 = time.perf_counter()
         for i in range(decode_tokens):
             if track_memory and i == decode_tokens - 1:  # the per-loop view of the last step
-                usage.on_loop_end = after_loop.append
+                hook = model.model.norm.register_forward_hook(lambda *_: after_loop.append(usage.bytes_in_use()))
             model(new[:, i:i + 1], cache=cache, loops=loops)
+        if track_memory:
+            hook.remove()
         synchronize(device)
         t2 = time.perf_counter()
         cache_bytes = cache.nbytes()
