@@ -35,9 +35,18 @@ from melt_core.profiling import measure_generation
 
 def build_ouro(layers: int, hidden: int, heads: int, head_dim: int, seq_len: int) -> OuroForCausalLM:
     """A random fp32 Ouro model with a wide KV (``heads * head_dim``) and a narrow MLP."""
-    config = OuroConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
-                        max_position_embeddings=max(seq_len, 2048), total_ut_steps=4, torch_dtype="float32")
+    config = OuroConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=head_dim,
+        max_position_embeddings=max(seq_len, 2048),
+        total_ut_steps=4,
+        torch_dtype="float32",
+    )
     model = OuroForCausalLM(config)
     init_weights(model, seed=0)
     return model.eval()
@@ -63,37 +72,48 @@ def main() -> None:
     melt = melt_from_ouro(ouro)  # shares the Ouro tensors; adds the gates
     cfg = ouro.config
     params = sum(p.numel() for p in ouro.parameters())
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, {platform.system()}")
-    print(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_key_value_heads} kv heads x "
-          f"{cfg.head_dim}, {params / 1e6:.1f}M params (+{sum(p.numel() for p in melt.gate_parameters()) / 1e6:.1f}M "
-          f"gate params), fp32; context {args.seq_len} tokens ({args.seq_len - args.decode_tokens} prefilled in "
-          f"chunks of {args.chunk_size}, {args.decode_tokens} decoded)")
-    print(f"KV bytes per token: Ouro {cfg.kv_bytes_per_token(torch.float32, 1):,} x loops, "
-          f"MELT {melt.config.kv_bytes_per_token(torch.float32):,} at any loop count")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {platform.system()}"
+    )
+    print(
+        f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_key_value_heads} kv heads x "
+        f"{cfg.head_dim}, {params / 1e6:.1f}M params (+{sum(p.numel() for p in melt.gate_parameters()) / 1e6:.1f}M "
+        f"gate params), fp32; context {args.seq_len} tokens ({args.seq_len - args.decode_tokens} prefilled in "
+        f"chunks of {args.chunk_size}, {args.decode_tokens} decoded)"
+    )
+    print(
+        f"KV bytes per token: Ouro {cfg.kv_bytes_per_token(torch.float32, 1):,} x loops, "
+        f"MELT {melt.config.kv_bytes_per_token(torch.float32):,} at any loop count"
+    )
     for model in (ouro, melt):  # warm-up: thread pools and first-call allocations out of the numbers
         measure_generation(model, loops=1, seq_len=64, decode_tokens=2, chunk_size=args.chunk_size)
 
-    header = (f"{'model':<5} {'loops':>5} {'decode tok/s':>12} {'peak memory':>12} {'analytic KV':>12} "
-              f"{'peak above base':>16} "
-              f"{'peak/analytic':>13} {'held above base':>16} {'held/analytic':>13} "
-              f"{'per-loop rows (decode step)':>30}")
+    header = (
+        f"{'model':<5} {'loops':>5} {'decode tok/s':>12} {'peak memory':>12} {'analytic KV':>12} "
+        f"{'peak above base':>16} "
+        f"{'peak/analytic':>13} {'held above base':>16} {'held/analytic':>13} "
+        f"{'per-loop rows (decode step)':>30}"
+    )
     print(header)
     print("-" * len(header))
     mib = 2**20
     for t in loops:
         for name, model in (("ouro", ouro), ("melt", melt)):
-            run = measure_generation(model, loops=t, seq_len=args.seq_len, decode_tokens=args.decode_tokens,
-                                     chunk_size=args.chunk_size)
+            run = measure_generation(
+                model, loops=t, seq_len=args.seq_len, decode_tokens=args.decode_tokens, chunk_size=args.chunk_size
+            )
             analytic = model.config.kv_bytes_per_token(torch.float32, t) * args.seq_len
             assert run.cache_bytes == analytic
             steps = {b - a for a, b in zip(run.in_use_bytes_after_loop, run.in_use_bytes_after_loop[1:])}
             per_loop = f"+{next(iter(steps)) / mib:.3f} MiB/loop" if len(steps) == 1 else "-"
             peak = run.baseline_bytes + run.peak_delta_bytes
-            print(f"{name:<5} {t:>5} {run.decode_tokens_per_s:>12.2f} {peak / mib:>8.1f} MiB "
-                  f"{analytic / mib:>8.1f} MiB "
-                  f"{run.peak_delta_bytes / mib:>12.1f} MiB {run.peak_delta_bytes / analytic:>13.3f} "
-                  f"{run.held_delta_bytes / mib:>12.1f} MiB {run.held_delta_bytes / analytic:>13.3f} {per_loop:>30}")
+            print(
+                f"{name:<5} {t:>5} {run.decode_tokens_per_s:>12.2f} {peak / mib:>8.1f} MiB "
+                f"{analytic / mib:>8.1f} MiB "
+                f"{run.peak_delta_bytes / mib:>12.1f} MiB {run.peak_delta_bytes / analytic:>13.3f} "
+                f"{run.held_delta_bytes / mib:>12.1f} MiB {run.held_delta_bytes / analytic:>13.3f} {per_loop:>30}"
+            )
             if args.json:
                 print(json.dumps({"analytic_kv_bytes": analytic, **run.to_dict()}))
 

@@ -46,9 +46,16 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        ouro = write_random_ouro(Path(tmp) / "ouro", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                 num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                                 num_key_value_heads=args.hidden // 64, total_ut_steps=args.loops, vocab_size=2048)
+        ouro = write_random_ouro(
+            Path(tmp) / "ouro",
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 64,
+            total_ut_steps=args.loops,
+            vocab_size=2048,
+        )
         melt = convert_ouro_to_melt(ouro, Path(tmp) / "melt", MeltSettings(chunk_size=args.chunk_size))
         vocab = load_config(ouro).vocab_size
         ids = torch.randint(3, vocab, (args.batch, args.seq_len))
@@ -78,13 +85,17 @@ def main() -> None:
         p2 = DistillObjective(melt, ouro, DistillSettings(phase=2), steps=3)
         results["phase 2 step"] = timed(lambda: phase_step(p2), args.repeats)
 
-    print(f"model: hidden {args.hidden}, {args.layers} layers, {args.loops} loops; batch {args.batch} x "
-          f"{args.seq_len} tokens, MELT chunk {args.chunk_size}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: hidden {args.hidden}, {args.layers} layers, {args.loops} loops; batch {args.batch} x "
+        f"{args.seq_len} tokens, MELT chunk {args.chunk_size}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     base = results["teacher fwd+bwd"]
     for name, seconds in results.items():
-        print(f"{name:>16}: {tokens / seconds:10,.0f} tokens/s  ({seconds * 1000:8.1f} ms/step, "
-              f"{base / seconds:.2f}x the teacher's speed)")
+        print(
+            f"{name:>16}: {tokens / seconds:10,.0f} tokens/s  ({seconds * 1000:8.1f} ms/step, "
+            f"{base / seconds:.2f}x the teacher's speed)"
+        )
 
 
 if __name__ == "__main__":

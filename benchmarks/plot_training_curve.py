@@ -41,8 +41,12 @@ def main(runs: list[Path], out: Path) -> None:
         ax.plot([r["step"] for r in evals], [r["eval"][key] for r in evals], marker="o", label=f"held-out {key[5:]}")
     # The per-loop differences are small next to the loss itself: show them relative to loop 1.
     for key in sorted(evals[0]["eval"])[1:] if evals else []:
-        gain.plot([r["step"] for r in evals], [r["eval"][key] - r["eval"]["loss_loop1"] for r in evals], marker="o",
-                  label=f"held-out {key[5:]}")
+        gain.plot(
+            [r["step"] for r in evals],
+            [r["eval"][key] - r["eval"]["loss_loop1"] for r in evals],
+            marker="o",
+            label=f"held-out {key[5:]}",
+        )
     gain.axhline(0, color="black", lw=0.6)
     gain.set_ylabel("held-out loss - loop 1")
     gain.grid(alpha=0.3)

@@ -57,12 +57,20 @@ def main() -> None:
     started = time.time()
 
     def convert(name: str, policy: str) -> Path:
-        return convert_ouro_to_melt(args.teacher, out / name, MeltSettings(policy=policy, chunk_size=args.chunk_size),
-                                    force=True)
+        return convert_ouro_to_melt(
+            args.teacher, out / name, MeltSettings(policy=policy, chunk_size=args.chunk_size), force=True
+        )
 
     def phase(student: Path, name: str, number: int, steps: int, **settings) -> Path:
-        targs = TrainingArgs(out=out / name, steps=steps, seq_len=args.seq_len, batch_tokens=args.batch_tokens,
-                             micro_batch=args.batch_tokens // args.seq_len, force=True, seed=0)
+        targs = TrainingArgs(
+            out=out / name,
+            steps=steps,
+            seq_len=args.seq_len,
+            batch_tokens=args.batch_tokens,
+            micro_batch=args.batch_tokens // args.seq_len,
+            force=True,
+            seed=0,
+        )
         t0 = time.time()
         run_phase(student, args.teacher, DistillSettings(phase=number, **settings), DataArgs(args.train), targs)
         print(f"  trained {name}: {steps} steps in {time.time() - t0:.0f} s", flush=True)
@@ -77,35 +85,44 @@ def main() -> None:
     models["MELT phase 1"] = p1
     models["MELT phase 1 + phase 2 (full)"] = phase(p1, "gate-phase2", 2, args.steps2)
     models["MELT phase 1 + phase 2, beta 0"] = phase(p1, "gate-phase2-beta0", 2, args.steps2, beta=0.0)
-    models["MELT phase 1 + phase 2, final-loop KD"] = phase(p1, "gate-phase2-kdfinal", 2, args.steps2,
-                                                            kd_loops="final")
+    models["MELT phase 1 + phase 2, final-loop KD"] = phase(p1, "gate-phase2-kdfinal", 2, args.steps2, kd_loops="final")
     models["MELT direct phase 2 (no transition)"] = phase(gate, "gate-direct-phase2", 2, args.steps1 + args.steps2)
     scalar = convert("scalar", "scalar")
-    models["scalar gate, phase 1 + phase 2"] = phase(phase(scalar, "scalar-phase1", 1, args.steps1),
-                                                     "scalar-phase2", 2, args.steps2)
+    models["scalar gate, phase 1 + phase 2"] = phase(
+        phase(scalar, "scalar-phase1", 1, args.steps1), "scalar-phase2", 2, args.steps2
+    )
 
     print("evaluating ...", flush=True)
     results: dict = {"models": {}, "loops": {}}
     for name, path in models.items():
         row = {}
         for split, data in (("valid", args.valid), ("ood", args.ood)):
-            report = evaluate_checkpoint(path, data, teacher=args.teacher, seq_len=args.seq_len,
-                                         max_sequences=args.eval_sequences)
-            per_loop = [{"loss": r.loss, "ppl": r.perplexity, "kl": r.kl_to_teacher, "top1": r.top1_agreement}
-                        for r in next(iter(report.results.values()))]
+            report = evaluate_checkpoint(
+                path, data, teacher=args.teacher, seq_len=args.seq_len, max_sequences=args.eval_sequences
+            )
+            per_loop = [
+                {"loss": r.loss, "ppl": r.perplexity, "kl": r.kl_to_teacher, "top1": r.top1_agreement}
+                for r in next(iter(report.results.values()))
+            ]
             row[split] = dict(per_loop[-1], per_loop=per_loop)
         results["models"][name] = row
         print(f"  {name}: valid {row['valid']['loss']:.4f}, ood {row['ood']['loss']:.4f}", flush=True)
     loop_counts = list(range(1, args.max_loops + 1))
     for name in ("teacher (Ouro, per-loop KV)", "MELT phase 1 + phase 2 (full)"):
-        report = evaluate_checkpoint(models[name], args.valid, loops=loop_counts, seq_len=args.seq_len,
-                                     max_sequences=args.eval_sequences)
+        report = evaluate_checkpoint(
+            models[name], args.valid, loops=loop_counts, seq_len=args.seq_len, max_sequences=args.eval_sequences
+        )
         results["loops"][name] = {n: r[-1].loss for n, r in report.results.items()}
 
     results["setup"] = {
-        "teacher": str(args.teacher), "steps_phase1": args.steps1, "steps_phase2": args.steps2,
-        "direct_phase2_steps": args.steps1 + args.steps2, "seq_len": args.seq_len, "chunk_size": args.chunk_size,
-        "batch_tokens": args.batch_tokens, "eval_sequences": args.eval_sequences,
+        "teacher": str(args.teacher),
+        "steps_phase1": args.steps1,
+        "steps_phase2": args.steps2,
+        "direct_phase2_steps": args.steps1 + args.steps2,
+        "seq_len": args.seq_len,
+        "chunk_size": args.chunk_size,
+        "batch_tokens": args.batch_tokens,
+        "eval_sequences": args.eval_sequences,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "minutes": round((time.time() - started) / 60, 1),
     }
@@ -119,11 +136,14 @@ def print_markdown(results: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, row in results["models"].items():
         v, o = row["valid"], row["ood"]
-        print(f"| {name} | {v['loss']:.4f} | {v['ppl']:.2f} | {v['kl']:.4f} | {v['top1']:.1%} "
-              f"| {o['loss']:.4f} | {o['ppl']:.2f} | {o['kl']:.4f} | {o['top1']:.1%} |")
+        print(
+            f"| {name} | {v['loss']:.4f} | {v['ppl']:.2f} | {v['kl']:.4f} | {v['top1']:.1%} "
+            f"| {o['loss']:.4f} | {o['ppl']:.2f} | {o['kl']:.4f} | {o['top1']:.1%} |"
+        )
     loops = len(next(iter(results["models"].values()))["valid"]["per_loop"])
-    print("\n| model (valid, loss / KL per loop) | " + " | ".join(f"loop {t + 1}" for t in range(loops))
-          + " | mean KL |")
+    print(
+        "\n| model (valid, loss / KL per loop) | " + " | ".join(f"loop {t + 1}" for t in range(loops)) + " | mean KL |"
+    )
     print("|---|" + "---|" * (loops + 1))
     for name, row in results["models"].items():
         per_loop = row["valid"]["per_loop"]

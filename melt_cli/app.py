@@ -51,8 +51,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print melt's version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print melt's version and exit.")
+    ] = False,
 ) -> None:
     """melt: memory-efficient looped language models (Ouro -> MELT)."""
 

@@ -19,8 +19,10 @@ EvalData = Annotated[Path | None, typer.Option("--eval-data", help="Held-out tex
 TextField = Annotated[str, typer.Option(help="JSON field holding the text.")]
 Out = Annotated[Path | None, typer.Option("--out", help="Run directory (the final model is written there).")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per training sequence.")]
-BatchTokens = Annotated[int | None, typer.Option(help="Tokens per optimizer step (gradient accumulation); "
-                                                      "default: one micro-batch per process.")]
+BatchTokens = Annotated[
+    int | None,
+    typer.Option(help="Tokens per optimizer step (gradient accumulation); default: one micro-batch per process."),
+]
 MicroBatch = Annotated[int, typer.Option(help="Sequences per forward pass per process.")]
 LR = Annotated[float, typer.Option("--lr", help="Learning rate of the base weights.")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
@@ -40,10 +42,24 @@ SaveDtype = Annotated[str | None, typer.Option(help="dtype of the final model (d
 
 # The optimisation and bookkeeping options of every training command, one per ``TrainingArgs`` field.
 TRAINING_OPTIONS: dict[str, Any] = {
-    "seq_len": SeqLen, "batch_tokens": BatchTokens, "micro_batch": MicroBatch, "lr": LR, "weight_decay": WeightDecay,
-    "schedule": Schedule, "warmup_steps": WarmupSteps, "clip": Clip, "save_every": SaveEvery, "keep_last": KeepLast,
-    "eval_every": EvalEvery, "eval_batches": EvalBatches, "seed": Seed, "mixed_precision": MixedPrecision, "cpu": Cpu,
-    "resume": Resume, "force": Force, "save_dtype": SaveDtype,
+    "seq_len": SeqLen,
+    "batch_tokens": BatchTokens,
+    "micro_batch": MicroBatch,
+    "lr": LR,
+    "weight_decay": WeightDecay,
+    "schedule": Schedule,
+    "warmup_steps": WarmupSteps,
+    "clip": Clip,
+    "save_every": SaveEvery,
+    "keep_last": KeepLast,
+    "eval_every": EvalEvery,
+    "eval_batches": EvalBatches,
+    "seed": Seed,
+    "mixed_precision": MixedPrecision,
+    "cpu": Cpu,
+    "resume": Resume,
+    "force": Force,
+    "save_dtype": SaveDtype,
 }
 
 
@@ -57,8 +73,10 @@ def with_training_options(defaults: dict[str, Any] | None = None) -> Callable[[C
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command)
         own = [p for p in signature.parameters.values() if p.name != "training"]
-        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=values[name])
-                 for name, kind in TRAINING_OPTIONS.items()]
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=values[name])
+            for name, kind in TRAINING_OPTIONS.items()
+        ]
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
@@ -66,8 +84,10 @@ def with_training_options(defaults: dict[str, Any] | None = None) -> Callable[[C
             return command(training=training, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=own + extra)
-        wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "training"},
-                                   **TRAINING_OPTIONS}
+        wrapper.__annotations__ = {
+            **{k: v for k, v in command.__annotations__.items() if k != "training"},
+            **TRAINING_OPTIONS,
+        }
         return wrapper
 
     return decorate
@@ -75,8 +95,9 @@ def with_training_options(defaults: dict[str, Any] | None = None) -> Callable[[C
 
 # generate / profile
 Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")]
-ChunkSize = Annotated[int | None, typer.Option(
-    help="Prefill chunk size (default: MELT's trained chunk size; Ouro: the whole prompt).")]
+ChunkSize = Annotated[
+    int | None, typer.Option(help="Prefill chunk size (default: MELT's trained chunk size; Ouro: the whole prompt).")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables and text.")]
 
 

@@ -29,16 +29,32 @@ def plot_memory(report: MemoryReport, path: Path) -> Path:
             rows = sorted((e for e in at if e.model == model), key=lambda e: e.loops)
             loops = [e.loops for e in rows]
             alpha = 0.4 + 0.6 * (seq_lens.index(seq_len) + 1) / len(seq_lens)
-            ax.plot(loops, [e.total_bytes / 1e9 for e in rows], marker=marker, color=color, alpha=alpha,
-                    label=f"{rows[0].name}, {seq_len:,} tokens")
+            ax.plot(
+                loops,
+                [e.total_bytes / 1e9 for e in rows],
+                marker=marker,
+                color=color,
+                alpha=alpha,
+                label=f"{rows[0].name}, {seq_len:,} tokens",
+            )
             measured = [e for e in rows if e.measured is not None]
             if measured:
-                ax.scatter([e.loops for e in measured],
-                           [(e.weights_bytes + e.measured.peak_delta_bytes) / 1e9 for e in measured],
-                           facecolors="none", edgecolors=color, s=90, label=f"{rows[0].name} measured, {seq_len:,}")
+                ax.scatter(
+                    [e.loops for e in measured],
+                    [(e.weights_bytes + e.measured.peak_delta_bytes) / 1e9 for e in measured],
+                    facecolors="none",
+                    edgecolors=color,
+                    s=90,
+                    label=f"{rows[0].name} measured, {seq_len:,}",
+                )
         plain = next(e for e in at if e.model == "plain")
-        ax.axhline(plain.total_bytes / 1e9, color="gray", linestyle="--", alpha=0.7,
-                   label=f"{plain.name} (no loops), {seq_len:,} tokens")
+        ax.axhline(
+            plain.total_bytes / 1e9,
+            color="gray",
+            linestyle="--",
+            alpha=0.7,
+            label=f"{plain.name} (no loops), {seq_len:,} tokens",
+        )
     loops = sorted({e.loops for e in report.entries if e.model == "ouro"})
     ax.set_xscale("log", base=2)
     ax.set_xticks(loops, [str(t) for t in loops])

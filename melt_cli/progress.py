@@ -21,8 +21,14 @@ from . import console
 @contextmanager
 def byte_progress(description: str) -> Iterator:
     """Yields ``update(done_bytes, total_bytes, phase="")`` driving a bytes-weighted bar."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     bar = Progress(*columns, console=console.err, transient=False)
     task = None
 
@@ -31,8 +37,7 @@ def byte_progress(description: str) -> Iterator:
         if task is None:  # started on the first report, so early errors print no empty bar
             bar.start()
             task = bar.add_task(description, total=total)
-        bar.update(task, completed=done, total=total,
-                   description=f"{description} ({phase})" if phase else description)
+        bar.update(task, completed=done, total=total, description=f"{description} ({phase})" if phase else description)
 
     try:
         yield update
@@ -41,15 +46,23 @@ def byte_progress(description: str) -> Iterator:
 
 
 _NOT_LOSS_PARTS = {"step", "loss", "alpha", "grad_norm", "tokens_per_s", "peak_memory_bytes"}
-STEP_COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+STEP_COLUMNS = (
+    TextColumn("[bold]{task.description}"),
+    BarColumn(),
+    TextColumn("{task.completed}/{task.total}"),
+    TimeRemainingColumn(),
+    TextColumn("{task.fields[stats]}"),
+)
 
 
 def format_step(m: dict) -> str:
     """One training step's numbers: loss and its parts, alpha, learning rates, tokens/s, peak memory."""
     parts = [f"loss {m['loss']:.4f}"]
-    parts += [f"{k} {v:.3f}" for k, v in m.items()
-              if k not in _NOT_LOSS_PARTS and not k.startswith("lr_") and isinstance(v, float)]
+    parts += [
+        f"{k} {v:.3f}"
+        for k, v in m.items()
+        if k not in _NOT_LOSS_PARTS and not k.startswith("lr_") and isinstance(v, float)
+    ]
     if "alpha" in m:
         parts.append(f"α {m['alpha']:.2f}")
     parts += [f"{k} {v:.1e}" for k, v in m.items() if k.startswith("lr_")]

@@ -23,7 +23,16 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "LoopLMOutput", "MeltConfig", "MeltError", "MeltForCausalLM", "MeltSettings", "OuroConfig", "OuroForCausalLM",
+    "LoopLMOutput",
+    "MeltConfig",
+    "MeltError",
+    "MeltForCausalLM",
+    "MeltSettings",
+    "OuroConfig",
+    "OuroForCausalLM",
     "__version__",
-    "load_config", "load_model", "load_tokenizer", "save_checkpoint",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "save_checkpoint",
 ]

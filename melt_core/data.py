@@ -105,8 +105,9 @@ def _cache_key(path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, text
     return h.hexdigest()[:32]
 
 
-def tokenize_documents(path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, text_field: str = "text",
-                       batch_size: int = 64) -> torch.Tensor:
+def tokenize_documents(
+    path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, text_field: str = "text", batch_size: int = 64
+) -> torch.Tensor:
     """One int32 token stream: every document followed by EOS."""
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -128,8 +129,9 @@ def tokenize_documents(path: str | os.PathLike, tokenizer: PreTrainedTokenizerFa
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
 
 
-def load_token_stream(path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast,
-                      text_field: str = "text") -> torch.Tensor:
+def load_token_stream(
+    path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, text_field: str = "text"
+) -> torch.Tensor:
     """``tokenize_documents``, cached on disk by data files (path, size, mtime) and tokenizer."""
     file = cache_dir() / f"{_cache_key(path, tokenizer, text_field)}.pt"
     if file.is_file():
@@ -157,15 +159,20 @@ class PackedSequences:
     seed: int = 0
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int = 0,
-                  text_field: str = "text") -> PackedSequences:
+    def from_path(
+        cls,
+        path: str | os.PathLike,
+        tokenizer: PreTrainedTokenizerFast,
+        seq_len: int,
+        seed: int = 0,
+        text_field: str = "text",
+    ) -> PackedSequences:
         if seq_len < 2:
             raise InvalidArgumentError(f"--seq-len must be >= 2, got {seq_len}")
         stream = load_token_stream(path, tokenizer, text_field)
         if len(stream) < seq_len:
             raise DataError(
-                f"{path} has {len(stream)} tokens, fewer than one sequence of {seq_len}; "
-                "add data or lower --seq-len"
+                f"{path} has {len(stream)} tokens, fewer than one sequence of {seq_len}; add data or lower --seq-len"
             )
         n = len(stream) // seq_len
         return cls(stream[: n * seq_len].view(n, seq_len).long(), seed)

@@ -44,8 +44,10 @@ class QuickstartSettings:
 
     def __post_init__(self) -> None:
         if self.seq_len < 2 or self.batch_tokens < self.seq_len or self.batch_tokens % self.seq_len:
-            raise InvalidArgumentError(f"--batch-tokens ({self.batch_tokens}) must be a positive multiple of "
-                                       f"--seq-len ({self.seq_len}, at least 2)")
+            raise InvalidArgumentError(
+                f"--batch-tokens ({self.batch_tokens}) must be a positive multiple of "
+                f"--seq-len ({self.seq_len}, at least 2)"
+            )
 
 
 @dataclass
@@ -58,9 +60,15 @@ class QuickstartReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_quickstart(out: str | os.PathLike, settings: QuickstartSettings | None = None, *, force: bool = False,
-                   on_stage: Callable[[str, int | None], None] | None = None, on_step=None,
-                   on_event=None) -> QuickstartReport:
+def run_quickstart(
+    out: str | os.PathLike,
+    settings: QuickstartSettings | None = None,
+    *,
+    force: bool = False,
+    on_stage: Callable[[str, int | None], None] | None = None,
+    on_step=None,
+    on_event=None,
+) -> QuickstartReport:
     """Run every stage; ``on_stage(message, training_steps or None)`` announces each one."""
     s = settings or QuickstartSettings()
     stage = on_stage or (lambda message, steps: None)
@@ -79,10 +87,23 @@ def run_quickstart(out: str | os.PathLike, settings: QuickstartSettings | None =
     lap("convert")
 
     def train(student: Path, phase: int, steps: int, name: str) -> Path:
-        targs = TrainingArgs(out=out / name, steps=steps, seq_len=s.seq_len, batch_tokens=s.batch_tokens,
-                             micro_batch=s.batch_tokens // s.seq_len, seed=0)
-        return run_phase(student, s.teacher, DistillSettings(phase=phase), DataArgs(TRAIN_TEXT), targs,
-                         on_step=on_step, on_event=on_event).out
+        targs = TrainingArgs(
+            out=out / name,
+            steps=steps,
+            seq_len=s.seq_len,
+            batch_tokens=s.batch_tokens,
+            micro_batch=s.batch_tokens // s.seq_len,
+            seed=0,
+        )
+        return run_phase(
+            student,
+            s.teacher,
+            DistillSettings(phase=phase),
+            DataArgs(TRAIN_TEXT),
+            targs,
+            on_step=on_step,
+            on_event=on_event,
+        ).out
 
     stage(f"2/6 phase 1: interpolated transition, {s.steps1} steps", s.steps1)
     phase1 = train(melt0, 1, s.steps1, "phase1")
@@ -95,15 +116,17 @@ def run_quickstart(out: str | os.PathLike, settings: QuickstartSettings | None =
     models = {"Ouro teacher": s.teacher, "MELT (phase 1 + 2)": melt, "training-free last": last}
     for name, path in models.items():
         teacher = None if name == "Ouro teacher" else s.teacher
-        result = evaluate_checkpoint(path, VALID_TEXT, teacher=teacher, seq_len=s.seq_len,
-                                     max_sequences=s.eval_sequences)
+        result = evaluate_checkpoint(
+            path, VALID_TEXT, teacher=teacher, seq_len=s.seq_len, max_sequences=s.eval_sequences
+        )
         report.evaluation[name] = next(iter(result.results.values()))
     lap("evaluate")
 
     stage("5/6 generate (temperature 0.8, top-k 40, seed 0)", None)
     tokenizer = load_tokenizer(s.teacher)
-    generation = GenerationSettings(max_new_tokens=s.new_tokens,
-                                    sampling=SamplingSettings(temperature=0.8, top_k=40, seed=0))
+    generation = GenerationSettings(
+        max_new_tokens=s.new_tokens, sampling=SamplingSettings(temperature=0.8, top_k=40, seed=0)
+    )
     for name, path in models.items():
         result = generate_text(load_model(path, dtype="fp32"), tokenizer, [s.prompt], generation).results[0]
         report.samples[name] = s.prompt + result.text
@@ -113,8 +136,10 @@ def run_quickstart(out: str | os.PathLike, settings: QuickstartSettings | None =
     ouro_config, melt_config = load_config(s.teacher), load_config(melt)
     bf16 = torch.bfloat16
     for loops in s.kv_loops:
-        report.kv_bytes[loops] = {"ouro": ouro_config.kv_bytes_per_token(bf16, loops),
-                                  "melt": melt_config.kv_bytes_per_token(bf16, loops)}
+        report.kv_bytes[loops] = {
+            "ouro": ouro_config.kv_bytes_per_token(bf16, loops),
+            "melt": melt_config.kv_bytes_per_token(bf16, loops),
+        }
         report.measured_cache_bytes[loops] = {  # the caches generation allocates, for kv_tokens tokens
             "ouro": KVCache(ouro_config, 1, s.kv_tokens, loops, dtype=bf16).nbytes(),
             "melt": KVCache(melt_config, 1, s.kv_tokens, loops, dtype=bf16).nbytes(),

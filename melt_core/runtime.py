@@ -150,8 +150,9 @@ class PeakMemory:
                 self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.device.type == "cuda":
             synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)

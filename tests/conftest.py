@@ -15,10 +15,22 @@ from melt_core.checkpoints.tokenizer import SAMPLE_TEXT, train_bpe_tokenizer
 torch.set_num_threads(1)
 
 # MHA and GQA variants; small enough that a forward takes milliseconds.
-TINY_MHA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, total_ut_steps=3)
-TINY_GQA = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
-                num_key_value_heads=2, total_ut_steps=4)
+TINY_MHA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    total_ut_steps=3,
+)
+TINY_GQA = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    total_ut_steps=4,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -46,14 +58,12 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
     """A random GQA Ouro checkpoint (fp32) on disk."""
-    return write_random_ouro(tmp_path_factory.mktemp("ckpt") / "tiny-ouro", tokenizer=tokenizer, seed=1,
-                             **TINY_GQA)
+    return write_random_ouro(tmp_path_factory.mktemp("ckpt") / "tiny-ouro", tokenizer=tokenizer, seed=1, **TINY_GQA)
 
 
 @pytest.fixture(scope="session")
 def mha_ckpt(tmp_path_factory, tokenizer) -> Path:
-    return write_random_ouro(tmp_path_factory.mktemp("ckpt") / "mha-ouro", tokenizer=tokenizer, seed=2,
-                             **TINY_MHA)
+    return write_random_ouro(tmp_path_factory.mktemp("ckpt") / "mha-ouro", tokenizer=tokenizer, seed=2, **TINY_MHA)
 
 
 @pytest.fixture(params=["tiny_ckpt", "mha_ckpt"])

@@ -10,11 +10,26 @@ from melt_core.inference.decode import decode
 
 
 @torch.no_grad()
-def greedy_tokens(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
-                  loops: int | None = None, chunk_size: int | None = None) -> Tensor:
+def greedy_tokens(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    loops: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
     """(B, max_new_tokens) greedy tokens, no stop tokens, through ``model.new_cache``."""
     B, S = input_ids.shape
     cache = model.new_cache(B, S + max_new_tokens, loops)
-    steps = decode(model, input_ids, attention_mask, cache, Sampler(SamplingSettings()), max_new_tokens=max_new_tokens,
-                   chunk_size=chunk_size, loops=loops)
+    steps = decode(
+        model,
+        input_ids,
+        attention_mask,
+        cache,
+        Sampler(SamplingSettings()),
+        max_new_tokens=max_new_tokens,
+        chunk_size=chunk_size,
+        loops=loops,
+    )
     return torch.stack(list(steps), dim=1)

@@ -31,9 +31,11 @@ def _latent(sd: dict[str, Tensor], p: str, mc: dict, u: Tensor, h_prev: Tensor |
         h_prev = torch.zeros_like(u)
     u32, h32 = u.float(), h_prev.float()
     if learned:
-        z = torch.sigmoid(_linear(u32, sd[p + "kv_gate.input_proj.weight"].float())
-                          + _linear(h32, sd[p + "kv_gate.state_proj.weight"].float())
-                          + sd[p + "kv_gate.bias"].float())  # (C, H) for "gate", (C, 1) for "scalar"
+        z = torch.sigmoid(
+            _linear(u32, sd[p + "kv_gate.input_proj.weight"].float())
+            + _linear(h32, sd[p + "kv_gate.state_proj.weight"].float())
+            + sd[p + "kv_gate.bias"].float()
+        )  # (C, H) for "gate", (C, 1) for "scalar"
         h = z * h32 + (1 - z) * u32
     elif policy == "last":
         h = u32
@@ -46,8 +48,15 @@ def _latent(sd: dict[str, Tensor], p: str, mc: dict, u: Tensor, h_prev: Tensor |
     return h.to(u.dtype)
 
 
-def reference_melt_forward(sd: dict[str, Tensor], cfg: dict, ids: Tensor, *, chunk_sizes: list[int],
-                           loops: int | None = None, alpha: float = 1.0) -> dict:
+def reference_melt_forward(
+    sd: dict[str, Tensor],
+    cfg: dict,
+    ids: Tensor,
+    *,
+    chunk_sizes: list[int],
+    loops: int | None = None,
+    alpha: float = 1.0,
+) -> dict:
     """ids (S,) -> {"loop_logits": [T x (S, V)], "hidden": [T x (S, H)]}; keys/values at loop τ are
     ``alpha * KV_MELT + (1 - alpha) * KV_base`` (alpha = 1: pure MELT, alpha = 0: plain Ouro)."""
     T = loops or cfg["total_ut_steps"]

@@ -22,7 +22,7 @@ def _rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:  # x (heads, S, d)
     inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
     ang = pos.float()[:, None] * inv[None, :]  # (S, d/2)
     cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 

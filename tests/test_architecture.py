@@ -11,8 +11,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # Bottom-up layers of melt_core: a module imports only from its own layer or below, and within its
 # own layer only from its own package.
 LAYERS = {
-    "errors": 0, "dtypes": 1, "runtime": 1, "data": 1,
-    "models": 2, "checkpoints": 3, "inference": 4, "evaluation": 4, "training": 5, "profiling": 5, "quickstart": 6,
+    "errors": 0,
+    "dtypes": 1,
+    "runtime": 1,
+    "data": 1,
+    "models": 2,
+    "checkpoints": 3,
+    "inference": 4,
+    "evaluation": 4,
+    "training": 5,
+    "profiling": 5,
+    "quickstart": 6,
 }
 
 
@@ -81,7 +90,7 @@ def test_no_import_cycles(package):
         state[module] = 1
         for target in graph[module]:
             if state.get(target) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(target):] + [target]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(target) :] + [target]))
             if target not in state:
                 visit(target, path + [target])
         state[module] = 2

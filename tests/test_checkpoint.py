@@ -103,6 +103,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
 
 # --- bad inputs -------------------------------------------------------------------------------
 
+
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         load_model(tmp_path / "nope")

@@ -41,8 +41,23 @@ def test_info_table_and_json(tiny_ckpt):
 
 def test_random_model_command(tmp_path):
     out = tmp_path / "r"
-    result = runner.invoke(app, ["random-model", str(out), "--layers", "1", "--hidden", "32", "--heads", "2",
-                                 "--kv-heads", "1", "--vocab-size", "300"])
+    result = runner.invoke(
+        app,
+        [
+            "random-model",
+            str(out),
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--vocab-size",
+            "300",
+        ],
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)
     assert info["num_layers"] == 1 and info["num_key_value_heads"] == 1 and info["vocab_size"] == 300
@@ -69,9 +84,13 @@ def test_info_errors_are_one_line(tiny_ckpt, tmp_path, case):
         cfg["vocab_size"] += 1
         (src / "config.json").write_text(json.dumps(cfg))
     line = one_red_line(runner.invoke(app, ["info", str(src)]))
-    expected = {"missing_dir": "does not exist", "no_config": "config.json not found",
-                "not_ouro": "model_type 'qwen3'", "truncated": "truncated or corrupt",
-                "shape": "has shape"}[case]
+    expected = {
+        "missing_dir": "does not exist",
+        "no_config": "config.json not found",
+        "not_ouro": "model_type 'qwen3'",
+        "truncated": "truncated or corrupt",
+        "shape": "has shape",
+    }[case]
     assert expected in line and str(src) in line
 
 
@@ -80,4 +99,5 @@ def test_debug_env_shows_traceback(tmp_path, monkeypatch):
     result = runner.invoke(app, ["info", str(tmp_path / "nope")])
     assert result.exit_code != 0
     from melt_core.errors import CheckpointNotFoundError
+
     assert isinstance(result.exception, CheckpointNotFoundError)

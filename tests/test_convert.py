@@ -21,10 +21,13 @@ from melt_core.models.config import MeltConfig, MeltSettings
 runner = CliRunner()
 
 
-@pytest.mark.parametrize(("name", "added", "kv_melt"), [
-    ("ouro-1.4b", 201_375_744, 196_608),
-    ("ouro-2.6b", 402_751_488, 393_216),
-])
+@pytest.mark.parametrize(
+    ("name", "added", "kv_melt"),
+    [
+        ("ouro-1.4b", 201_375_744, 196_608),
+        ("ouro-2.6b", 402_751_488, 393_216),
+    ],
+)
 def test_meta_sizes_of_real_models(name, added, kv_melt):
     ouro = config_from_dict(preset_config(name))
     melt = MeltConfig.from_ouro(ouro, MeltSettings())

@@ -36,11 +36,12 @@ def _full_recompute(model, prompt_ids: list[int], steps: int) -> list[int]:
     for _ in range(steps):
         kwargs = {}
         if model.config.model_type == "melt":
-            kwargs["chunk_size"] = chunk_lengths(len(prompt_ids), model.config.melt.chunk_size, "end") + \
-                [1] * (seq.shape[1] - len(prompt_ids))
+            kwargs["chunk_size"] = chunk_lengths(len(prompt_ids), model.config.melt.chunk_size, "end") + [1] * (
+                seq.shape[1] - len(prompt_ids)
+            )
         nxt = model(seq, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
-    return seq[0, len(prompt_ids):].tolist()
+    return seq[0, len(prompt_ids) :].tolist()
 
 
 def test_greedy_is_deterministic_and_equals_full_recompute(loaded):
@@ -59,8 +60,11 @@ def test_seeded_sampling_is_reproducible(loaded):
 
     def sample(seed: int, **kw) -> list[int]:
         sampling = SamplingSettings(temperature=kw.pop("temperature", 1.0), seed=seed, **kw)
-        return generate_text(model, tok, [PROMPTS[0]], GenerationSettings(max_new_tokens=16, sampling=sampling,
-                                                                          **NO_STOP)).results[0].token_ids
+        return (
+            generate_text(model, tok, [PROMPTS[0]], GenerationSettings(max_new_tokens=16, sampling=sampling, **NO_STOP))
+            .results[0]
+            .token_ids
+        )
 
     assert sample(7, top_k=50, top_p=0.9) == sample(7, top_k=50, top_p=0.9)
     assert sample(7) != sample(8)  # 16 draws from ~uniform over 384 tokens
@@ -73,8 +77,9 @@ def test_stop_token_ends_the_row(loaded):
     full = generate_text(model, tok, [PROMPTS[0]], GenerationSettings(max_new_tokens=12, **NO_STOP)).results[0]
     stop_id = full.token_ids[4]
     cut = full.token_ids.index(stop_id)
-    out = generate_text(model, tok, [PROMPTS[0]],
-                        GenerationSettings(max_new_tokens=12, stop_token_ids=(stop_id,))).results[0]
+    out = generate_text(
+        model, tok, [PROMPTS[0]], GenerationSettings(max_new_tokens=12, stop_token_ids=(stop_id,))
+    ).results[0]
     assert out.finish_reason == "stop_token"
     assert out.generated_tokens == cut + 1  # the stop token counts, but is not text
     assert out.token_ids == full.token_ids[:cut]
@@ -86,13 +91,14 @@ def test_stop_string_cuts_the_text_and_streams_nothing_after_it(loaded):
     # seeded sampling: varied text (a random model's greedy text can be one repeated byte)
     settings = dict(max_new_tokens=20, sampling=SamplingSettings(temperature=1.0, seed=0), **NO_STOP)
     full = generate_text(model, tok, [PROMPTS[0]], GenerationSettings(**settings)).results[0]
-    start = next(i for i in range(3, len(full.text) - 3) if "\ufffd" not in full.text[i:i + 3])
-    stop = full.text[start:start + 3]
+    start = next(i for i in range(3, len(full.text) - 3) if "\ufffd" not in full.text[i : i + 3])
+    stop = full.text[start : start + 3]
     deltas: list[str] = []
-    out = generate_text(model, tok, [PROMPTS[0]], GenerationSettings(stop=(stop,), **settings),
-                        on_text=lambda i, d: deltas.append(d)).results[0]
+    out = generate_text(
+        model, tok, [PROMPTS[0]], GenerationSettings(stop=(stop,), **settings), on_text=lambda i, d: deltas.append(d)
+    ).results[0]
     assert out.finish_reason == "stop_string"
-    assert out.text == full.text[:full.text.find(stop)]
+    assert out.text == full.text[: full.text.find(stop)]
     assert "".join(deltas) == out.text
     assert out.generated_tokens < 20
 
@@ -128,7 +134,7 @@ def test_text_stream_handles_multibyte_pieces_and_stop_strings(tokenizer):
         released += stream.push(i)
         held = max((k for k in range(1, 4) if stream.text.endswith("wörx"[:k])), default=0)
         held_at_some_point |= held > 0
-        assert released == stream.text[:len(stream.text) - held]
+        assert released == stream.text[: len(stream.text) - held]
     assert held_at_some_point
     assert released + stream.finish() == text and not stream.stopped
 
@@ -149,33 +155,67 @@ def test_batched_equals_each_prompt_alone(kind, tiny_ckpt, melt_ckpt):
 def test_prompts_file_gives_one_json_line_per_prompt_equal_to_alone(melt_ckpt, tmp_path):
     file = tmp_path / "prompts.jsonl"
     file.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n\n")
-    result = runner.invoke(app, ["generate", str(melt_ckpt), "--prompts-file", str(file), "--max-new-tokens", "6",
-                                 "--batch-size", "2", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            str(melt_ckpt),
+            "--prompts-file",
+            str(file),
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["index"] for line in lines] == [0, 1, 2]
     for line in lines:
-        assert {"index", "prompt", "text", "loops", "prompt_tokens", "generated_tokens", "finish_reason",
-                "token_ids"} <= line.keys()
-        alone = runner.invoke(app, ["generate", str(melt_ckpt), "--prompt", line["prompt"], "--max-new-tokens", "6",
-                                    "--json"])
+        assert {
+            "index",
+            "prompt",
+            "text",
+            "loops",
+            "prompt_tokens",
+            "generated_tokens",
+            "finish_reason",
+            "token_ids",
+        } <= line.keys()
+        alone = runner.invoke(
+            app, ["generate", str(melt_ckpt), "--prompt", line["prompt"], "--max-new-tokens", "6", "--json"]
+        )
         assert json.loads(alone.stdout)["token_ids"] == line["token_ids"]
     assert "tokens/s" in result.stderr and "KV cache" in result.stderr
 
 
 def _generate_json(path, *args: str) -> dict:
-    result = runner.invoke(app, ["generate", str(path), "--prompt", PROMPTS[0], "--max-new-tokens", "5", "--json",
-                                 *args])
+    result = runner.invoke(
+        app, ["generate", str(path), "--prompt", PROMPTS[0], "--max-new-tokens", "5", "--json", *args]
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
 
 def test_json_schema(tiny_ckpt):
     out = _generate_json(tiny_ckpt, "--loops", "3")
-    required = {"text": str, "loops": int, "kv_cache_bytes": int, "kv_cache_bytes_per_loop": list,
-                "decode_tokens_per_s": float, "prefill_tokens_per_s": float, "prompt_tokens": int,
-                "generated_tokens": int, "finish_reason": str, "peak_memory_bytes": int, "peak_memory_kind": str,
-                "model_type": str, "token_ids": list}
+    required = {
+        "text": str,
+        "loops": int,
+        "kv_cache_bytes": int,
+        "kv_cache_bytes_per_loop": list,
+        "decode_tokens_per_s": float,
+        "prefill_tokens_per_s": float,
+        "prompt_tokens": int,
+        "generated_tokens": int,
+        "finish_reason": str,
+        "peak_memory_bytes": int,
+        "peak_memory_kind": str,
+        "model_type": str,
+        "token_ids": list,
+    }
     for key, kind in required.items():
         assert isinstance(out[key], kind), key
     assert out["loops"] == 3 and len(out["kv_cache_bytes_per_loop"]) == 3
@@ -195,8 +235,7 @@ def test_kv_cache_bytes_melt_constant_ouro_linear_in_loops(tiny_ckpt, melt_ckpt)
 
 
 def test_streams_text_to_stdout_and_stats_to_stderr(tiny_ckpt):
-    result = runner.invoke(app, ["generate", str(tiny_ckpt), "-p", PROMPTS[0], "--max-new-tokens", "8",
-                                 "--loops", "2"])
+    result = runner.invoke(app, ["generate", str(tiny_ckpt), "-p", PROMPTS[0], "--max-new-tokens", "8", "--loops", "2"])
     assert result.exit_code == 0, result.output
     model, tok = load_model(tiny_ckpt), load_tokenizer(tiny_ckpt)
     expected = generate_text(model, tok, [PROMPTS[0]], GenerationSettings(max_new_tokens=8, loops=2)).results[0]
@@ -209,11 +248,13 @@ def test_stdin_and_prompt_file_and_chat(tiny_ckpt, tmp_path):
     via_stdin = runner.invoke(app, ["generate", str(tiny_ckpt), "--max-new-tokens", "4", "--json"], input=PROMPTS[1])
     file = tmp_path / "p.txt"
     file.write_text(PROMPTS[1])
-    via_file = runner.invoke(app, ["generate", str(tiny_ckpt), "--prompt-file", str(file), "--max-new-tokens", "4",
-                                   "--json"])
+    via_file = runner.invoke(
+        app, ["generate", str(tiny_ckpt), "--prompt-file", str(file), "--max-new-tokens", "4", "--json"]
+    )
     assert json.loads(via_stdin.stdout)["token_ids"] == json.loads(via_file.stdout)["token_ids"]
-    chat = runner.invoke(app, ["generate", str(tiny_ckpt), "--chat", "-p", PROMPTS[1], "--max-new-tokens", "4",
-                               "--json"])
+    chat = runner.invoke(
+        app, ["generate", str(tiny_ckpt), "--chat", "-p", PROMPTS[1], "--max-new-tokens", "4", "--json"]
+    )
     assert json.loads(chat.stdout)["prompt_tokens"] > json.loads(via_file.stdout)["prompt_tokens"]
 
 
@@ -231,19 +272,22 @@ def test_exit_options_reach_the_model(tiny_ckpt):
         generate_text(model, tok, [PROMPTS[0]], GenerationSettings(exit_at_step=4))
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["--loops", "0"], "loops must be >= 1"),
-    (["--prompt", "   "], "empty"),
-    ([], "empty"),  # stdin is empty
-    (["--prompt", "hi", "--device", "cuda"], "not available"),
-    (["--prompt", "hi", "--device", "tpu"], "unknown device"),
-    (["--prompt", "hi", "--prompts-file", "x.jsonl"], "exclude each other"),
-    (["--prompt", "hi", "--exit-at-step", "1", "--exit-threshold", "0.5"], "exclude each other"),
-    (["--prompt", "hi", "--exit-at-step", "4"], "exit-at-step must be in [0, 3]"),
-    (["--prompt", "hi", "--top-p", "0.9"], "temperature > 0"),
-    (["--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
-    (["--prompt-file", "missing.txt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--loops", "0"], "loops must be >= 1"),
+        (["--prompt", "   "], "empty"),
+        ([], "empty"),  # stdin is empty
+        (["--prompt", "hi", "--device", "cuda"], "not available"),
+        (["--prompt", "hi", "--device", "tpu"], "unknown device"),
+        (["--prompt", "hi", "--prompts-file", "x.jsonl"], "exclude each other"),
+        (["--prompt", "hi", "--exit-at-step", "1", "--exit-threshold", "0.5"], "exclude each other"),
+        (["--prompt", "hi", "--exit-at-step", "4"], "exit-at-step must be in [0, 3]"),
+        (["--prompt", "hi", "--top-p", "0.9"], "temperature > 0"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
+        (["--prompt-file", "missing.txt"], "does not exist"),
+    ],
+)
 def test_cli_errors_are_one_line(tiny_ckpt, args, expected):
     if expected == "not available" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -269,7 +313,9 @@ def test_bad_prompts_file_lines(tiny_ckpt, tmp_path):
     file = tmp_path / "bad.jsonl"
     file.write_text('{"prompt": "ok"}\nnot json\n')
     assert "bad.jsonl:2: not valid JSON" in one_red_line(
-        runner.invoke(app, ["generate", str(tiny_ckpt), "--prompts-file", str(file)]))
+        runner.invoke(app, ["generate", str(tiny_ckpt), "--prompts-file", str(file)])
+    )
     file.write_text('{"text": "no prompt key"}\n')
-    assert "no string field 'prompt'" in one_red_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--prompts-file",
-                                                                  str(file)]))
+    assert "no string field 'prompt'" in one_red_line(
+        runner.invoke(app, ["generate", str(tiny_ckpt), "--prompts-file", str(file)])
+    )

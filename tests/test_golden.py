@@ -32,8 +32,13 @@ def _args(out, **kw) -> TrainingArgs:
 @pytest.mark.parametrize("phase", [1, 2])
 def test_distill_golden_losses(tiny_ckpt, text_file, tmp_path, phase):
     student = convert_ouro_to_melt(tiny_ckpt, tmp_path / "melt", MeltSettings(chunk_size=8, z0=0.3))
-    result = run_phase(student, tiny_ckpt, DistillSettings(phase=phase), DataArgs(text_file),
-                       _args(tmp_path / "run", gate_lr=5e-2, lr=1e-3))
+    result = run_phase(
+        student,
+        tiny_ckpt,
+        DistillSettings(phase=phase),
+        DataArgs(text_file),
+        _args(tmp_path / "run", gate_lr=5e-2, lr=1e-3),
+    )
     assert _losses(result.out) == pytest.approx(GOLDEN[f"phase{phase}"], rel=1e-4, abs=1e-7)
 
 

@@ -15,8 +15,7 @@ from melt_core.errors import ConfigError
 from melt_core.inference.decode import prefill
 from melt_core.models.config import MeltConfig, MeltSettings
 from melt_core.models.kv import SharedKV
-from melt_core.models.melt import is_gate_parameter
-from melt_core.models.update_rules import UPDATE_RULES, KVGate
+from melt_core.models.update_rules import UPDATE_RULES, KVGate, is_gate_parameter
 
 ATOL = 1e-5
 POLICIES = tuple(UPDATE_RULES)
@@ -38,8 +37,11 @@ def _randomize_gates(model, seed: int = 0, std: float = 0.3) -> None:
 def melt_dirs(tiny_ckpt, tmp_path_factory):
     """One conversion per training-free policy, and the scalar gate."""
     root = tmp_path_factory.mktemp("melt")
-    return {policy: convert_ouro_to_melt(tiny_ckpt, root / policy, MeltSettings(policy=policy, chunk_size=4))
-            for policy in POLICIES if policy != "gate"}
+    return {
+        policy: convert_ouro_to_melt(tiny_ckpt, root / policy, MeltSettings(policy=policy, chunk_size=4))
+        for policy in POLICIES
+        if policy != "gate"
+    }
 
 
 def _model(policy, melt_ckpt, melt_dirs, h0="first_input"):
@@ -62,8 +64,9 @@ def ouro(tiny_ckpt):
 
 def _reference(model, ids, chunk_sizes, loops=None, alpha=1.0):
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    return reference_melt_forward(sd, model.config.to_dict(), ids, chunk_sizes=chunk_sizes, loops=loops,
-                                  alpha=alpha)["loop_logits"]
+    return reference_melt_forward(sd, model.config.to_dict(), ids, chunk_sizes=chunk_sizes, loops=loops, alpha=alpha)[
+        "loop_logits"
+    ]
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -120,13 +123,13 @@ def test_prefill_with_chunk_then_decode_matches_training_forward(melt):
     prefill_logits = melt(prompt, cache=cache).logits  # the config's chunk size, 4
     torch.testing.assert_close(prefill_logits, melt(prompt, chunk_size=C).logits, atol=ATOL, rtol=1e-4)
     new = _ids(V, 2, 6, seed=4)
-    decoded = torch.cat([melt(new[:, i:i + 1], cache=cache).logits for i in range(6)], 1)
+    decoded = torch.cat([melt(new[:, i : i + 1], cache=cache).logits for i in range(6)], 1)
     reference = melt(torch.cat([prompt, new], 1), chunk_size=[4, 4, 2] + [1] * 6).logits[:, 10:]
     torch.testing.assert_close(decoded, reference, atol=ATOL, rtol=1e-4)
     # deterministic: a second run gives identical logits
     cache2 = melt.new_cache(2, 16)
     melt(prompt, cache=cache2)
-    again = torch.cat([melt(new[:, i:i + 1], cache=cache2).logits for i in range(6)], 1)
+    again = torch.cat([melt(new[:, i : i + 1], cache=cache2).logits for i in range(6)], 1)
     assert torch.equal(decoded, again)
 
 
@@ -169,8 +172,9 @@ def test_one_loop_melt_is_one_loop_ouro(melt_ckpt, melt_dirs, ouro, policy):
     """Loop 1 writes exactly Ouro's loop-1 row (h0 = first_input), so with one loop MELT == Ouro."""
     model = _model(policy, melt_ckpt, melt_dirs)
     ids = _ids(model.config.vocab_size, 2, 9, seed=8)
-    torch.testing.assert_close(model(ids, loops=1, chunk_size=2).logits, ouro(ids, loops=1).logits,
-                               atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(
+        model(ids, loops=1, chunk_size=2).logits, ouro(ids, loops=1).logits, atol=ATOL, rtol=1e-4
+    )
 
 
 def test_mean_and_ema_rows_follow_their_definitions(melt_dirs):
@@ -195,8 +199,9 @@ def test_gate_runs_in_fp32_in_a_bf16_model():
         gate.reset(torch.sigmoid(torch.tensor(b)).item())
         z = gate(u, h_prev)
         assert z.dtype == torch.float32
-        torch.testing.assert_close(1 - z, torch.full_like(z, 1 - torch.sigmoid(torch.tensor(b)).item()),
-                                   rtol=1e-2, atol=0)
+        torch.testing.assert_close(
+            1 - z, torch.full_like(z, 1 - torch.sigmoid(torch.tensor(b)).item()), rtol=1e-2, atol=0
+        )
     h = UPDATE_RULES["gate"](MeltSettings()).next(1, u, h_prev, gate)
     expected = (z * h_prev.float() + (1 - z) * u.float()).to(torch.bfloat16)
     assert h.dtype == torch.bfloat16 and torch.equal(h, expected)
@@ -217,8 +222,9 @@ def test_cache_bytes_independent_of_loops(melt, ouro):
 def test_more_loops_than_trained_with_shared_cache(melt):
     ids = _ids(melt.config.vocab_size, 1, 7)
     cache = melt.new_cache(1, 7)
-    torch.testing.assert_close(prefill(melt, ids, None, cache, 1, loops=8), melt(ids, loops=8, chunk_size=1).logits,
-                               atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(
+        prefill(melt, ids, None, cache, 1, loops=8), melt(ids, loops=8, chunk_size=1).logits, atol=ATOL, rtol=1e-4
+    )
 
 
 def test_padded_batch_equals_prompts_alone(melt):
@@ -227,7 +233,7 @@ def test_padded_batch_equals_prompts_alone(melt):
     ids = torch.zeros(2, 7, dtype=torch.long)
     mask = torch.zeros(2, 7, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, 7 - len(p):], mask[b, 7 - len(p):] = p, 1
+        ids[b, 7 - len(p) :], mask[b, 7 - len(p) :] = p, 1
     batched = greedy_tokens(melt, ids, mask, max_new_tokens=6, chunk_size=1)
     for b, p in enumerate(prompts):
         alone = greedy_tokens(melt, p[None], max_new_tokens=6, chunk_size=1)

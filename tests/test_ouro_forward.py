@@ -66,14 +66,14 @@ def test_batched_left_padding_equals_each_prompt_alone(model):
     ids = torch.zeros(3, S, dtype=torch.long)
     mask = torch.zeros(3, S, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, S - len(p):] = p
-        mask[b, S - len(p):] = 1
+        ids[b, S - len(p) :] = p
+        mask[b, S - len(p) :] = 1
     batched = greedy_tokens(model, ids, mask, max_new_tokens=8)
     full = model(ids, mask).logits
     for b, p in enumerate(prompts):
         alone = greedy_tokens(model, p[None], max_new_tokens=8)
         assert torch.equal(batched[b], alone[0]), f"row {b} differs from its prompt alone"
-        torch.testing.assert_close(full[b, S - len(p):], model(p[None]).logits[0], atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(full[b, S - len(p) :], model(p[None]).logits[0], atol=ATOL, rtol=1e-4)
 
 
 def test_padded_chunked_prefill_equals_full(model):
@@ -115,8 +115,10 @@ def test_threshold_selects_first_step_whose_cdf_reaches_it(model):
 def test_weighted_exit_matches_hand_computation(model):
     ids = _ids(model, 2, 5)
     out = model(ids, weighted_exit=True, return_loop_logits=True)
-    gates = [torch.sigmoid(model.model.early_exit_gate(h)).squeeze(-1)
-             for h in model(ids, return_hidden_states=True).hidden_states]
+    gates = [
+        torch.sigmoid(model.model.early_exit_gate(h)).squeeze(-1)
+        for h in model(ids, return_hidden_states=True).hidden_states
+    ]
     T = len(gates)
     pdf = [gates[0]]
     for t in range(1, T):

@@ -13,10 +13,13 @@ from melt_core.checkpoints.io import build_model, config_from_dict
 from melt_core.checkpoints.presets import preset_config
 
 
-@pytest.mark.parametrize(("name", "params", "tensors"), [
-    ("ouro-1.4b", 1_434_652_673, 269),
-    ("ouro-2.6b", 2_667_974_657, 533),
-])
+@pytest.mark.parametrize(
+    ("name", "params", "tensors"),
+    [
+        ("ouro-1.4b", 1_434_652_673, 269),
+        ("ouro-2.6b", 2_667_974_657, 533),
+    ],
+)
 def test_real_parameter_counts_and_tensor_names(name, params, tensors):
     config = config_from_dict(preset_config(name))
     model = build_model(config, "meta")
@@ -25,18 +28,29 @@ def test_real_parameter_counts_and_tensor_names(name, params, tensors):
     assert len(sd) == tensors
     H, I, V = 2048, 5632, 49152
     expected = {
-        "model.embed_tokens.weight": (V, H), "lm_head.weight": (V, H), "model.norm.weight": (H,),
-        "model.early_exit_gate.weight": (1, H), "model.early_exit_gate.bias": (1,),
+        "model.embed_tokens.weight": (V, H),
+        "lm_head.weight": (V, H),
+        "model.norm.weight": (H,),
+        "model.early_exit_gate.weight": (1, H),
+        "model.early_exit_gate.bias": (1,),
     }
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        expected.update({
-            p + "self_attn.q_proj.weight": (2048, H), p + "self_attn.k_proj.weight": (2048, H),
-            p + "self_attn.v_proj.weight": (2048, H), p + "self_attn.o_proj.weight": (H, 2048),
-            p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I),
-            p + "input_layernorm.weight": (H,), p + "input_layernorm_2.weight": (H,),
-            p + "post_attention_layernorm.weight": (H,), p + "post_attention_layernorm_2.weight": (H,),
-        })
+        expected.update(
+            {
+                p + "self_attn.q_proj.weight": (2048, H),
+                p + "self_attn.k_proj.weight": (2048, H),
+                p + "self_attn.v_proj.weight": (2048, H),
+                p + "self_attn.o_proj.weight": (H, 2048),
+                p + "mlp.gate_proj.weight": (I, H),
+                p + "mlp.up_proj.weight": (I, H),
+                p + "mlp.down_proj.weight": (H, I),
+                p + "input_layernorm.weight": (H,),
+                p + "input_layernorm_2.weight": (H,),
+                p + "post_attention_layernorm.weight": (H,),
+                p + "post_attention_layernorm_2.weight": (H,),
+            }
+        )
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected
     assert all(p.device.type == "meta" for p in model.parameters())
 

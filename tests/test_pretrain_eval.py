@@ -23,8 +23,10 @@ runner = CliRunner()
 
 
 def _pretrain_args(out, **kw):
-    return TrainingArgs(out=out, **{"steps": 12, "seq_len": 32, "micro_batch": 4, "lr": 3e-3, "warmup_steps": 0,
-                                    "eval_batches": 2, **kw})
+    return TrainingArgs(
+        out=out,
+        **{"steps": 12, "seq_len": 32, "micro_batch": 4, "lr": 3e-3, "warmup_steps": 0, "eval_batches": 2, **kw},
+    )
 
 
 @pytest.mark.parametrize("objective", ["uniform", "ouro"])
@@ -82,20 +84,47 @@ def test_pretrain_init_from_refuses_melt_and_shape_flags(tiny_ckpt, text_file, t
     convert_ouro_to_melt(tiny_ckpt, tmp_path / "melt")
     with pytest.raises(UnsupportedModelError, match="needs an Ouro checkpoint"):
         run_pretrain(PretrainSettings(init_from=tmp_path / "melt"), text_file, _pretrain_args(tmp_path / "run"))
-    result = runner.invoke(app, ["pretrain", "--data", str(text_file), "--out", str(tmp_path / "x"),
-                                 "--init-from", str(tiny_ckpt), "--loops", "2", "--preset", "tiny"])
+    result = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--data",
+            str(text_file),
+            "--out",
+            str(tmp_path / "x"),
+            "--init-from",
+            str(tiny_ckpt),
+            "--loops",
+            "2",
+            "--preset",
+            "tiny",
+        ],
+    )
     assert result.exit_code == 1 and "drop --preset, --loops" in result.stderr
 
 
 def test_cli_pretrain_rejects_tokenizer_with_vocab_size(text_file, tiny_ckpt, tmp_path):
-    result = runner.invoke(app, ["pretrain", "--data", str(text_file), "--out", str(tmp_path / "x"),
-                                 "--tokenizer", str(tiny_ckpt), "--vocab-size", "100"])
+    result = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--data",
+            str(text_file),
+            "--out",
+            str(tmp_path / "x"),
+            "--tokenizer",
+            str(tiny_ckpt),
+            "--vocab-size",
+            "100",
+        ],
+    )
     assert result.exit_code == 1 and "exclude each other" in result.stderr
 
 
 def test_eval_equals_hand_computation(tiny_ckpt, text_file):
-    report = evaluate_checkpoint(tiny_ckpt, text_file, teacher=tiny_ckpt, loops=[None, 2], seq_len=16,
-                                 max_sequences=5, batch_size=2)
+    report = evaluate_checkpoint(
+        tiny_ckpt, text_file, teacher=tiny_ckpt, loops=[None, 2], seq_len=16, max_sequences=5, batch_size=2
+    )
     model = load_model(tiny_ckpt)
     ids = PackedSequences.from_path(text_file, load_tokenizer(tiny_ckpt), 16).sequences[:5]
     for count in (4, 2):
@@ -109,14 +138,41 @@ def test_eval_equals_hand_computation(tiny_ckpt, text_file):
 
 
 def test_cli_eval_json_and_table(tiny_ckpt, text_file):
-    result = runner.invoke(app, ["eval", str(tiny_ckpt), "--data", str(text_file), "--seq-len", "16",
-                                 "--max-sequences", "3", "--loops", "1,4", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_ckpt),
+            "--data",
+            str(text_file),
+            "--seq-len",
+            "16",
+            "--max-sequences",
+            "3",
+            "--loops",
+            "1,4",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report["results"]) == {"1", "4"} and len(report["results"]["4"]) == 4
     assert report["results"]["1"][0]["loss"] == pytest.approx(report["results"]["4"][0]["loss"], rel=1e-6)
-    table = runner.invoke(app, ["eval", str(tiny_ckpt), "--data", str(text_file), "--seq-len", "16",
-                                "--max-sequences", "2", "--teacher", str(tiny_ckpt)])
+    table = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_ckpt),
+            "--data",
+            str(text_file),
+            "--seq-len",
+            "16",
+            "--max-sequences",
+            "2",
+            "--teacher",
+            str(tiny_ckpt),
+        ],
+    )
     assert table.exit_code == 0 and "perplexity" in table.stdout and "100.00%" in table.stdout
     bad = runner.invoke(app, ["eval", str(tiny_ckpt), "--data", str(text_file), "--loops", "0"])
     assert bad.exit_code == 1 and "--loops" in bad.stderr

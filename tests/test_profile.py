@@ -53,13 +53,27 @@ def test_ouro_2_6b_and_loop_scaling():
 
 
 def test_profile_memory_cli_json_and_table():
-    result = runner.invoke(app, ["profile", "memory", "--preset", "ouro-1.4b", "--loops", "4", "--seq-len", "32000",
-                                 "--json"])
+    result = runner.invoke(
+        app, ["profile", "memory", "--preset", "ouro-1.4b", "--loops", "4", "--seq-len", "32000", "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert {"source", "dtype", "batch", "kv_bytes_per_token", "entries"} <= data.keys()
-    entry_keys = {"model", "name", "loops", "seq_len", "batch", "parameters", "gate_parameters", "weights_bytes",
-                  "gate_bytes", "kv_cache_bytes", "kv_cache_bytes_per_loop", "total_bytes", "measured"}
+    entry_keys = {
+        "model",
+        "name",
+        "loops",
+        "seq_len",
+        "batch",
+        "parameters",
+        "gate_parameters",
+        "weights_bytes",
+        "gate_bytes",
+        "kv_cache_bytes",
+        "kv_cache_bytes_per_loop",
+        "total_bytes",
+        "measured",
+    }
     assert all(entry_keys <= e.keys() for e in data["entries"])
     ouro = next(e for e in data["entries"] if e["model"] == "ouro")
     assert ouro["kv_cache_bytes"] == 25_165_824_000
@@ -89,8 +103,24 @@ def test_measured_per_loop_view(tiny_ckpt):
 
 
 def test_measure_cli_json(melt_ckpt):
-    result = runner.invoke(app, ["profile", "memory", str(melt_ckpt), "--measure", "--loops", "1,3",
-                                 "--seq-len", "12", "--dtype", "fp32", "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "memory",
+            str(melt_ckpt),
+            "--measure",
+            "--loops",
+            "1,3",
+            "--seq-len",
+            "12",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     entries = json.loads(result.stdout)["entries"]
     measured = [e for e in entries if e["measured"] is not None]
@@ -98,10 +128,17 @@ def test_measure_cli_json(melt_ckpt):
     for e in measured:
         m = e["measured"]
         assert m["cache_bytes"] == e["kv_cache_bytes"]  # measured == analytic, exactly
-        assert {"in_use_bytes_after_loop", "peak_delta_bytes", "held_delta_bytes", "memory_kind",
-                "decode_tokens_per_s", "prefill_tokens_per_s"} <= m.keys()
-    table = runner.invoke(app, ["profile", "memory", str(melt_ckpt), "--measure", "--loops", "2", "--seq-len", "8",
-                                "--dtype", "fp32"])
+        assert {
+            "in_use_bytes_after_loop",
+            "peak_delta_bytes",
+            "held_delta_bytes",
+            "memory_kind",
+            "decode_tokens_per_s",
+            "prefill_tokens_per_s",
+        } <= m.keys()
+    table = runner.invoke(
+        app, ["profile", "memory", str(melt_ckpt), "--measure", "--loops", "2", "--seq-len", "8", "--dtype", "fp32"]
+    )
     assert table.exit_code == 0, table.output
     assert "per later loop" in table.stdout and "peak above baseline" in table.stdout
 
@@ -124,8 +161,10 @@ def test_melt_from_ouro_equals_the_converted_checkpoint(tiny_ckpt, tmp_path):
 
 
 def test_profile_speed_json(tiny_ckpt):
-    result = runner.invoke(app, ["profile", "speed", str(tiny_ckpt), "--loops", "1,2", "--prompt-tokens", "16",
-                                 "--new-tokens", "4", "--json"])
+    result = runner.invoke(
+        app,
+        ["profile", "speed", str(tiny_ckpt), "--loops", "1,2", "--prompt-tokens", "16", "--new-tokens", "4", "--json"],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [r["loops"] for r in data["rows"]] == [1, 2]
@@ -134,16 +173,30 @@ def test_profile_speed_json(tiny_ckpt):
         assert r["ouro"]["decode_tokens_per_s"] > 0 and r["melt"]["prefill_tokens_per_s"] > 0
         assert r["ouro"]["decode_tokens"] == 4 and r["melt"]["prefill_tokens"] == 16
     assert data["rows"][1]["ouro"]["cache_bytes"] == 2 * data["rows"][1]["melt"]["cache_bytes"]
-    table = runner.invoke(app, ["profile", "speed", str(tiny_ckpt), "--loops", "1", "--prompt-tokens", "8",
-                                "--new-tokens", "2"])
+    table = runner.invoke(
+        app, ["profile", "speed", str(tiny_ckpt), "--loops", "1", "--prompt-tokens", "8", "--new-tokens", "2"]
+    )
     assert table.exit_code == 0 and "MELT/Ouro" in table.stdout and "tokens/s" in table.stdout
 
 
 def test_plot_memory(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "memory.png"
-    result = runner.invoke(app, ["profile", "memory", "--preset", "ouro-1.4b", "--loops", "1,2,4,8,16",
-                                 "--seq-len", "4096,32000", "--plot", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "memory",
+            "--preset",
+            "ouro-1.4b",
+            "--loops",
+            "1,2,4,8,16",
+            "--seq-len",
+            "4096,32000",
+            "--plot",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -157,15 +210,18 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
         plot_memory(report, tmp_path / "x.png")
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["memory", "--preset", "ouro-9b"], "unknown preset 'ouro-9b'; choose from ouro-1.4b, ouro-2.6b"),
-    (["memory"], "exactly one"),
-    (["memory", "--preset", "ouro-1.4b", "--loops", "0,4"], "loops must be >= 1"),
-    (["memory", "--preset", "ouro-1.4b", "--loops", "1,x"], "comma-separated integers"),
-    (["memory", "--preset", "ouro-1.4b", "--seq-len", "70000"], "exceeds the model's maximum 65536"),
-    (["memory", "--preset", "ouro-1.4b", "--measure"], "needs a checkpoint"),
-    (["memory", "--preset", "ouro-1.4b", "--dtype", "int8"], "unknown dtype"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["memory", "--preset", "ouro-9b"], "unknown preset 'ouro-9b'; choose from ouro-1.4b, ouro-2.6b"),
+        (["memory"], "exactly one"),
+        (["memory", "--preset", "ouro-1.4b", "--loops", "0,4"], "loops must be >= 1"),
+        (["memory", "--preset", "ouro-1.4b", "--loops", "1,x"], "comma-separated integers"),
+        (["memory", "--preset", "ouro-1.4b", "--seq-len", "70000"], "exceeds the model's maximum 65536"),
+        (["memory", "--preset", "ouro-1.4b", "--measure"], "needs a checkpoint"),
+        (["memory", "--preset", "ouro-1.4b", "--dtype", "int8"], "unknown dtype"),
+    ],
+)
 def test_profile_errors_are_one_line(args, expected):
     assert expected in one_red_line(runner.invoke(app, ["profile", *args]))
 
@@ -184,5 +240,6 @@ def test_speed_on_melt_without_source_is_a_clear_error(melt_ckpt, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     assert "does not exist here" in one_red_line(runner.invoke(app, ["profile", "speed", str(src)]))
     if not torch.cuda.is_available():
-        assert "not available" in one_red_line(runner.invoke(app, ["profile", "speed", str(melt_ckpt),
-                                                                    "--device", "cuda"]))
+        assert "not available" in one_red_line(
+            runner.invoke(app, ["profile", "speed", str(melt_ckpt), "--device", "cuda"])
+        )

@@ -24,8 +24,24 @@ def test_example_model_loads_by_name():
 
 def test_quickstart_runs_every_stage(tmp_path):
     out = tmp_path / "qs"
-    result = runner.invoke(app, ["quickstart", "--out", str(out), "--steps1", "2", "--steps2", "2",
-                                 "--seq-len", "64", "--batch-tokens", "64", "--eval-sequences", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "quickstart",
+            "--out",
+            str(out),
+            "--steps1",
+            "2",
+            "--steps2",
+            "2",
+            "--seq-len",
+            "64",
+            "--batch-tokens",
+            "64",
+            "--eval-sequences",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     for text in ("Ouro teacher", "MELT (phase 1 + 2)", "training-free last", "perplexity", "Ouro B/token", "16x"):
         assert text in result.stdout, text

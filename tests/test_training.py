@@ -47,8 +47,13 @@ def _fixed_batch_loss(student_path, teacher_path, phase, data):
 def test_phases_train_and_lower_the_loss(melt_ckpt, tiny_ckpt, text_file, tmp_path, phase):
     data = PackedSequences.from_path(text_file, load_tokenizer(melt_ckpt), SEQ)
     before = _fixed_batch_loss(melt_ckpt, tiny_ckpt, phase, data)
-    result = run_phase(melt_ckpt, None, DistillSettings(phase=phase), DataArgs(text_file, eval_data=text_file),
-                       _args(tmp_path / "run", steps=8, eval_batches=2))
+    result = run_phase(
+        melt_ckpt,
+        None,
+        DistillSettings(phase=phase),
+        DataArgs(text_file, eval_data=text_file),
+        _args(tmp_path / "run", steps=8, eval_batches=2),
+    )
     metrics = _metrics(result.out)
     assert len(metrics) == 8 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     after = _fixed_batch_loss(result.out, tiny_ckpt, phase, data)
@@ -80,10 +85,12 @@ def test_phase2_loss_is_kd_plus_beta_alignment_by_hand(melt_ckpt, tiny_ckpt, tex
     loss, parts = obj.loss(obj.model, ids, step=0)
     s = obj.student(ids, return_loop_logits=True, return_attn_outputs=True)
     t = obj.teacher(ids, return_loop_logits=True, return_attn_outputs=True)
-    kd = torch.stack([
-        (F.softmax(tl, -1) * (F.log_softmax(tl, -1) - F.log_softmax(sl, -1))).sum(-1).mean()
-        for sl, tl in zip(s.loop_logits, t.loop_logits)
-    ]).mean()
+    kd = torch.stack(
+        [
+            (F.softmax(tl, -1) * (F.log_softmax(tl, -1) - F.log_softmax(sl, -1))).sum(-1).mean()
+            for sl, tl in zip(s.loop_logits, t.loop_logits)
+        ]
+    ).mean()
     align = torch.stack([((a - b) ** 2).mean() for a, b in zip(s.attn_outputs, t.attn_outputs)]).mean()
     torch.testing.assert_close(loss, kd + beta * align, atol=1e-6, rtol=1e-5)
     assert parts["kd"] == pytest.approx(kd.item(), rel=1e-5) and parts["align"] == pytest.approx(align.item(), rel=1e-5)
@@ -100,8 +107,13 @@ def test_resume_is_exact(melt_ckpt, tiny_ckpt, text_file, tmp_path):
     with pytest.raises(TrainingInterruptedError, match="--resume"):
         run_phase(melt_ckpt, tiny_ckpt, DistillSettings(phase=1), DataArgs(text_file), half, on_step=stop)
     assert not (tmp_path / "b" / "config.json").exists()  # no final model from an interrupted run
-    resumed = run_phase(melt_ckpt, tiny_ckpt, DistillSettings(phase=1), DataArgs(text_file),
-                        _args(tmp_path / "b", save_every=2, resume=tmp_path / "b"))
+    resumed = run_phase(
+        melt_ckpt,
+        tiny_ckpt,
+        DistillSettings(phase=1),
+        DataArgs(text_file),
+        _args(tmp_path / "b", save_every=2, resume=tmp_path / "b"),
+    )
     a, b = _metrics(straight.out), _metrics(resumed.out)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for ma, mb in zip(a, b):
@@ -114,8 +126,13 @@ def test_resume_is_exact(melt_ckpt, tiny_ckpt, text_file, tmp_path):
 def test_resume_refuses_changed_settings(melt_ckpt, tiny_ckpt, text_file, tmp_path):
     run_phase(melt_ckpt, tiny_ckpt, DistillSettings(phase=1), DataArgs(text_file), _args(tmp_path / "r", 2))
     with pytest.raises(InvalidArgumentError, match="seq_len"):
-        run_phase(melt_ckpt, tiny_ckpt, DistillSettings(phase=1), DataArgs(text_file),
-                  _args(tmp_path / "r", 2, seq_len=16, batch_tokens=32, resume=tmp_path / "r"))
+        run_phase(
+            melt_ckpt,
+            tiny_ckpt,
+            DistillSettings(phase=1),
+            DataArgs(text_file),
+            _args(tmp_path / "r", 2, seq_len=16, batch_tokens=32, resume=tmp_path / "r"),
+        )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(melt_ckpt, tiny_ckpt, text_file, tmp_path, monkeypatch):
@@ -127,8 +144,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(melt_ckpt, tiny_ckpt, tex
 
     monkeypatch.setattr(DistillObjective, "loss", poisoned)
     with pytest.raises(TrainingDivergedError, match=r"nan at step 3.*step-000002"):
-        run_phase(melt_ckpt, tiny_ckpt, DistillSettings(phase=2), DataArgs(text_file),
-                  _args(tmp_path / "r", 4, save_every=1))
+        run_phase(
+            melt_ckpt, tiny_ckpt, DistillSettings(phase=2), DataArgs(text_file), _args(tmp_path / "r", 4, save_every=1)
+        )
     assert (tmp_path / "r" / "checkpoints" / "step-000002" / "run_state.json").is_file()
     assert not (tmp_path / "r" / "config.json").exists()
 
@@ -136,15 +154,35 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(melt_ckpt, tiny_ckpt, tex
 def test_incompatible_pairs_and_bad_data(melt_ckpt, tiny_ckpt, tokenizer, text_file, tmp_path):
     with pytest.raises(UnsupportedModelError, match="student must be MELT"):
         run_phase(tiny_ckpt, tiny_ckpt, DistillSettings(phase=1), DataArgs(text_file), _args(tmp_path / "a"))
-    other = write_random_ouro(tmp_path / "other", tokenizer=tokenizer, hidden_size=32, num_attention_heads=4,
-                              num_key_value_heads=2, num_hidden_layers=3, intermediate_size=64)
+    other = write_random_ouro(
+        tmp_path / "other",
+        tokenizer=tokenizer,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        intermediate_size=64,
+    )
     with pytest.raises(InvalidArgumentError, match="hidden_size: student 48 vs teacher 32"):
         run_phase(melt_ckpt, other, DistillSettings(phase=1), DataArgs(text_file), _args(tmp_path / "b"))
     with pytest.raises(UnsupportedModelError, match="teacher must be Ouro"):
         run_phase(melt_ckpt, melt_ckpt, DistillSettings(phase=1), DataArgs(text_file), _args(tmp_path / "c"))
     (tmp_path / "short.txt").write_text("too short")
-    result = runner.invoke(app, ["transition", str(melt_ckpt), "--data", str(tmp_path / "short.txt"),
-                                 "--out", str(tmp_path / "d"), "--seq-len", "64", "--steps", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "transition",
+            str(melt_ckpt),
+            "--data",
+            str(tmp_path / "short.txt"),
+            "--out",
+            str(tmp_path / "d"),
+            "--seq-len",
+            "64",
+            "--steps",
+            "1",
+        ],
+    )
     assert result.exit_code == 1 and "fewer than one sequence of 64" in result.stderr
     assert not (tmp_path / "d" / "config.json").exists()
 
@@ -157,18 +195,59 @@ def test_cli_distill_all_and_existing_out(melt_ckpt, text_file, tmp_path):
     assert (out / "phase1" / "config.json").is_file() and (out / "phase2" / "config.json").is_file()
     info = json.loads(runner.invoke(app, ["info", str(out / "phase2"), "--json"]).stdout)
     assert info["model_type"] == "melt"
-    again = runner.invoke(app, ["distill", "--phase", "2", str(melt_ckpt), "--data", str(text_file),
-                                "--out", str(out / "phase2"), "--steps", "1", "--seq-len", str(SEQ)])
+    again = runner.invoke(
+        app,
+        [
+            "distill",
+            "--phase",
+            "2",
+            str(melt_ckpt),
+            "--data",
+            str(text_file),
+            "--out",
+            str(out / "phase2"),
+            "--steps",
+            "1",
+            "--seq-len",
+            str(SEQ),
+        ],
+    )
     assert again.exit_code == 1 and "--force" in again.stderr
 
 
 def test_two_process_accelerate_run(melt_ckpt, text_file, tmp_path):
     """The same command under `accelerate launch` with 2 CPU processes (gloo DDP)."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "melt_cli", "distill", "--phase", "2", str(melt_ckpt), "--data", str(text_file),
-           "--out", str(out), "--steps", "2", "--seq-len", str(SEQ), "--batch-tokens", str(4 * SEQ)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "melt_cli",
+        "distill",
+        "--phase",
+        "2",
+        str(melt_ckpt),
+        "--data",
+        str(text_file),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--seq-len",
+        str(SEQ),
+        "--batch-tokens",
+        str(4 * SEQ),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

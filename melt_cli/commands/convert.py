@@ -31,7 +31,8 @@ def convert(
     out: Annotated[Path, typer.Argument(help="Output MELT checkpoint directory.")],
     policy: Annotated[str, typer.Option(help=f"KV-update policy: {', '.join(MELT_POLICIES)}.")] = M.policy,
     h0: Annotated[str, typer.Option(help=f"Latent state before loop 1 (learned gates): {', '.join(MELT_H0)}.")] = (
-        M.h0),
+        M.h0
+    ),
     z0: Annotated[float, typer.Option(help="Initial gate value: b_z = logit(z0), W_z = U_z = 0.")] = M.z0,
     chunk_size: Annotated[int, typer.Option(help="Chunk size for training and prefill.")] = M.chunk_size,
     dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (default: the source's dtype).")] = None,

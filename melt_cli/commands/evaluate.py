@@ -32,8 +32,9 @@ def parse_loops(text: str | None) -> list[int | None]:
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Ouro or MELT checkpoint directory (or 'example').")],
     data: o.Data,
-    teacher: Annotated[Path | None, typer.Option(help="Ouro teacher: adds KL(teacher || model) and top-1 "
-                                                       "agreement per loop.")] = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="Ouro teacher: adds KL(teacher || model) and top-1 agreement per loop.")
+    ] = None,
     loops: Annotated[str | None, typer.Option(help="Loop counts to run, e.g. 1,2,4,8 (default: the model's).")] = None,
     seq_len: o.SeqLen = 512,
     max_sequences: Annotated[int, typer.Option(help="Evaluate the first N packed sequences (0: all).")] = 64,
@@ -45,16 +46,28 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint on held-out text: loss and perplexity at every loop."""
     with byte_progress("evaluating") as update:
-        report = evaluate_checkpoint(checkpoint, data, teacher=teacher, loops=parse_loops(loops), seq_len=seq_len,
-                                     max_sequences=max_sequences or None, batch_size=batch_size,
-                                     text_field=text_field, device=device, dtype=dtype,
-                                     progress=lambda d, t: update(d, t, "sequences"))
+        report = evaluate_checkpoint(
+            checkpoint,
+            data,
+            teacher=teacher,
+            loops=parse_loops(loops),
+            seq_len=seq_len,
+            max_sequences=max_sequences or None,
+            batch_size=batch_size,
+            text_field=text_field,
+            device=device,
+            dtype=dtype,
+            progress=lambda d, t: update(d, t, "sequences"),
+        )
     if as_json:
         console.out.print_json(json.dumps(report.to_dict()))
         return
     for count, results in report.results.items():
-        table = Table(title=f"{report.checkpoint} ({report.model_type}) on {report.data}: {report.tokens:,} tokens, "
-                            f"{count} loops", title_justify="left")
+        table = Table(
+            title=f"{report.checkpoint} ({report.model_type}) on {report.data}: {report.tokens:,} tokens, "
+            f"{count} loops",
+            title_justify="left",
+        )
         for col in ("loop", "loss", "perplexity") + (("KL(teacher‖model)", "top-1 agreement") if teacher else ()):
             table.add_column(col, justify="right")
         for r in results:

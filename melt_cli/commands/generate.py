@@ -51,19 +51,28 @@ def _print_stats(report: GenerationReport) -> None:
 
     reasons = ", ".join(sorted({r.finish_reason for r in report.results}))
     err(f"[dim]{s.model_type} · {s.loops} loops · {s.device} · {s.dtype}[/]")
-    err(f"prompt tokens: {s.prompt_tokens:,} | generated tokens: {s.generated_tokens:,} ({reasons})"
-              + (f" | {s.num_prompts} prompts, batches of {s.batch_size}" if s.num_prompts > 1 else ""))
-    err(f"prefill: {s.prefill_tokens_per_s:,.1f} tokens/s ({s.prefill_seconds:.3f} s) | "
-              f"decode: {s.decode_tokens_per_s:,.1f} tokens/s ({s.decode_seconds:.3f} s)")
+    err(
+        f"prompt tokens: {s.prompt_tokens:,} | generated tokens: {s.generated_tokens:,} ({reasons})"
+        + (f" | {s.num_prompts} prompts, batches of {s.batch_size}" if s.num_prompts > 1 else "")
+    )
+    err(
+        f"prefill: {s.prefill_tokens_per_s:,.1f} tokens/s ({s.prefill_seconds:.3f} s) | "
+        f"decode: {s.decode_tokens_per_s:,.1f} tokens/s ({s.decode_seconds:.3f} s)"
+    )
     if is_melt(s):
-        err(f"KV cache: {s.kv_cache_bytes:,} B ({hb(s.kv_cache_bytes)}) for {s.kv_cache_positions:,} positions: "
-                  f"one shared cache for all {s.loops} loops, the same size for any loop count")
+        err(
+            f"KV cache: {s.kv_cache_bytes:,} B ({hb(s.kv_cache_bytes)}) for {s.kv_cache_positions:,} positions: "
+            f"one shared cache for all {s.loops} loops, the same size for any loop count"
+        )
     else:
         per_loop = s.kv_cache_bytes_per_loop[0]
-        err(f"KV cache: {s.kv_cache_bytes:,} B ({hb(s.kv_cache_bytes)}) for {s.kv_cache_positions:,} positions: "
-                  f"{s.loops} loops x {per_loop:,} B ({hb(per_loop)}) per loop")
-    kind = {"cuda_allocator_peak": "CUDA allocator peak",
-            "process_peak_rss": "process peak RSS"}.get(s.peak_memory_kind, s.peak_memory_kind)
+        err(
+            f"KV cache: {s.kv_cache_bytes:,} B ({hb(s.kv_cache_bytes)}) for {s.kv_cache_positions:,} positions: "
+            f"{s.loops} loops x {per_loop:,} B ({hb(per_loop)}) per loop"
+        )
+    kind = {"cuda_allocator_peak": "CUDA allocator peak", "process_peak_rss": "process peak RSS"}.get(
+        s.peak_memory_kind, s.peak_memory_kind
+    )
     peak = "n/a" if s.peak_memory_bytes is None else f"{s.peak_memory_bytes:,} B ({hb(s.peak_memory_bytes)})"
     err(f"peak memory: {peak} ({kind}); KV cache exactly {s.kv_cache_bytes:,} B")
 
@@ -75,40 +84,57 @@ def generate(
     checkpoint: Annotated[Path, typer.Argument(help="Ouro or MELT checkpoint directory.")],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="Read the prompt from a text file.")] = None,
-    prompts_file: Annotated[Path | None, typer.Option(
-        help='Batch mode: a JSON-lines file of {"prompt": ...}; prints one JSON line per prompt.')] = None,
-    chat: Annotated[bool, typer.Option(
-        "--chat", help="Apply the chat template (stops at <|im_end|> and EOS).")] = G.chat,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(help='Batch mode: a JSON-lines file of {"prompt": ...}; prints one JSON line per prompt.'),
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Apply the chat template (stops at <|im_end|> and EOS).")
+    ] = G.chat,
     loops: Annotated[int | None, typer.Option(help="Loops per token (default: the model's total_ut_steps).")] = G.loops,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per prompt.")] = G.max_new_tokens,
     temperature: Annotated[float, typer.Option(help="0 = greedy; above 0, sample.")] = S.temperature,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off; needs --temperature > 0).")] = S.top_p,
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = S.top_k,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling generator (reproducible samples).")] = S.seed,
-    stop: Annotated[list[str] | None, typer.Option(
-        help="Stop string (repeatable); the text ends before it.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
     device: Device = "auto",
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = None,
-    exit_at_step: Annotated[int | None, typer.Option(
-        help="Take the logits of this loop (0-based); all loops still run.")] = G.exit_at_step,
-    exit_threshold: Annotated[float | None, typer.Option(
-        help="Exit-gate CDF threshold (default: the config's early_exit_threshold).")] = G.exit_threshold,
+    exit_at_step: Annotated[
+        int | None, typer.Option(help="Take the logits of this loop (0-based); all loops still run.")
+    ] = G.exit_at_step,
+    exit_threshold: Annotated[
+        float | None, typer.Option(help="Exit-gate CDF threshold (default: the config's early_exit_threshold).")
+    ] = G.exit_threshold,
     chunk_size: ChunkSize = G.chunk_size,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = G.batch_size,
     as_json: Json = False,
 ) -> None:
     """Generate text from an Ouro or MELT checkpoint; tokens stream to stdout, statistics to stderr."""
     settings = GenerationSettings(
-        max_new_tokens=max_new_tokens, loops=loops,
+        max_new_tokens=max_new_tokens,
+        loops=loops,
         sampling=SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-        stop=tuple(stop or ()), chat=chat, exit_at_step=exit_at_step, exit_threshold=exit_threshold,
-        chunk_size=chunk_size, batch_size=batch_size,
+        stop=tuple(stop or ()),
+        chat=chat,
+        exit_at_step=exit_at_step,
+        exit_threshold=exit_threshold,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
     )
     stdin_text = None
     if prompt is None and prompt_file is None and prompts_file is None and not sys.stdin.isatty():
         stdin_text = sys.stdin.read()
-    args = GenerateArgs(checkpoint=checkpoint, prompt=prompt, prompt_file=prompt_file, prompts_file=prompts_file,
-                        stdin_text=stdin_text, device=device, dtype=dtype, settings=settings)
+    args = GenerateArgs(
+        checkpoint=checkpoint,
+        prompt=prompt,
+        prompt_file=prompt_file,
+        prompts_file=prompts_file,
+        stdin_text=stdin_text,
+        device=device,
+        dtype=dtype,
+        settings=settings,
+    )
 
     def print_line(result: GenerationResult) -> None:
         _write(json.dumps(asdict(result), ensure_ascii=False) + "\n")

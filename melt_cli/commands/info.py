@@ -44,8 +44,11 @@ def info(
         ("vocab size", str(summary.vocab_size)),
         ("parameters", f"{summary.num_parameters:,}"),
         ("dtype", summary.dtype),
-        ("weights", f"{summary.weights_bytes:,} B ({console.human_bytes(summary.weights_bytes)})"
-                    + ("" if summary.has_weights else "  [dim](config only)[/]")),
+        (
+            "weights",
+            f"{summary.weights_bytes:,} B ({console.human_bytes(summary.weights_bytes)})"
+            + ("" if summary.has_weights else "  [dim](config only)[/]"),
+        ),
     ]
     if summary.melt is None:
         rows.append(("KV cache per token", f"{summary.kv_bytes_per_token:,} B (all {summary.loops} loops)"))

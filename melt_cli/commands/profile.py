@@ -40,6 +40,7 @@ SPEED_EPILOG = """Examples:
   melt profile speed ./MELT-1.6B --loops 4 --prompt-tokens 2000 --new-tokens 64 --json
 """
 
+
 def _csv(values: tuple[int, ...]) -> str:
     return ",".join(str(v) for v in values)
 
@@ -78,8 +79,10 @@ def _print_wide(table: Table) -> None:
 
 def _memory_table(report: MemoryReport) -> Table:
     measured = any(e.measured is not None for e in report.entries)
-    table = Table(title=f"memory of {report.source}: {report.dtype}, batch {report.batch} "
-                        f"(GB = 1e9 B, GiB = 2^30 B)", title_justify="left")
+    table = Table(
+        title=f"memory of {report.source}: {report.dtype}, batch {report.batch} (GB = 1e9 B, GiB = 2^30 B)",
+        title_justify="left",
+    )
     for name in ("seq len", "loops", "model", "weights", "gates", "KV cache", "total"):
         table.add_column(name, justify="left" if name == "model" else "right")
     if measured:
@@ -90,39 +93,65 @@ def _memory_table(report: MemoryReport) -> Table:
         if previous is not None and previous.seq_len != e.seq_len:
             table.add_section()
         previous = e
-        row = [f"{e.seq_len:,}", str(e.loops), e.name + (" (no loops)" if e.model == "plain" else ""),
-               _size(e.weights_bytes), _size(e.gate_bytes) if e.gate_bytes else "-", _size(e.kv_cache_bytes),
-               _size(e.total_bytes)]
+        row = [
+            f"{e.seq_len:,}",
+            str(e.loops),
+            e.name + (" (no loops)" if e.model == "plain" else ""),
+            _size(e.weights_bytes),
+            _size(e.gate_bytes) if e.gate_bytes else "-",
+            _size(e.kv_cache_bytes),
+            _size(e.total_bytes),
+        ]
         if measured:
             m = e.measured
-            row += ["-", "-", "-"] if m is None else [
-                _size(m.cache_bytes), _per_loop(m.in_use_bytes_after_loop),
-                f"{_size(m.peak_delta_bytes)} [dim]({m.memory_kind})[/]"]
+            row += (
+                ["-", "-", "-"]
+                if m is None
+                else [
+                    _size(m.cache_bytes),
+                    _per_loop(m.in_use_bytes_after_loop),
+                    f"{_size(m.peak_delta_bytes)} [dim]({m.memory_kind})[/]",
+                ]
+            )
         table.add_row(*row)
     return table
 
 
 def memory(
-    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint directory (config.json is enough "
-                                                           "without --measure).")] = None,
-    preset: Annotated[str | None, typer.Option(
-        help="ouro-1.4b or ouro-2.6b (or their MELT names melt-1.6b, melt-3.1b): both rows are shown.")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint directory (config.json is enough without --measure).")
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="ouro-1.4b or ouro-2.6b (or their MELT names melt-1.6b, melt-3.1b): both rows are shown."),
+    ] = None,
     loops: Annotated[str, typer.Option(help="Loop counts, comma-separated.")] = _csv(M.loops),
-    seq_len: Annotated[str, typer.Option(
-        help="Sequence lengths (prompt + generated), comma-separated.")] = _csv(M.seq_lens),
+    seq_len: Annotated[str, typer.Option(help="Sequence lengths (prompt + generated), comma-separated.")] = _csv(
+        M.seq_lens
+    ),
     batch: Annotated[int, typer.Option(help="Sequences per batch.")] = M.batch,
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16: weights and cache.")] = M.dtype,
-    measure: Annotated[bool, typer.Option(
-        "--measure", help="Also run a real prefill + decode per loop count and sequence length on CKPT.")] = False,
+    measure: Annotated[
+        bool,
+        typer.Option("--measure", help="Also run a real prefill + decode per loop count and sequence length on CKPT."),
+    ] = False,
     device: Device = M.device,
     chunk_size: ChunkSize = M.chunk_size,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of memory vs loops (needs matplotlib).")] = None,
     as_json: Json = False,
 ) -> None:
     """Memory of Ouro, MELT and a plain model per loop count and sequence length: weights, gates, KV cache."""
-    args = MemoryProfileArgs(checkpoint=checkpoint, preset=preset, loops=int_list(loops, "--loops"),
-                             seq_lens=int_list(seq_len, "--seq-len"), batch=batch, dtype=dtype, measure=measure,
-                             device=device, chunk_size=chunk_size)
+    args = MemoryProfileArgs(
+        checkpoint=checkpoint,
+        preset=preset,
+        loops=int_list(loops, "--loops"),
+        seq_lens=int_list(seq_len, "--seq-len"),
+        batch=batch,
+        dtype=dtype,
+        measure=measure,
+        device=device,
+        chunk_size=chunk_size,
+    )
     with console.err.status("profiling memory") as status:
         report = memory_profile(args, progress=lambda msg: status.update(msg))
     if plot is not None:
@@ -137,26 +166,50 @@ def memory(
 
 
 def _speed_table(report: SpeedReport) -> Table:
-    table = Table(title=f"speed on {report.device}, {report.dtype}, batch {report.batch}: "
-                        f"{report.prompt_tokens} prompt tokens, {report.new_tokens} new tokens\n"
-                        f"Ouro: {report.ouro_source}\nMELT: {report.melt_source}", title_justify="left")
-    for name in ("loops", "Ouro prefill tokens/s", "MELT prefill tokens/s", "MELT/Ouro",
-                 "Ouro decode tokens/s", "MELT decode tokens/s", "MELT/Ouro ", "KV Ouro", "KV MELT"):
+    table = Table(
+        title=f"speed on {report.device}, {report.dtype}, batch {report.batch}: "
+        f"{report.prompt_tokens} prompt tokens, {report.new_tokens} new tokens\n"
+        f"Ouro: {report.ouro_source}\nMELT: {report.melt_source}",
+        title_justify="left",
+    )
+    for name in (
+        "loops",
+        "Ouro prefill tokens/s",
+        "MELT prefill tokens/s",
+        "MELT/Ouro",
+        "Ouro decode tokens/s",
+        "MELT decode tokens/s",
+        "MELT/Ouro ",
+        "KV Ouro",
+        "KV MELT",
+    ):
         table.add_column(name, justify="right")
     for r in report.rows:
-        table.add_row(str(r.loops), f"{r.ouro.prefill_tokens_per_s:,.1f}", f"{r.melt.prefill_tokens_per_s:,.1f}",
-                      f"{r.prefill_ratio:.2f}x", f"{r.ouro.decode_tokens_per_s:,.1f}",
-                      f"{r.melt.decode_tokens_per_s:,.1f}", f"{r.decode_ratio:.2f}x",
-                      console.human_bytes(r.ouro.cache_bytes), console.human_bytes(r.melt.cache_bytes))
+        table.add_row(
+            str(r.loops),
+            f"{r.ouro.prefill_tokens_per_s:,.1f}",
+            f"{r.melt.prefill_tokens_per_s:,.1f}",
+            f"{r.prefill_ratio:.2f}x",
+            f"{r.ouro.decode_tokens_per_s:,.1f}",
+            f"{r.melt.decode_tokens_per_s:,.1f}",
+            f"{r.decode_ratio:.2f}x",
+            console.human_bytes(r.ouro.cache_bytes),
+            console.human_bytes(r.melt.cache_bytes),
+        )
     return table
 
 
 def speed(
-    checkpoint: Annotated[Path, typer.Argument(help="Ouro checkpoint (converted in memory) or MELT checkpoint "
-                                                    "(its melt.source is the Ouro side).")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Ouro checkpoint (converted in memory) or MELT checkpoint (its melt.source is the Ouro side)."
+        ),
+    ],
     loops: Annotated[str, typer.Option(help="Loop counts, comma-separated.")] = _csv(SP.loops),
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids, the same for both).")] = (
-        SP.prompt_tokens),
+        SP.prompt_tokens
+    ),
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded one at a time.")] = SP.new_tokens,
     batch: Annotated[int, typer.Option(help="Sequences per batch.")] = SP.batch,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = SP.dtype,
@@ -166,9 +219,17 @@ def speed(
     as_json: Json = False,
 ) -> None:
     """Prefill and decode tokens/s of an Ouro model and its MELT conversion, side by side."""
-    args = SpeedProfileArgs(checkpoint=checkpoint, loops=int_list(loops, "--loops"), prompt_tokens=prompt_tokens,
-                            new_tokens=new_tokens, batch=batch, dtype=dtype, device=device, chunk_size=chunk_size,
-                            seed=seed)
+    args = SpeedProfileArgs(
+        checkpoint=checkpoint,
+        loops=int_list(loops, "--loops"),
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        batch=batch,
+        dtype=dtype,
+        device=device,
+        chunk_size=chunk_size,
+        seed=seed,
+    )
     with console.err.status("timing") as status:
         report = speed_profile(args, progress=lambda msg: status.update(msg))
     if as_json:

@@ -27,17 +27,25 @@ def quickstart(
     steps2: Annotated[int, typer.Option(help="Phase-2 (distillation) steps.")] = QuickstartSettings.steps2,
     teacher: Annotated[str, typer.Option(help="The Ouro LoopLM to start from.")] = QuickstartSettings.teacher,
     seq_len: Annotated[int, typer.Option(help="Tokens per training and evaluation sequence.")] = (
-        QuickstartSettings.seq_len),
+        QuickstartSettings.seq_len
+    ),
     batch_tokens: Annotated[int, typer.Option(help="Tokens per optimizer step (a multiple of --seq-len).")] = (
-        QuickstartSettings.batch_tokens),
-    eval_sequences: Annotated[int, typer.Option(
-        help="Held-out sequences to evaluate on (the shipped slice has 48 of 256 tokens).")] = (
-        QuickstartSettings.eval_sequences),
+        QuickstartSettings.batch_tokens
+    ),
+    eval_sequences: Annotated[
+        int, typer.Option(help="Held-out sequences to evaluate on (the shipped slice has 48 of 256 tokens).")
+    ] = (QuickstartSettings.eval_sequences),
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Run the whole MELT pipeline on the built-in example LoopLM (a few minutes on a CPU)."""
-    settings = QuickstartSettings(teacher=teacher, steps1=steps1, steps2=steps2, seq_len=seq_len,
-                                  batch_tokens=batch_tokens, eval_sequences=eval_sequences)
+    settings = QuickstartSettings(
+        teacher=teacher,
+        steps1=steps1,
+        steps2=steps2,
+        seq_len=seq_len,
+        batch_tokens=batch_tokens,
+        eval_sequences=eval_sequences,
+    )
     with Progress(*STEP_COLUMNS, console=console.err) as bar:
         task = None
 
@@ -55,8 +63,9 @@ def quickstart(
 
 
 def render(report: QuickstartReport) -> None:
-    evaluation = Table(title="Held-out loss (melt_core/assets/quickstart/valid.jsonl.gz), last loop",
-                       title_justify="left")
+    evaluation = Table(
+        title="Held-out loss (melt_core/assets/quickstart/valid.jsonl.gz), last loop", title_justify="left"
+    )
     for col in ("model", "loss", "perplexity", "KL(teacher‖model)", "top-1 agreement"):
         evaluation.add_column(col, justify="right" if col != "model" else "left")
     for name, results in report.evaluation.items():
@@ -66,14 +75,22 @@ def render(report: QuickstartReport) -> None:
         evaluation.add_row(name, f"{r.loss:.4f}", f"{r.perplexity:.2f}", kl, agree)
     console.out.print(evaluation)
 
-    memory = Table(title="KV cache (bf16) of the example model: Ouro keeps a row per loop, MELT one per layer",
-                   title_justify="left")
+    memory = Table(
+        title="KV cache (bf16) of the example model: Ouro keeps a row per loop, MELT one per layer",
+        title_justify="left",
+    )
     for col in ("loops", "Ouro B/token", "MELT B/token", "Ouro cache, 4096 tok", "MELT cache, 4096 tok", "ratio"):
         memory.add_column(col, justify="right")
     for loops, kv in report.kv_bytes.items():
         measured = report.measured_cache_bytes[loops]
-        memory.add_row(str(loops), f"{kv['ouro']:,}", f"{kv['melt']:,}", console.human_bytes(measured["ouro"]),
-                       console.human_bytes(measured["melt"]), f"{kv['ouro'] / kv['melt']:.0f}x")
+        memory.add_row(
+            str(loops),
+            f"{kv['ouro']:,}",
+            f"{kv['melt']:,}",
+            console.human_bytes(measured["ouro"]),
+            console.human_bytes(measured["melt"]),
+            f"{kv['ouro'] / kv['melt']:.0f}x",
+        )
     console.out.print(memory)
     for name, text in report.samples.items():
         console.out.print(Panel(text, title=name, title_align="left"))

@@ -26,7 +26,8 @@ def random_model(
     intermediate: Annotated[int, typer.Option(help="MLP intermediate size.")] = TINY_SHAPE["intermediate_size"],
     heads: Annotated[int, typer.Option(help="Attention heads.")] = TINY_SHAPE["num_attention_heads"],
     kv_heads: Annotated[int, typer.Option(help="Key/value heads (GQA when fewer than heads).")] = (
-        TINY_SHAPE["num_key_value_heads"]),
+        TINY_SHAPE["num_key_value_heads"]
+    ),
     loops: Annotated[int, typer.Option(help="Loops (total_ut_steps).")] = TINY_SHAPE["total_ut_steps"],
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (trained on melt's sample text).")] = 512,
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
@@ -35,9 +36,17 @@ def random_model(
 ) -> None:
     """Write a small random Ouro checkpoint (weights, config, tokenizer) for trying melt out."""
     path = write_random_ouro(
-        out, seed=seed, dtype=dtype, vocab_size=vocab_size, force=force,
-        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, total_ut_steps=loops,
+        out,
+        seed=seed,
+        dtype=dtype,
+        vocab_size=vocab_size,
+        force=force,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        total_ut_steps=loops,
     )
     console.err.print(f"wrote random Ouro checkpoint to {path}")
 

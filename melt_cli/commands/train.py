@@ -38,8 +38,10 @@ def distill(
     phase: Annotated[str, typer.Option(help="1 (transition), 2 (attention-aligned distillation), or all.")] = "2",
     teacher: Annotated[Path | None, typer.Option(help="Ouro teacher (default: the convert source).")] = None,
     out: o.Out = None,
-    steps: Annotated[int | None, typer.Option(
-        help=f"Optimizer steps (default: {DEFAULT_STEPS[1]} phase 1, {DEFAULT_STEPS[2]} phase 2).")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help=f"Optimizer steps (default: {DEFAULT_STEPS[1]} phase 1, {DEFAULT_STEPS[2]} phase 2)."),
+    ] = None,
     eval_data: o.EvalData = None,
     text_field: o.TextField = "text",
     beta: Annotated[float, typer.Option(help="Phase 2: weight of the attention alignment.")] = D.beta,
@@ -47,9 +49,11 @@ def distill(
     kd_loops: Annotated[str, typer.Option(help="KD on all loops or the final loop only.")] = D.kd_loops,
     chunk_size: Annotated[int | None, typer.Option(help="Student chunk size (default: the model's).")] = D.chunk_size,
     detach_history: Annotated[bool, typer.Option(help="Cut gradients through earlier chunks' rows.")] = (
-        D.detach_history),
+        D.detach_history
+    ),
     checkpoint_chunks: Annotated[bool, typer.Option(help="Recompute each chunk in backward (less memory).")] = (
-        D.checkpoint_chunks),
+        D.checkpoint_chunks
+    ),
     freeze_base: Annotated[bool, typer.Option(help="Train only the gates.")] = D.freeze_base,
     gate_lr: Annotated[float, typer.Option(help="Learning rate of the gates.")] = TrainingArgs.gate_lr,
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default: bf16 on CUDA, else fp32).")] = None,
@@ -58,28 +62,40 @@ def distill(
     """Post-train a MELT model from its Ouro teacher: phase 1, phase 2, or both in sequence."""
     if phase not in ("1", "2", "all"):
         raise InvalidArgumentError(f"--phase must be 1, 2 or all, got {phase!r}")
-    settings = DistillSettings(phase=2 if phase == "all" else int(phase), beta=beta, ce_weight=ce_weight,
-                               kd_loops=kd_loops, chunk_size=chunk_size, detach_history=detach_history,
-                               checkpoint_chunks=checkpoint_chunks, freeze_base=freeze_base)
+    settings = DistillSettings(
+        phase=2 if phase == "all" else int(phase),
+        beta=beta,
+        ce_weight=ce_weight,
+        kd_loops=kd_loops,
+        chunk_size=chunk_size,
+        detach_history=detach_history,
+        checkpoint_chunks=checkpoint_chunks,
+        freeze_base=freeze_base,
+    )
     data_args = DataArgs(data, eval_data, text_field)
     run_dir = run_directory(out, training["resume"])
     if phase == "all":
         base = TrainingArgs(out=run_dir, steps=1, gate_lr=gate_lr, **training)  # steps are set per phase
         with ExitStack() as bar:
+
             def on_phase(n: int, args: TrainingArgs) -> tuple:
                 bar.close()  # one live progress bar at a time
                 return bar.enter_context(training_progress(args.steps, f"phase {n}"))
 
-            _, final = run_both_phases(student, teacher, settings, data_args, base, steps=steps,
-                                       teacher_dtype=teacher_dtype, on_phase=on_phase)
+            _, final = run_both_phases(
+                student, teacher, settings, data_args, base, steps=steps, teacher_dtype=teacher_dtype, on_phase=on_phase
+            )
         console.err.print(f"both phases done; the final MELT checkpoint is {final.out}")
         return
-    args = TrainingArgs(out=run_dir, steps=DEFAULT_STEPS[settings.phase] if steps is None else steps,
-                        gate_lr=gate_lr, **training)
+    args = TrainingArgs(
+        out=run_dir, steps=DEFAULT_STEPS[settings.phase] if steps is None else steps, gate_lr=gate_lr, **training
+    )
     with training_progress(args.steps, f"phase {settings.phase}") as (on_step, on_event):
         result = run_phase(student, teacher, settings, data_args, args, teacher_dtype, on_step, on_event)
     loss = result.last_metrics.get("loss", float("nan"))
-    console.err.print(f"phase {settings.phase} done: {result.steps} steps, final loss {loss:.4f}; model in {result.out}")
+    console.err.print(
+        f"phase {settings.phase} done: {result.steps} steps, final loss {loss:.4f}; model in {result.out}"
+    )
 
 
 def transition(**kwargs) -> None:

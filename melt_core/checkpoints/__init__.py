@@ -8,6 +8,15 @@ from .outputs import atomic_directory, fresh_output_dir
 from .tokenizer import load_tokenizer
 
 __all__ = [
-    "atomic_directory", "build_model", "checkpoint_dir", "convert_ouro_to_melt", "fresh_output_dir", "load_config",
-    "load_model", "load_tokenizer", "melt_from_ouro", "read_config_dict", "save_checkpoint",
+    "atomic_directory",
+    "build_model",
+    "checkpoint_dir",
+    "convert_ouro_to_melt",
+    "fresh_output_dir",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "melt_from_ouro",
+    "read_config_dict",
+    "save_checkpoint",
 ]

@@ -17,8 +17,7 @@ import torch
 from ..dtypes import dtype_name, parse_dtype
 from ..errors import CheckpointNotFoundError, InvalidArgumentError, UnsupportedModelError
 from ..models import MeltConfig, MeltForCausalLM, MeltSettings, OuroForCausalLM, config_from_dict, is_melt, is_ouro
-from ..models.melt import GATE_MODULE
-from ..models.update_rules import UPDATE_RULES
+from ..models.update_rules import GATE_MODULE, UPDATE_RULES
 from .io import (
     DEFAULT_MAX_SHARD_SIZE,
     _open_safetensors,
@@ -52,10 +51,16 @@ def gate_tensors(config: MeltConfig, dtype: torch.dtype) -> dict[str, torch.Tens
     return tensors
 
 
-def convert_ouro_to_melt(source: str | os.PathLike, out: str | os.PathLike, settings: MeltSettings | None = None, *,
-                         dtype: str | torch.dtype | None = None, force: bool = False,
-                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                         progress: ConvertProgress | None = None) -> Path:
+def convert_ouro_to_melt(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: MeltSettings | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: ConvertProgress | None = None,
+) -> Path:
     """Write a MELT checkpoint converted from the Ouro checkpoint ``source`` to ``out``."""
     root = checkpoint_dir(source)
     raw = read_config_dict(root)

@@ -42,8 +42,14 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # Files copied along with the weights when a checkpoint is rewritten.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
 )
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -92,7 +98,9 @@ def load_config(path: str | os.PathLike) -> OuroConfig:
     return config_from_dict(read_config_dict(path), source=str(checkpoint_dir(path) / CONFIG_NAME))
 
 
-def build_model(config: OuroConfig, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_model(
+    config: OuroConfig, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """An un-loaded model for ``config``: on ``meta`` it allocates nothing (for sizing)."""
     with torch.device(device):
         model = model_class(config)(config)
@@ -175,9 +183,12 @@ def stored_dtype(infos: dict[str, TensorInfo], config: OuroConfig) -> torch.dtyp
     return parse_dtype(config.torch_dtype or "float32")
 
 
-def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-               device: torch.device | str = "cpu",
-               progress: Callable[[int, int], None] | None = None) -> nn.Module:
+def load_model(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> nn.Module:
     """Load a checkpoint directory into a model in eval mode.
 
     ``dtype``: fp32 / bf16 / fp16, or None for the dtype the weights are stored in.
@@ -219,9 +230,12 @@ def _umask() -> int:
     return mask
 
 
-def write_weights(state_dict: dict[str, torch.Tensor], out: Path,
-                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                  progress: Callable[[int], None] | None = None) -> None:
+def write_weights(
+    state_dict: dict[str, torch.Tensor],
+    out: Path,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """``model.safetensors``, or shards + ``model.safetensors.index.json`` above ``max_shard_size``.
     ``progress(nbytes)`` is called after each file with the bytes it holds."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -232,8 +246,10 @@ def write_weights(state_dict: dict[str, torch.Tensor], out: Path,
         if progress is not None:
             progress(sum(tensors[n].nbytes for n in names))
     if split.is_sharded:
-        index = {"metadata": {**split.metadata, "total_size": sum(t.nbytes for t in tensors.values())},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {**split.metadata, "total_size": sum(t.nbytes for t in tensors.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -251,10 +267,15 @@ def copy_tokenizer_files(src: str | os.PathLike, out: Path) -> list[str]:
     return copied
 
 
-def save_checkpoint(model: nn.Module, out: str | os.PathLike, *,
-                    tokenizer: str | os.PathLike | PreTrainedTokenizerFast | None = None,
-                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: str | torch.dtype | None = None,
-                    force: bool = False) -> Path:
+def save_checkpoint(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | PreTrainedTokenizerFast | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+) -> Path:
     """Write ``model`` as a HF checkpoint directory, atomically: ``out`` appears only once
     everything is written. ``tokenizer``: a directory whose tokenizer files are copied, or a
     tokenizer object to save (with a generation_config.json naming its special tokens).

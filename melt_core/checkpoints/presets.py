@@ -13,8 +13,10 @@ from ..errors import InvalidArgumentError
 def _ouro_config(num_layers: int) -> dict[str, Any]:
     return {
         "architectures": ["OuroForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig",
-                     "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
+        "auto_map": {
+            "AutoConfig": "configuration_ouro.OuroConfig",
+            "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM",
+        },
         "attention_dropout": 0.0,
         "bos_token_id": 0,
         "eos_token_id": 0,

@@ -33,12 +33,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     """Train a byte-level BPE with ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` at ids 0, 1, 2
     and Ouro's ChatML chat template."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
-        bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0],
-        unk_token=None, chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+        bos_token=SPECIAL_TOKENS[0],
+        eos_token=SPECIAL_TOKENS[0],
+        pad_token=SPECIAL_TOKENS[0],
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
     )
 
 

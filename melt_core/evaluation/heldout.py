@@ -35,8 +35,13 @@ class LoopStats:
 
 
 @torch.no_grad()
-def score_batch(model: nn.Module, input_ids: Tensor, loops: int | None, teacher: nn.Module | None,
-                stats: list[LoopStats] | None = None) -> list[LoopStats]:
+def score_batch(
+    model: nn.Module,
+    input_ids: Tensor,
+    loops: int | None,
+    teacher: nn.Module | None,
+    stats: list[LoopStats] | None = None,
+) -> list[LoopStats]:
     """Accumulate per-loop next-token NLL (and KL(teacher || model), top-1 agreement) of one batch.
 
     Logits are computed one loop at a time from hidden states (MELT chunk-wise, with its chunk size).
@@ -87,17 +92,32 @@ def finish(stats: list[LoopStats], with_teacher: bool) -> list[LoopResult]:
     out = []
     for t, s in enumerate(stats, 1):
         loss = s.nll / s.tokens
-        out.append(LoopResult(t, loss, math.exp(min(loss, 700.0)),
-                              s.kl / s.tokens if with_teacher else None,
-                              s.agree / s.tokens if with_teacher else None))
+        out.append(
+            LoopResult(
+                t,
+                loss,
+                math.exp(min(loss, 700.0)),
+                s.kl / s.tokens if with_teacher else None,
+                s.agree / s.tokens if with_teacher else None,
+            )
+        )
     return out
 
 
-def evaluate_checkpoint(path: str | os.PathLike, data: str | os.PathLike, *, teacher: str | os.PathLike | None = None,
-                        loops: list[int | None] | None = None, seq_len: int = 512, max_sequences: int | None = 64,
-                        batch_size: int = 4, text_field: str = "text", device: str = "cpu",
-                        dtype: str | None = "fp32",
-                        progress: Callable[[int, int], None] | None = None) -> EvalReport:
+def evaluate_checkpoint(
+    path: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    teacher: str | os.PathLike | None = None,
+    loops: list[int | None] | None = None,
+    seq_len: int = 512,
+    max_sequences: int | None = 64,
+    batch_size: int = 4,
+    text_field: str = "text",
+    device: str = "cpu",
+    dtype: str | None = "fp32",
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
     """Per-loop held-out loss/perplexity of a checkpoint on the first ``max_sequences`` packed
     sequences of ``data`` (in file order); with a teacher also KL(teacher || model) and top-1
     agreement per loop. ``loops``: the loop counts to run (None: the model's own)."""
@@ -110,13 +130,20 @@ def evaluate_checkpoint(path: str | os.PathLike, data: str | os.PathLike, *, tea
     packed = PackedSequences.from_path(data, load_tokenizer(path), seq_len, text_field=text_field)
     sequences = packed.sequences[:max_sequences] if max_sequences else packed.sequences
     loops = loops or [None]
-    report = EvalReport(str(path), model.config.model_type, str(data), sequences.numel(), len(sequences), seq_len,
-                        str(teacher) if teacher is not None else None)
+    report = EvalReport(
+        str(path),
+        model.config.model_type,
+        str(data),
+        sequences.numel(),
+        len(sequences),
+        seq_len,
+        str(teacher) if teacher is not None else None,
+    )
     total, done = len(loops) * len(sequences), 0
     for count in loops:
         stats = None
         for s in range(0, len(sequences), batch_size):
-            batch = sequences[s:s + batch_size].to(device)
+            batch = sequences[s : s + batch_size].to(device)
             stats = score_batch(model, batch, count, teacher_model, stats)
             done += len(batch)
             if progress:

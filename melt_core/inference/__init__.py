@@ -5,6 +5,12 @@ from .generate import GenerateArgs, GenerationReport, GenerationResult, Generati
 from .sampling import Sampler, SamplingSettings
 
 __all__ = [
-    "GenerateArgs", "GenerationReport", "GenerationResult", "GenerationSettings", "Sampler", "SamplingSettings",
-    "generate_text", "run_generate",
+    "GenerateArgs",
+    "GenerationReport",
+    "GenerationResult",
+    "GenerationSettings",
+    "Sampler",
+    "SamplingSettings",
+    "generate_text",
+    "run_generate",
 ]

@@ -24,9 +24,17 @@ def default_chunk_size(model: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache,
-            chunk_size: int | None = None, *, align: ChunkAlign = "start", last_only: bool = False,
-            **forward_kwargs: object) -> Tensor:
+def prefill(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cache: KVCache,
+    chunk_size: int | None = None,
+    *,
+    align: ChunkAlign = "start",
+    last_only: bool = False,
+    **forward_kwargs: object,
+) -> Tensor:
     """Feed ``input_ids`` (B, S) through ``cache`` chunk by chunk; return the logits of every
     position (B, S, V), or with ``last_only`` of the last position only (B, V) — no (B, S, V)
     tensor is then ever built.
@@ -50,9 +58,18 @@ def prefill(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, 
 
 
 @torch.no_grad()
-def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache, sampler: Sampler, *,
-           max_new_tokens: int, chunk_size: int | None = None, align: ChunkAlign = "end",
-           **forward_kwargs: object) -> Iterator[Tensor]:
+def decode(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cache: KVCache,
+    sampler: Sampler,
+    *,
+    max_new_tokens: int,
+    chunk_size: int | None = None,
+    align: ChunkAlign = "end",
+    **forward_kwargs: object,
+) -> Iterator[Tensor]:
     """Prefill the left-padded prompt batch, then yield the next token of every row, (B,), once per
     step; each yielded token is fed back as a one-token forward before the next is yielded.
 
@@ -60,8 +77,7 @@ def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, c
     Stop early by closing the generator (``break``); rows that are finished keep being fed their
     own tokens, which never affects the other rows.
     """
-    logits = prefill(model, input_ids, attention_mask, cache, chunk_size, align=align, last_only=True,
-                     **forward_kwargs)
+    logits = prefill(model, input_ids, attention_mask, cache, chunk_size, align=align, last_only=True, **forward_kwargs)
     for step in range(max_new_tokens):
         next_ids = sampler(logits, input_ids)  # (B,)
         yield next_ids

@@ -142,10 +142,15 @@ class GenerationReport:
 
 
 @torch.no_grad()
-def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                  settings: GenerationSettings | None = None, *,
-                  on_text: Callable[[int, str], None] | None = None,
-                  on_result: Callable[[GenerationResult], None] | None = None) -> GenerationReport:
+def generate_text(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    settings: GenerationSettings | None = None,
+    *,
+    on_text: Callable[[int, str], None] | None = None,
+    on_result: Callable[[GenerationResult], None] | None = None,
+) -> GenerationReport:
     """Generate a continuation of every prompt, ``settings.batch_size`` prompts at a time.
 
     Prompts of a batch are left-padded; the cache records which positions are padding, and MELT's
@@ -157,8 +162,9 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
     config = model.config
     loops = model.config.resolve_loops(settings.loops)
     if settings.exit_at_step is not None and settings.exit_at_step >= loops:
-        raise InvalidArgumentError(f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, "
-                                   f"got {settings.exit_at_step}")
+        raise InvalidArgumentError(
+            f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, got {settings.exit_at_step}"
+        )
     if not prompts:
         raise InvalidArgumentError("no prompts to generate from")
     encoded = [encode_prompt(tokenizer, p, settings.chat) for p in prompts]
@@ -166,10 +172,13 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
     for i, ids in enumerate(encoded):
         if len(ids) >= limit:
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
-            raise InvalidArgumentError(f"{which} has {len(ids)} tokens; the model's maximum is {limit} "
-                                       f"(max_position_embeddings), so there is no room to generate")
-    stop_ids = set(settings.stop_token_ids if settings.stop_token_ids is not None
-                   else default_stop_token_ids(model, tokenizer))
+            raise InvalidArgumentError(
+                f"{which} has {len(ids)} tokens; the model's maximum is {limit} "
+                f"(max_position_embeddings), so there is no room to generate"
+            )
+    stop_ids = set(
+        settings.stop_token_ids if settings.stop_token_ids is not None else default_stop_token_ids(model, tokenizer)
+    )
     device = model.device
     sampler = Sampler(settings.sampling, device)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
@@ -188,8 +197,8 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
         input_ids = torch.full((B, S), pad_id, dtype=torch.long)
         mask = torch.zeros(B, S, dtype=torch.long)
         for b, i in enumerate(rows):
-            input_ids[b, S - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[b, S - len(encoded[i]):] = 1
+            input_ids[b, S - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[b, S - len(encoded[i]) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         mask_arg = None if bool(mask.all()) else mask
         cache = model.new_cache(B, S + steps, loops)
@@ -201,8 +210,18 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
         start = time.perf_counter()
         last = start
         yielded = 0
-        with closing(decode(model, input_ids, mask_arg, cache, sampler, max_new_tokens=steps,
-                            chunk_size=settings.chunk_size, **forward_kwargs)) as tokens:
+        with closing(
+            decode(
+                model,
+                input_ids,
+                mask_arg,
+                cache,
+                sampler,
+                max_new_tokens=steps,
+                chunk_size=settings.chunk_size,
+                **forward_kwargs,
+            )
+        ) as tokens:
             for next_ids in tokens:
                 next_list = next_ids.tolist()  # waits for the device: the timings below are honest
                 now = time.perf_counter()
@@ -236,9 +255,16 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
                 on_text(i, tail)
             if streams[b].stopped:  # a stop string can also complete in the flushed tail
                 reasons[b] = "stop_string"
-            result = GenerationResult(index=i, prompt=prompts[i], text=streams[b].text, loops=loops,
-                                      prompt_tokens=len(encoded[i]), generated_tokens=counts[b],
-                                      finish_reason=reasons[b] or "length", token_ids=streams[b].ids)
+            result = GenerationResult(
+                index=i,
+                prompt=prompts[i],
+                text=streams[b].text,
+                loops=loops,
+                prompt_tokens=len(encoded[i]),
+                generated_tokens=counts[b],
+                finish_reason=reasons[b] or "length",
+                token_ids=streams[b].ids,
+            )
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -246,13 +272,23 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
 
     peak, kind = peak_memory_so_far(device)
     stats = GenerationStats(
-        model_type=config.model_type, loops=loops, device=str(device), dtype=str(model.dtype).removeprefix("torch."),
-        num_prompts=len(prompts), batch_size=min(settings.batch_size, len(prompts)),
-        prompt_tokens=sum(len(e) for e in encoded), generated_tokens=sum(r.generated_tokens for r in results),
-        prefill_seconds=prefill_s, prefill_tokens_per_s=prefill_positions / prefill_s if prefill_s else 0.0,
-        decode_seconds=decode_s, decode_tokens_per_s=decode_positions / decode_s if decode_s else 0.0,
-        kv_cache_bytes=kv_bytes, kv_cache_bytes_per_loop=kv_per_loop, kv_cache_positions=kv_positions,
-        peak_memory_bytes=peak, peak_memory_kind=kind,
+        model_type=config.model_type,
+        loops=loops,
+        device=str(device),
+        dtype=str(model.dtype).removeprefix("torch."),
+        num_prompts=len(prompts),
+        batch_size=min(settings.batch_size, len(prompts)),
+        prompt_tokens=sum(len(e) for e in encoded),
+        generated_tokens=sum(r.generated_tokens for r in results),
+        prefill_seconds=prefill_s,
+        prefill_tokens_per_s=prefill_positions / prefill_s if prefill_s else 0.0,
+        decode_seconds=decode_s,
+        decode_tokens_per_s=decode_positions / decode_s if decode_s else 0.0,
+        kv_cache_bytes=kv_bytes,
+        kv_cache_bytes_per_loop=kv_per_loop,
+        kv_cache_positions=kv_positions,
+        peak_memory_bytes=peak,
+        peak_memory_kind=kind,
     )
     return GenerationReport(results, stats)
 
@@ -286,8 +322,15 @@ def read_prompts_jsonl(path: str | Path) -> list[str]:
 
 def collect_prompts(args: GenerateArgs) -> list[str]:
     """The prompts of ``args``, from its one prompt source."""
-    given = [name for name, value in (("--prompt", args.prompt), ("--prompt-file", args.prompt_file),
-                                      ("--prompts-file", args.prompts_file)) if value is not None]
+    given = [
+        name
+        for name, value in (
+            ("--prompt", args.prompt),
+            ("--prompt-file", args.prompt_file),
+            ("--prompts-file", args.prompts_file),
+        )
+        if value is not None
+    ]
     if len(given) > 1:
         raise InvalidArgumentError(f"{' and '.join(given)} exclude each other: pass one prompt source")
     if args.prompts_file is not None:
@@ -300,12 +343,16 @@ def collect_prompts(args: GenerateArgs) -> list[str]:
         return [args.prompt]
     if args.stdin_text is not None:
         return [args.stdin_text]
-    raise InvalidArgumentError("no prompt: pass --prompt TEXT, --prompt-file FILE, --prompts-file FILE.jsonl "
-                               "or pipe text on stdin")
+    raise InvalidArgumentError(
+        "no prompt: pass --prompt TEXT, --prompt-file FILE, --prompts-file FILE.jsonl or pipe text on stdin"
+    )
 
 
-def run_generate(args: GenerateArgs, on_text: Callable[[int, str], None] | None = None,
-                 on_result: Callable[[GenerationResult], None] | None = None) -> GenerationReport:
+def run_generate(
+    args: GenerateArgs,
+    on_text: Callable[[int, str], None] | None = None,
+    on_result: Callable[[GenerationResult], None] | None = None,
+) -> GenerationReport:
     """Load the checkpoint and tokenizer named by ``args`` and generate (see ``generate_text``).
     Options are checked before the weights are read."""
     prompts = collect_prompts(args)
@@ -317,8 +364,9 @@ def run_generate(args: GenerateArgs, on_text: Callable[[int, str], None] | None 
     config = load_config(args.checkpoint)
     loops = config.resolve_loops(args.settings.loops)
     if args.settings.exit_at_step is not None and args.settings.exit_at_step >= loops:
-        raise InvalidArgumentError(f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, "
-                                   f"got {args.settings.exit_at_step}")
+        raise InvalidArgumentError(
+            f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, got {args.settings.exit_at_step}"
+        )
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, dtype=args.dtype, device=device)
     return generate_text(model, tokenizer, prompts, args.settings, on_text=on_text, on_result=on_result)

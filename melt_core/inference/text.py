@@ -40,18 +40,18 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        before = self._decode(self.ids[self._prefix:self._read])
-        now = self._decode(self.ids[self._prefix:])
+        before = self._decode(self.ids[self._prefix : self._read])
+        now = self._decode(self.ids[self._prefix :])
         if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.text += now[len(before):]
+            self.text += now[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
         return self._release(final=False)
 
     def finish(self) -> str:
         """Flush what is held back (an incomplete character decodes as U+FFFD)."""
         if not self.stopped and self._read < len(self.ids):
-            before = self._decode(self.ids[self._prefix:self._read])
-            self.text += self._decode(self.ids[self._prefix:])[len(before):]
+            before = self._decode(self.ids[self._prefix : self._read])
+            self.text += self._decode(self.ids[self._prefix :])[len(before) :]
             self._prefix = self._read = len(self.ids)
         return self._release(final=True)
 
@@ -60,14 +60,14 @@ class TextStream:
             search_from = max(0, self.released - max(len(s) for s in self.stop))
             hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                self.text = self.text[: min(hits)]
                 self.stopped = True
                 final = True
         end = len(self.text)
         if not final and self.stop:
             end -= max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
         end = max(end, self.released)
-        out = self.text[self.released:end]
+        out = self.text[self.released : end]
         self.released = end
         return out
 
@@ -90,7 +90,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidArgumentError("--chat needs a chat template, and this tokenizer has none")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(prompt)

@@ -11,6 +11,15 @@ from .ouro import LoopLMOutput, OuroForCausalLM
 from .registry import MODEL_TYPES, config_from_dict, is_melt, is_ouro
 
 __all__ = [
-    "KVCache", "LoopLMOutput", "MODEL_TYPES", "MeltConfig", "MeltForCausalLM", "MeltSettings", "OuroConfig",
-    "OuroForCausalLM", "config_from_dict", "is_melt", "is_ouro",
+    "KVCache",
+    "LoopLMOutput",
+    "MODEL_TYPES",
+    "MeltConfig",
+    "MeltForCausalLM",
+    "MeltSettings",
+    "OuroConfig",
+    "OuroForCausalLM",
+    "config_from_dict",
+    "is_melt",
+    "is_ouro",
 ]

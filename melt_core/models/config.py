@@ -60,8 +60,16 @@ class OuroConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "total_ut_steps"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "total_ut_steps",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
@@ -171,8 +179,10 @@ class MeltSettings:
         if self.h0 not in MELT_H0:
             raise ConfigError(f"melt.h0 must be one of {', '.join(MELT_H0)}, got {self.h0!r}")
         if self.h0 != "first_input" and not self.learned:
-            raise ConfigError(f"melt.h0 {self.h0!r} applies to learned gates (gate, scalar); "
-                              f"policy {self.policy!r} always starts from the loop's input")
+            raise ConfigError(
+                f"melt.h0 {self.h0!r} applies to learned gates (gate, scalar); "
+                f"policy {self.policy!r} always starts from the loop's input"
+            )
         if not 0.0 < self.z0 < 1.0:
             raise ConfigError(f"melt.z0 must be strictly between 0 and 1, got {self.z0}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:

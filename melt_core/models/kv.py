@@ -24,7 +24,7 @@ from torch import Tensor
 from .config import OuroConfig
 from .layers import DecoderLayer
 from .rows import PreallocatedRows, RowStore, TokenLedger
-from .update_rules import UpdateRule
+from .update_rules import GATE_MODULE, UpdateRule
 
 Rope = tuple[Tensor, Tensor]
 
@@ -32,7 +32,9 @@ Rope = tuple[Tensor, Tensor]
 class FullSequenceKV:
     """No cache: every forward sees only its own tokens (training, scoring a whole sequence)."""
 
-    def keys_values(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
+    def keys_values(
+        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope
+    ) -> tuple[Tensor, Tensor]:
         return layer.self_attn.project_kv(u, rope)
 
 
@@ -49,7 +51,9 @@ class PerLoopKV:
         """The slot of (loop, layer): loops are the outer dimension."""
         return loop * self.num_layers + layer
 
-    def keys_values(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
+    def keys_values(
+        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope
+    ) -> tuple[Tensor, Tensor]:
         return self.store.write(self.slot(loop, layer_idx), self.start, *layer.self_attn.project_kv(u, rope))
 
 
@@ -65,15 +69,14 @@ class SharedKV:
         return layer
 
     def update_latent(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor) -> Tensor:
-        gate = getattr(layer, "kv_gate", None)
-        if loop == 0:
-            h = self.rule.first(u, gate)
-        else:
-            h = self.rule.next(loop, u, self.latent[layer_idx], gate)
+        gate = getattr(layer, GATE_MODULE, None)
+        h = self.rule.first(u, gate) if loop == 0 else self.rule.next(loop, u, self.latent[layer_idx], gate)
         self.latent[layer_idx] = h
         return h
 
-    def keys_values(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
+    def keys_values(
+        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope
+    ) -> tuple[Tensor, Tensor]:
         h = self.update_latent(layer, layer_idx, loop, u)
         k, v = layer.self_attn.project_kv(h, rope)  # (B, kv_heads, C, d)
         return self.store.write(self.slot(loop, layer_idx), self.start, k, v)
@@ -88,7 +91,9 @@ class InterpolatedKV:
     base: PerLoopKV
     alpha: float
 
-    def keys_values(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
+    def keys_values(
+        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope
+    ) -> tuple[Tensor, Tensor]:
         keys, values = self.melt.keys_values(layer, layer_idx, loop, u, rope)
         base_keys, base_values = self.base.keys_values(layer, layer_idx, loop, u, rope)
         a = self.alpha
@@ -104,13 +109,21 @@ class KVCache:
     Inference only: writes are in place, so run under ``torch.no_grad()``.
     """
 
-    def __init__(self, config: OuroConfig, batch_size: int, max_len: int, loops: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: OuroConfig,
+        batch_size: int,
+        max_len: int,
+        loops: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.loops = config.resolve_loops(loops)
         self.slots_per_loop = config.kv_slots_per_loop(self.loops)
         self.ledger = TokenLedger(batch_size, max_len, device)
-        self.store: RowStore = PreallocatedRows(sum(self.slots_per_loop), batch_size, config.num_key_value_heads,
-                                                max_len, config.head_dim, dtype, device)
+        self.store: RowStore = PreallocatedRows(
+            sum(self.slots_per_loop), batch_size, config.num_key_value_heads, max_len, config.head_dim, dtype, device
+        )
 
     @property
     def num_slots(self) -> int:

@@ -113,8 +113,9 @@ class Attention(nn.Module):
 class KVPolicy(Protocol):
     """Decides which keys/values layer ``layer_idx`` attends over at loop ``loop``."""
 
-    def keys_values(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor,
-                    rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]: ...
+    def keys_values(
+        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass
@@ -150,4 +151,3 @@ class DecoderLayer(nn.Module):
             inputs.attn_taps.append(attn)
         x = x + attn
         return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
-

@@ -26,14 +26,7 @@ from .config import MeltConfig, OuroConfig
 from .kv import InterpolatedKV, KVCache, PerLoopKV, SharedKV
 from .ouro import OuroForCausalLM
 from .rows import GrowingRows, RowState, TokenLedger
-from .update_rules import UPDATE_RULES, UpdateRule
-
-GATE_MODULE = "kv_gate"  # model.layers.{i}.kv_gate.*
-
-
-def is_gate_parameter(name: str) -> bool:
-    """Whether a parameter (state-dict) name belongs to a KV gate."""
-    return f".{GATE_MODULE}." in name
+from .update_rules import GATE_MODULE, UPDATE_RULES, UpdateRule, is_gate_parameter
 
 
 class MeltForCausalLM(OuroForCausalLM):
@@ -54,10 +47,16 @@ class MeltForCausalLM(OuroForCausalLM):
     def gate_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if is_gate_parameter(name)]
 
-    def forward_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                       cache: KVCache | None = None, loops: int | None = None,
-                       chunk_size: int | Sequence[int] | None = None,
-                       return_attn_outputs: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+    def forward_hidden(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        loops: int | None = None,
+        chunk_size: int | Sequence[int] | None = None,
+        return_attn_outputs: bool = False,
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
         """The chunk-wise forward (MELT.md §3) for inference and scoring.
 
         Chunks of ``chunk_size`` tokens (default: the config's; or a list of chunk lengths), counted
@@ -66,8 +65,9 @@ class MeltForCausalLM(OuroForCausalLM):
         (prefill, decoding: a chunk of one token); without one, see ``forward_chunkwise``.
         """
         if cache is None:
-            return self.forward_chunkwise(input_ids, attention_mask, loops=loops, chunk_size=chunk_size,
-                                          return_attn_outputs=return_attn_outputs)
+            return self.forward_chunkwise(
+                input_ids, attention_mask, loops=loops, chunk_size=chunk_size, return_attn_outputs=return_attn_outputs
+            )
         loops = self.config.resolve_loops(loops)
         rule = self.update_rule()
         parts = []
@@ -78,10 +78,18 @@ class MeltForCausalLM(OuroForCausalLM):
             parts.append(self._run_chunk(ids, start, key_valid, kv, loops, return_attn_outputs))
         return _concat(parts)
 
-    def forward_chunkwise(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, loops: int | None = None,
-                          chunk_size: int | Sequence[int] | None = None, alpha: float = 1.0,
-                          detach_history: bool = False, checkpoint_chunks: bool = False,
-                          return_attn_outputs: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+    def forward_chunkwise(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        loops: int | None = None,
+        chunk_size: int | Sequence[int] | None = None,
+        alpha: float = 1.0,
+        detach_history: bool = False,
+        checkpoint_chunks: bool = False,
+        return_attn_outputs: bool = False,
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
         """The differentiable chunk-wise forward of training (and of scoring without a cache).
 
         Rows are kept as tensors so gradients flow through earlier chunks' rows (``detach_history``
@@ -92,8 +100,14 @@ class MeltForCausalLM(OuroForCausalLM):
         if not 0.0 <= alpha <= 1.0:
             raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
         config, B = self.config, input_ids.shape[0]
-        empty = partial(GrowingRows.empty, batch_size=B, kv_heads=config.num_key_value_heads,
-                        head_dim=config.head_dim, dtype=self.dtype, device=input_ids.device)
+        empty = partial(
+            GrowingRows.empty,
+            batch_size=B,
+            kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            dtype=self.dtype,
+            device=input_ids.device,
+        )
         rows = empty(config.num_hidden_layers)
         base_slots = sum(OuroConfig.kv_slots_per_loop(config, loops))  # Ouro's own per-(loop, layer) rows
         base = empty(base_slots) if alpha < 1.0 else None
@@ -119,13 +133,29 @@ class MeltForCausalLM(OuroForCausalLM):
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         return list(zip(offsets, sizes, strict=True))
 
-    def _run_chunk(self, ids: Tensor, start: int, key_valid: Tensor | None, kv: SharedKV | InterpolatedKV, loops: int,
-                   collect_attn: bool) -> tuple[list[Tensor], list[Tensor] | None]:
+    def _run_chunk(
+        self,
+        ids: Tensor,
+        start: int,
+        key_valid: Tensor | None,
+        kv: SharedKV | InterpolatedKV,
+        loops: int,
+        collect_attn: bool,
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
         inputs = self.block_inputs(ids, start, key_valid, kv, collect_attn)
         return self.loop_stack(self.model.embed_tokens(ids), inputs, loops), inputs.attn_taps
 
-    def _train_chunk(self, ids: Tensor, start: int, key_valid: Tensor | None, loops: int, alpha: float,
-                     collect_attn: bool, rows: RowState, base: RowState | None) -> tuple:
+    def _train_chunk(
+        self,
+        ids: Tensor,
+        start: int,
+        key_valid: Tensor | None,
+        loops: int,
+        alpha: float,
+        collect_attn: bool,
+        rows: RowState,
+        base: RowState | None,
+    ) -> tuple:
         """One chunk with differentiable row stores; pure in its inputs, so it can be checkpointed."""
         N = self.config.num_hidden_layers
         store = GrowingRows(rows)
@@ -138,8 +168,8 @@ class MeltForCausalLM(OuroForCausalLM):
 
 
 def _slice(input_ids: Tensor, attention_mask: Tensor | None, offset: int, size: int) -> tuple[Tensor, Tensor | None]:
-    mask = None if attention_mask is None else attention_mask[:, offset:offset + size]
-    return input_ids[:, offset:offset + size], mask
+    mask = None if attention_mask is None else attention_mask[:, offset : offset + size]
+    return input_ids[:, offset : offset + size], mask
 
 
 def _detached(state: RowState) -> RowState:
@@ -155,4 +185,3 @@ def _concat(parts: list[tuple[list[Tensor], list[Tensor] | None]]) -> tuple[list
     if parts[0][1] is not None:
         taps = [torch.cat([tp[i] for _, tp in parts], 1) for i in range(len(parts[0][1]))]
     return hidden, taps
-

@@ -67,8 +67,9 @@ def attention_mask_for(key_valid: Tensor | None, start: int, num_queries: int, d
     return mask
 
 
-def position_ids_for(key_valid: Tensor | None, start: int, batch_size: int, num_tokens: int,
-                     device: torch.device) -> Tensor:
+def position_ids_for(
+    key_valid: Tensor | None, start: int, batch_size: int, num_tokens: int, device: torch.device
+) -> Tensor:
     """Position ids (B, S) of the new tokens: the count of real tokens before each one, so a
     left-padded row gets the same positions as the same prompt alone."""
     if key_valid is None:
@@ -142,13 +143,26 @@ class OuroForCausalLM(nn.Module):
         gate and logits for the last positions only (prefill for generation).
         """
         hidden, taps = self.forward_hidden(input_ids, attention_mask, return_attn_outputs=return_attn_outputs, **body)
-        return self.head(hidden, taps, exit_at_step=exit_at_step, exit_threshold=exit_threshold,
-                         weighted_exit=weighted_exit, return_loop_logits=return_loop_logits,
-                         return_hidden_states=return_hidden_states, num_logits_to_keep=num_logits_to_keep)
+        return self.head(
+            hidden,
+            taps,
+            exit_at_step=exit_at_step,
+            exit_threshold=exit_threshold,
+            weighted_exit=weighted_exit,
+            return_loop_logits=return_loop_logits,
+            return_hidden_states=return_hidden_states,
+            num_logits_to_keep=num_logits_to_keep,
+        )
 
-    def forward_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                       cache: KVCache | None = None, loops: int | None = None,
-                       return_attn_outputs: bool = False) -> tuple[list[Tensor], list[Tensor] | None]:
+    def forward_hidden(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        loops: int | None = None,
+        return_attn_outputs: bool = False,
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
         """The per-loop normed hidden states T x (B, S, H) and, if asked, the attention taps
         (T*N x (B, S, H), (loop, layer) order) — no logits (training computes its own)."""
         loops = self.config.resolve_loops(loops)
@@ -167,8 +181,9 @@ class OuroForCausalLM(nn.Module):
         if cache is not None and cache.num_slots != sum(self.config.kv_slots_per_loop(loops)):
             raise InvalidArgumentError(f"the cache was built for {cache.loops} loops, the forward asks for {loops}")
 
-    def block_inputs(self, input_ids: Tensor, start: int, key_valid: Tensor | None, kv: KVPolicy,
-                     collect_attn: bool) -> BlockInputs:
+    def block_inputs(
+        self, input_ids: Tensor, start: int, key_valid: Tensor | None, kv: KVPolicy, collect_attn: bool
+    ) -> BlockInputs:
         """RoPE tables, mask and KV policy for tokens at positions [start, start + S)."""
         B, S = input_ids.shape
         device = input_ids.device
@@ -191,10 +206,18 @@ class OuroForCausalLM(nn.Module):
             hidden.append(x)
         return hidden
 
-    def head(self, hidden: list[Tensor], attn_taps: list[Tensor] | None = None, *, exit_at_step: int | None = None,
-             exit_threshold: float | None | ConfigDefault = "config", weighted_exit: bool = False,
-             return_loop_logits: bool = False, return_hidden_states: bool = False,
-             num_logits_to_keep: int = 0) -> LoopLMOutput:
+    def head(
+        self,
+        hidden: list[Tensor],
+        attn_taps: list[Tensor] | None = None,
+        *,
+        exit_at_step: int | None = None,
+        exit_threshold: float | None | ConfigDefault = "config",
+        weighted_exit: bool = False,
+        return_loop_logits: bool = False,
+        return_hidden_states: bool = False,
+        num_logits_to_keep: int = 0,
+    ) -> LoopLMOutput:
         """Exit gate, per-loop logits and the returned logits from the per-loop hidden states."""
         if num_logits_to_keep > 0:
             hidden = [h[:, -num_logits_to_keep:] for h in hidden]
@@ -212,8 +235,15 @@ class OuroForCausalLM(nn.Module):
             attn_outputs=attn_taps,
         )
 
-    def _select_logits(self, hidden: list[Tensor], pdf: Tensor, loop_logits: list[Tensor] | None,
-                       exit_at_step: int | None, exit_threshold: float | None, weighted_exit: bool) -> Tensor:
+    def _select_logits(
+        self,
+        hidden: list[Tensor],
+        pdf: Tensor,
+        loop_logits: list[Tensor] | None,
+        exit_at_step: int | None,
+        exit_threshold: float | None,
+        weighted_exit: bool,
+    ) -> Tensor:
         def logits_of(t: int) -> Tensor:
             return loop_logits[t] if loop_logits is not None else self.lm_head(hidden[t])
 

@@ -73,8 +73,16 @@ class TokenLedger:
 class PreallocatedRows:
     """``keys`` and ``values``, each (num_slots, B, kv_heads, max_len, head_dim), written in place."""
 
-    def __init__(self, num_slots: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        batch_size: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (num_slots, batch_size, kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -107,14 +115,17 @@ class GrowingRows:
         self.latest_keys, self.latest_values = list(self.frozen_keys), list(self.frozen_values)
 
     @staticmethod
-    def empty(num_slots: int, batch_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-              device: torch.device | str) -> RowState:
+    def empty(
+        num_slots: int, batch_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+    ) -> RowState:
         empty = torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device)
         return [empty] * num_slots, [empty] * num_slots
 
     def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.frozen_keys[slot].shape[2] != start:
-            raise ValueError(f"slot {slot} holds {self.frozen_keys[slot].shape[2]} frozen rows, the chunk starts at {start}")
+            raise ValueError(
+                f"slot {slot} holds {self.frozen_keys[slot].shape[2]} frozen rows, the chunk starts at {start}"
+            )
         self.latest_keys[slot] = torch.cat([self.frozen_keys[slot], k], 2)
         self.latest_values[slot] = torch.cat([self.frozen_values[slot], v], 2)
         return self.latest_keys[slot], self.latest_values[slot]

@@ -18,6 +18,13 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+GATE_MODULE = "kv_gate"  # a rule's parameters live at model.layers.{i}.kv_gate.*
+
+
+def is_gate_parameter(name: str) -> bool:
+    """Whether a parameter (state-dict) name belongs to a KV gate."""
+    return f".{GATE_MODULE}." in name
+
 
 class RuleSettings(Protocol):
     """What the rules read of ``MeltSettings`` (which validates its policy against ``UPDATE_RULES``)."""

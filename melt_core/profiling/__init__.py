@@ -7,6 +7,16 @@ from .pairs import ModelPair, load_pair
 from .speed import SpeedProfileArgs, SpeedReport, SpeedRow, speed_profile
 
 __all__ = [
-    "MeasuredRun", "MemoryEntry", "MemoryProfileArgs", "MemoryReport", "ModelPair", "SpeedProfileArgs", "SpeedReport",
-    "SpeedRow", "load_pair", "measure_generation", "memory_profile", "speed_profile",
+    "MeasuredRun",
+    "MemoryEntry",
+    "MemoryProfileArgs",
+    "MemoryReport",
+    "ModelPair",
+    "SpeedProfileArgs",
+    "SpeedReport",
+    "SpeedRow",
+    "load_pair",
+    "measure_generation",
+    "memory_profile",
+    "speed_profile",
 ]

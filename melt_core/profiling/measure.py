@@ -39,7 +39,7 @@ class RowUsage:
     def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         B, heads, S, d = k.shape
         self.row_bytes = 2 * B * heads * d * k.element_size()
-        self.written[slot, start:start + S] = True
+        self.written[slot, start : start + S] = True
         return self.store.write(slot, start, k, v)
 
     def bytes_in_use(self) -> int:
@@ -87,13 +87,25 @@ class MeasuredRun:
         return self.batch * self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "prefill_tokens_per_s": self.prefill_tokens_per_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s}
+        return {
+            **asdict(self),
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
 
 
 @torch.no_grad()
-def measure_generation(model: nn.Module, *, loops: int, seq_len: int, batch: int = 1, decode_tokens: int = 1,
-                       chunk_size: int | None = None, seed: int = 0, track_memory: bool = True) -> MeasuredRun:
+def measure_generation(
+    model: nn.Module,
+    *,
+    loops: int,
+    seq_len: int,
+    batch: int = 1,
+    decode_tokens: int = 1,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    track_memory: bool = True,
+) -> MeasuredRun:
     """Prefill ``seq_len - decode_tokens`` random tokens (seeded: the same ids for every model),
     then decode ``decode_tokens`` tokens one at a time (teacher-forced), through a row-tracking
     cache of exactly ``seq_len`` positions; time both phases and measure memory (see
@@ -103,12 +115,14 @@ def measure_generation(model: nn.Module, *, loops: int, seq_len: int, batch: int
     if decode_tokens < 1 or seq_len <= decode_tokens:
         raise InvalidArgumentError(f"need 1 <= decode tokens < sequence length, got {decode_tokens} and {seq_len}")
     if seq_len > model.config.max_position_embeddings:
-        raise InvalidArgumentError(f"sequence length {seq_len} exceeds the model's maximum "
-                                   f"{model.config.max_position_embeddings} (max_position_embeddings)")
+        raise InvalidArgumentError(
+            f"sequence length {seq_len} exceeds the model's maximum "
+            f"{model.config.max_position_embeddings} (max_position_embeddings)"
+        )
     device = model.device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), generator=g).to(device)
-    prompt, new = ids[:, :seq_len - decode_tokens], ids[:, seq_len - decode_tokens:]
+    prompt, new = ids[:, : seq_len - decode_tokens], ids[:, seq_len - decode_tokens :]
     chunk = default_chunk_size(model) if chunk_size is None else chunk_size
     after_loop: list[int] = []
     meter = PeakMemory(device) if track_memory else None
@@ -127,7 +141,7 @@ def measure_generation(model: nn.Module, *, loops: int, seq_len: int, batch: int
         for i in range(decode_tokens):
             if track_memory and i == decode_tokens - 1:  # the per-loop view of the last step
                 hook = model.model.norm.register_forward_hook(lambda *_: after_loop.append(usage.bytes_in_use()))
-            model(new[:, i:i + 1], cache=cache, loops=loops)
+            model(new[:, i : i + 1], cache=cache, loops=loops)
         if track_memory:
             hook.remove()
         synchronize(device)
@@ -138,11 +152,19 @@ def measure_generation(model: nn.Module, *, loops: int, seq_len: int, batch: int
             held = memory_now(device) - meter.baseline
         del cache
     return MeasuredRun(
-        model_type=model.config.model_type, loops=loops, seq_len=seq_len, batch=batch,
-        prefill_tokens=seq_len - decode_tokens, decode_tokens=decode_tokens, chunk_size=chunk,
-        cache_bytes=cache_bytes, in_use_bytes_after_loop=after_loop,
-        held_delta_bytes=max(0, held), peak_delta_bytes=meter.delta if meter is not None else 0,
+        model_type=model.config.model_type,
+        loops=loops,
+        seq_len=seq_len,
+        batch=batch,
+        prefill_tokens=seq_len - decode_tokens,
+        decode_tokens=decode_tokens,
+        chunk_size=chunk,
+        cache_bytes=cache_bytes,
+        in_use_bytes_after_loop=after_loop,
+        held_delta_bytes=max(0, held),
+        peak_delta_bytes=meter.delta if meter is not None else 0,
         baseline_bytes=meter.baseline if meter is not None else 0,
         memory_kind=meter.kind if meter is not None else "not measured",
-        prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+        prefill_seconds=t1 - t0,
+        decode_seconds=t2 - t1,
     )

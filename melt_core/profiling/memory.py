@@ -84,8 +84,13 @@ class MemoryReport:
     entries: list[MemoryEntry] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "dtype": self.dtype, "batch": self.batch,
-                "kv_bytes_per_token": self.kv_bytes_per_token, "entries": [e.to_dict() for e in self.entries]}
+        return {
+            "source": self.source,
+            "dtype": self.dtype,
+            "batch": self.batch,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "entries": [e.to_dict() for e in self.entries],
+        }
 
 
 def check_positive(name: str, values: Sequence[int]) -> None:
@@ -121,37 +126,59 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
     limit = ouro_cfg.max_position_embeddings
     too_long = [s for s in args.seq_lens if s > limit]
     if too_long:
-        raise InvalidArgumentError(f"sequence length {too_long[0]} exceeds the model's maximum {limit} "
-                                   f"(max_position_embeddings)")
+        raise InvalidArgumentError(
+            f"sequence length {too_long[0]} exceeds the model's maximum {limit} (max_position_embeddings)"
+        )
     nbytes = dtype_bytes(dtype)
     ouro_params, _ = parameter_counts(ouro_cfg)
     melt_params, gate_params = parameter_counts(melt_cfg)
     plain_params = ouro_params - (ouro_cfg.hidden_size + 1)  # no exit gate
     N = ouro_cfg.num_hidden_layers
-    report = MemoryReport(source=source, dtype=dtype_name(dtype), batch=args.batch, kv_bytes_per_token={
-        "ouro_per_loop": ouro_cfg.kv_bytes_per_token(dtype, 1), "melt": melt_cfg.kv_bytes_per_token(dtype),
-        "plain": ouro_cfg.kv_bytes_per_token(dtype, 1)})
+    report = MemoryReport(
+        source=source,
+        dtype=dtype_name(dtype),
+        batch=args.batch,
+        kv_bytes_per_token={
+            "ouro_per_loop": ouro_cfg.kv_bytes_per_token(dtype, 1),
+            "melt": melt_cfg.kv_bytes_per_token(dtype),
+            "plain": ouro_cfg.kv_bytes_per_token(dtype, 1),
+        },
+    )
 
     def kv_per_loop(config: OuroConfig, loops: int, tokens: int) -> list[int]:
         return [b * tokens for b in config.kv_bytes_per_loop(dtype, loops)]
 
-    def entry(model: str, name: str, loops: int, seq_len: int, params: int, gates: int,
-              per_loop: list[int]) -> MemoryEntry:
+    def entry(
+        model: str, name: str, loops: int, seq_len: int, params: int, gates: int, per_loop: list[int]
+    ) -> MemoryEntry:
         weights, kv = params * nbytes, sum(per_loop)
-        return MemoryEntry(model=model, name=name, loops=loops, seq_len=seq_len, batch=args.batch,
-                           parameters=params, gate_parameters=gates, weights_bytes=weights,
-                           gate_bytes=gates * nbytes, kv_cache_bytes=kv, kv_cache_bytes_per_loop=per_loop,
-                           total_bytes=weights + kv)
+        return MemoryEntry(
+            model=model,
+            name=name,
+            loops=loops,
+            seq_len=seq_len,
+            batch=args.batch,
+            parameters=params,
+            gate_parameters=gates,
+            weights_bytes=weights,
+            gate_bytes=gates * nbytes,
+            kv_cache_bytes=kv,
+            kv_cache_bytes_per_loop=per_loop,
+            total_bytes=weights + kv,
+        )
 
     for seq_len in args.seq_lens:
         tokens = seq_len * args.batch
-        report.entries.append(entry("plain", f"plain {N}-layer", 1, seq_len, plain_params, 0,
-                                    kv_per_loop(ouro_cfg, 1, tokens)))
+        report.entries.append(
+            entry("plain", f"plain {N}-layer", 1, seq_len, plain_params, 0, kv_per_loop(ouro_cfg, 1, tokens))
+        )
         for loops in args.loops:
-            report.entries.append(entry("ouro", ouro_name, loops, seq_len, ouro_params, 0,
-                                        kv_per_loop(ouro_cfg, loops, tokens)))
-            report.entries.append(entry("melt", melt_name, loops, seq_len, melt_params, gate_params,
-                                        kv_per_loop(melt_cfg, loops, tokens)))
+            report.entries.append(
+                entry("ouro", ouro_name, loops, seq_len, ouro_params, 0, kv_per_loop(ouro_cfg, loops, tokens))
+            )
+            report.entries.append(
+                entry("melt", melt_name, loops, seq_len, melt_params, gate_params, kv_per_loop(melt_cfg, loops, tokens))
+            )
     if args.measure:
         device = resolve_device(args.device)
         pair = load_pair(args.checkpoint, dtype=dtype, device=device)
@@ -160,6 +187,12 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
             if e.model in models:
                 if progress is not None:
                     progress(f"measuring {e.name}: {e.loops} loop(s), {e.seq_len} tokens")
-                e.measured = measure_generation(models[e.model], loops=e.loops, seq_len=e.seq_len, batch=args.batch,
-                                                decode_tokens=args.decode_tokens, chunk_size=args.chunk_size)
+                e.measured = measure_generation(
+                    models[e.model],
+                    loops=e.loops,
+                    seq_len=e.seq_len,
+                    batch=args.batch,
+                    decode_tokens=args.decode_tokens,
+                    chunk_size=args.chunk_size,
+                )
     return report

@@ -39,8 +39,9 @@ class ModelPair:
     melt_source: str
 
 
-def load_pair(checkpoint: str | Path, dtype: str | torch.dtype | None = None,
-              device: torch.device | str = "cpu") -> ModelPair:
+def load_pair(
+    checkpoint: str | Path, dtype: str | torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> ModelPair:
     """Given an Ouro checkpoint: it, and its MELT conversion built in memory (shared weights, gates
     initialised as ``melt convert`` does). Given a MELT checkpoint: it, and the Ouro checkpoint its
     config records as ``melt.source``."""

@@ -48,8 +48,13 @@ class SpeedRow:
         return self.melt.decode_tokens_per_s / o if o else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loops": self.loops, "ouro": self.ouro.to_dict(), "melt": self.melt.to_dict(),
-                "prefill_ratio": self.prefill_ratio, "decode_ratio": self.decode_ratio}
+        return {
+            "loops": self.loops,
+            "ouro": self.ouro.to_dict(),
+            "melt": self.melt.to_dict(),
+            "prefill_ratio": self.prefill_ratio,
+            "decode_ratio": self.decode_ratio,
+        }
 
 
 @dataclass
@@ -64,9 +69,16 @@ class SpeedReport:
     rows: list[SpeedRow]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ouro_source": self.ouro_source, "melt_source": self.melt_source, "device": self.device,
-                "dtype": self.dtype, "batch": self.batch, "prompt_tokens": self.prompt_tokens,
-                "new_tokens": self.new_tokens, "rows": [r.to_dict() for r in self.rows]}
+        return {
+            "ouro_source": self.ouro_source,
+            "melt_source": self.melt_source,
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch": self.batch,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "rows": [r.to_dict() for r in self.rows],
+        }
 
 
 def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> SpeedReport:
@@ -82,18 +94,39 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
     pair = load_pair(args.checkpoint, dtype=args.dtype, device=device)
     seq_len = args.prompt_tokens + args.new_tokens
     for model in (pair.ouro, pair.melt):  # warm-up: first-call overheads out of the timings
-        measure_generation(model, loops=1, seq_len=min(seq_len, 8), decode_tokens=min(args.new_tokens, 4),
-                           batch=args.batch, chunk_size=args.chunk_size, track_memory=False)
+        measure_generation(
+            model,
+            loops=1,
+            seq_len=min(seq_len, 8),
+            decode_tokens=min(args.new_tokens, 4),
+            batch=args.batch,
+            chunk_size=args.chunk_size,
+            track_memory=False,
+        )
     rows = []
     for loops in args.loops:
         runs = {}
         for name, model in (("ouro", pair.ouro), ("melt", pair.melt)):
             if progress is not None:
                 progress(f"timing {name}: {loops} loop(s)")
-            runs[name] = measure_generation(model, loops=loops, seq_len=seq_len, batch=args.batch,
-                                            decode_tokens=args.new_tokens, chunk_size=args.chunk_size,
-                                            seed=args.seed, track_memory=False)
+            runs[name] = measure_generation(
+                model,
+                loops=loops,
+                seq_len=seq_len,
+                batch=args.batch,
+                decode_tokens=args.new_tokens,
+                chunk_size=args.chunk_size,
+                seed=args.seed,
+                track_memory=False,
+            )
         rows.append(SpeedRow(loops, runs["ouro"], runs["melt"]))
-    return SpeedReport(ouro_source=pair.ouro_source, melt_source=pair.melt_source, device=str(device),
-                       dtype=dtype_name(pair.ouro.dtype), batch=args.batch, prompt_tokens=args.prompt_tokens,
-                       new_tokens=args.new_tokens, rows=rows)
+    return SpeedReport(
+        ouro_source=pair.ouro_source,
+        melt_source=pair.melt_source,
+        device=str(device),
+        dtype=dtype_name(pair.ouro.dtype),
+        batch=args.batch,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        rows=rows,
+    )

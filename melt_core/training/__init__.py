@@ -7,6 +7,13 @@ from .pretrain import PretrainSettings, run_pretrain
 from .trainer import TrainingArgs, TrainResult, train
 
 __all__ = [
-    "DataArgs", "DistillSettings", "PretrainSettings", "TrainResult", "TrainingArgs", "run_both_phases", "run_phase",
-    "run_pretrain", "train",
+    "DataArgs",
+    "DistillSettings",
+    "PretrainSettings",
+    "TrainResult",
+    "TrainingArgs",
+    "run_both_phases",
+    "run_phase",
+    "run_pretrain",
+    "train",
 ]

@@ -27,7 +27,7 @@ from ..data import PackedSequences
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..evaluation.heldout import finish, score_batch
 from ..models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, is_melt, is_ouro
-from ..models.melt import is_gate_parameter
+from ..models.update_rules import is_gate_parameter
 from .losses import attention_alignment, kl_divergence, next_token_cross_entropy
 from .trainer import TrainingArgs, TrainResult, save_model_as, train
 
@@ -35,8 +35,15 @@ from .trainer import TrainingArgs, TrainResult, save_model_as, train
 DEFAULT_STEPS = {1: 500, 2: 300}
 
 # Fields that must agree between teacher and student for per-loop, per-layer distillation.
-COMPATIBLE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "total_ut_steps")
+COMPATIBLE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "total_ut_steps",
+)
 
 
 @dataclass
@@ -71,8 +78,11 @@ def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike)
         )
     if not is_ouro(teacher):
         raise UnsupportedModelError(f"{teacher_path} is a {teacher.model_type!r} checkpoint; the teacher must be Ouro")
-    diffs = [f"{k}: student {getattr(student, k)} vs teacher {getattr(teacher, k)}"
-             for k in COMPATIBLE_FIELDS if getattr(student, k) != getattr(teacher, k)]
+    diffs = [
+        f"{k}: student {getattr(student, k)} vs teacher {getattr(teacher, k)}"
+        for k in COMPATIBLE_FIELDS
+        if getattr(student, k) != getattr(teacher, k)
+    ]
     if diffs:
         raise InvalidArgumentError(f"teacher {teacher_path} does not match student {student_path}: " + "; ".join(diffs))
     return student, teacher
@@ -96,13 +106,23 @@ class StudentLoss(nn.Module):
         super().__init__()
         self.student, self.settings = student, settings
 
-    def forward(self, input_ids: Tensor, alpha: float, teacher_hidden: list[Tensor],
-                teacher_taps: list[Tensor] | None, teacher_head: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        input_ids: Tensor,
+        alpha: float,
+        teacher_hidden: list[Tensor],
+        teacher_taps: list[Tensor] | None,
+        teacher_head: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """KD (+ CE) (+ beta * alignment); the parts are returned detached for logging."""
         s = self.settings
         hidden, taps = self.student.forward_chunkwise(
-            input_ids, alpha=alpha, chunk_size=s.chunk_size, detach_history=s.detach_history,
-            checkpoint_chunks=s.checkpoint_chunks, return_attn_outputs=s.phase == 2,
+            input_ids,
+            alpha=alpha,
+            chunk_size=s.chunk_size,
+            detach_history=s.detach_history,
+            checkpoint_chunks=s.checkpoint_chunks,
+            return_attn_outputs=s.phase == 2,
         )
         head = self.student.lm_head.weight
         loops = range(len(hidden)) if s.kd_loops == "all" else [len(hidden) - 1]
@@ -122,8 +142,14 @@ class StudentLoss(nn.Module):
 class DistillObjective:
     """Phase 1 or phase 2 of MELT's post-training (an ``Objective`` for ``trainer.train``)."""
 
-    def __init__(self, student_path: str | os.PathLike, teacher_path: str | os.PathLike, settings: DistillSettings,
-                 steps: int, teacher_dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        student_path: str | os.PathLike,
+        teacher_path: str | os.PathLike,
+        settings: DistillSettings,
+        steps: int,
+        teacher_dtype: str | None = None,
+    ) -> None:
         check_pair(student_path, teacher_path)
         self.student_path, self.settings, self.steps = Path(student_path), settings, steps
         self.student: MeltForCausalLM = load_model(student_path, dtype="fp32")
@@ -190,10 +216,16 @@ def default_teacher_dtype(args: TrainingArgs) -> str:
     return "bf16" if torch.cuda.is_available() and not args.cpu else "fp32"
 
 
-def run_phase(student_path: str | os.PathLike, teacher_path: str | os.PathLike | None, settings: DistillSettings,
-              data_args: DataArgs, args: TrainingArgs, teacher_dtype: str | None = None,
-              on_step: Callable[[dict], None] | None = None,
-              on_event: Callable[[str], None] | None = None) -> TrainResult:
+def run_phase(
+    student_path: str | os.PathLike,
+    teacher_path: str | os.PathLike | None,
+    settings: DistillSettings,
+    data_args: DataArgs,
+    args: TrainingArgs,
+    teacher_dtype: str | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Load data and models, then train one phase; the output is a loadable MELT checkpoint."""
     teacher_path = teacher_path or default_teacher(student_path)
     teacher_dtype = teacher_dtype or default_teacher_dtype(args)
@@ -202,19 +234,28 @@ def run_phase(student_path: str | os.PathLike, teacher_path: str | os.PathLike |
     data = PackedSequences.from_path(data_args.data, tokenizer, args.seq_len, args.seed, data_args.text_field)
     eval_data = None
     if data_args.eval_data is not None:
-        eval_data = PackedSequences.from_path(data_args.eval_data, tokenizer, args.seq_len, args.seed,
-                                              data_args.text_field)
+        eval_data = PackedSequences.from_path(
+            data_args.eval_data, tokenizer, args.seq_len, args.seed, data_args.text_field
+        )
     if on_event:
-        on_event(f"phase {settings.phase}: student {student_path}, teacher {teacher_path}, "
-                 f"{len(data)} sequences of {args.seq_len} tokens")
+        on_event(
+            f"phase {settings.phase}: student {student_path}, teacher {teacher_path}, "
+            f"{len(data)} sequences of {args.seq_len} tokens"
+        )
     return train(objective, data, args, eval_data=eval_data, on_step=on_step, on_event=on_event)
 
 
-def run_both_phases(student_path: str | os.PathLike, teacher_path: str | os.PathLike | None,
-                    settings: DistillSettings, data_args: DataArgs, args: TrainingArgs, *,
-                    steps: int | None = None, teacher_dtype: str | None = None,
-                    on_phase: Callable[[int, TrainingArgs], tuple[Callable, Callable] | None] | None = None,
-                    ) -> tuple[TrainResult, TrainResult]:
+def run_both_phases(
+    student_path: str | os.PathLike,
+    teacher_path: str | os.PathLike | None,
+    settings: DistillSettings,
+    data_args: DataArgs,
+    args: TrainingArgs,
+    *,
+    steps: int | None = None,
+    teacher_dtype: str | None = None,
+    on_phase: Callable[[int, TrainingArgs], tuple[Callable, Callable] | None] | None = None,
+) -> tuple[TrainResult, TrainResult]:
     """``--phase all``: phase 1 into ``args.out / "phase1"``, then phase 2 from its output into
     ``args.out / "phase2"``, with the same teacher and settings; each phase runs ``steps`` steps
     (default: ``DEFAULT_STEPS`` of that phase; ``args.steps`` is not used). ``on_phase(phase,
@@ -225,11 +266,21 @@ def run_both_phases(student_path: str | os.PathLike, teacher_path: str | os.Path
     results = []
     student = student_path
     for phase in (1, 2):
-        phase_args = dataclasses.replace(args, out=Path(args.out) / f"phase{phase}", steps=DEFAULT_STEPS[phase] if steps is None else steps)
+        phase_args = dataclasses.replace(
+            args, out=Path(args.out) / f"phase{phase}", steps=DEFAULT_STEPS[phase] if steps is None else steps
+        )
         callbacks = on_phase(phase, phase_args) if on_phase is not None else None
         on_step, on_event = callbacks or (None, None)
-        result = run_phase(student, teacher_path, dataclasses.replace(settings, phase=phase), data_args, phase_args,
-                           teacher_dtype, on_step, on_event)
+        result = run_phase(
+            student,
+            teacher_path,
+            dataclasses.replace(settings, phase=phase),
+            data_args,
+            phase_args,
+            teacher_dtype,
+            on_step,
+            on_event,
+        )
         results.append(result)
         student = result.out
     return results[0], results[1]

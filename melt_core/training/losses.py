@@ -32,14 +32,15 @@ def _chunked(fn, tensors: list[Tensor], token_chunk: int) -> Tensor:
     n = tensors[0].shape[0]
     total = tensors[0].new_zeros((), dtype=torch.float32)
     for s in range(0, n, token_chunk):
-        parts = [t[s:s + token_chunk] for t in tensors]
+        parts = [t[s : s + token_chunk] for t in tensors]
         chunk = checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled() else fn(*parts)
         total = total + chunk
     return total
 
 
-def kl_divergence(h_student: Tensor, h_teacher: Tensor, w_student: Tensor, w_teacher: Tensor,
-                  token_chunk: int = TOKEN_CHUNK) -> Tensor:
+def kl_divergence(
+    h_student: Tensor, h_teacher: Tensor, w_student: Tensor, w_teacher: Tensor, token_chunk: int = TOKEN_CHUNK
+) -> Tensor:
     """Mean over tokens of KL(teacher || student) between ``lm_head`` outputs of (B, S, H) states."""
     H = h_student.shape[-1]
     hs, ht = h_student.reshape(-1, H), h_teacher.reshape(-1, H)
@@ -63,7 +64,7 @@ def per_token_cross_entropy(h: Tensor, w: Tensor, input_ids: Tensor, token_chunk
     fn = lambda a, y: F.cross_entropy(F.linear(a, w).float(), y, reduction="none")
     parts = []
     for s in range(0, hs.shape[0], token_chunk):
-        a, y = hs[s:s + token_chunk], labels[s:s + token_chunk]
+        a, y = hs[s : s + token_chunk], labels[s : s + token_chunk]
         parts.append(checkpoint(fn, a, y, use_reentrant=False) if torch.is_grad_enabled() else fn(a, y))
     return torch.cat(parts).view(B, S - 1)
 

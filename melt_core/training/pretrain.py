@@ -37,16 +37,34 @@ from .trainer import TrainingArgs, TrainResult, train
 
 # Model shapes of `melt pretrain --preset` (the loop count and vocabulary are set separately).
 PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "num_key_value_heads": 2},
-    "small": {"hidden_size": 192, "intermediate_size": 576, "num_hidden_layers": 4, "num_attention_heads": 3,
-              "num_key_value_heads": 3},
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    },
+    "small": {
+        "hidden_size": 192,
+        "intermediate_size": 576,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 3,
+    },
 }
 OBJECTIVES = ("uniform", "ramp", "ouro")
 TOKENIZER_DIR = "tokenizer"
 # Where pretraining's optimisation defaults differ from ``TrainingArgs``'s (which suit post-training).
-PRETRAIN_TRAINING_DEFAULTS = {"steps": 2000, "lr": 2e-3, "seq_len": 256, "micro_batch": 8, "weight_decay": 0.1,
-                              "save_every": 200, "eval_every": 200, "eval_batches": 16}
+PRETRAIN_TRAINING_DEFAULTS = {
+    "steps": 2000,
+    "lr": 2e-3,
+    "seq_len": 256,
+    "micro_batch": 8,
+    "weight_decay": 0.1,
+    "save_every": 200,
+    "eval_every": 200,
+    "eval_batches": 16,
+}
 
 
 @dataclass
@@ -101,8 +119,9 @@ class LoopLMLoss(nn.Module):
 class PretrainObjective:
     """An ``Objective`` for ``trainer.train``: next-token prediction at every loop."""
 
-    def __init__(self, model: OuroForCausalLM, tokenizer: PreTrainedTokenizerFast, settings: PretrainSettings,
-                 out: Path) -> None:
+    def __init__(
+        self, model: OuroForCausalLM, tokenizer: PreTrainedTokenizerFast, settings: PretrainSettings, out: Path
+    ) -> None:
         self.lm, self.tokenizer, self.settings, self.out = model, tokenizer, settings, Path(out)
         if settings.objective != "ouro":
             model.model.early_exit_gate.requires_grad_(False)  # no gradient reaches it
@@ -147,9 +166,15 @@ def initial_checkpoint(path: str | os.PathLike) -> tuple[OuroForCausalLM, PreTra
     return model.train(), load_tokenizer(model.name_or_path)
 
 
-def run_pretrain(settings: PretrainSettings, data: str | os.PathLike, args: TrainingArgs,
-                 eval_data: str | os.PathLike | None = None, text_field: str = "text",
-                 on_step=None, on_event=None) -> TrainResult:
+def run_pretrain(
+    settings: PretrainSettings,
+    data: str | os.PathLike,
+    args: TrainingArgs,
+    eval_data: str | os.PathLike | None = None,
+    text_field: str = "text",
+    on_step=None,
+    on_event=None,
+) -> TrainResult:
     """Train a LoopLM from scratch (or on from ``settings.init_from``); the run directory ends up holding an
     Ouro checkpoint."""
     if settings.init_from is not None:
@@ -159,17 +184,31 @@ def run_pretrain(settings: PretrainSettings, data: str | os.PathLike, args: Trai
             tokenizer = load_tokenizer(args.out / TOKENIZER_DIR)
         else:
             tokenizer = build_tokenizer(settings, data, text_field)
-        shape = dict(PRETRAIN_PRESETS[settings.preset], total_ut_steps=settings.loops,
-                     max_position_embeddings=settings.max_position_embeddings)
+        shape = dict(
+            PRETRAIN_PRESETS[settings.preset],
+            total_ut_steps=settings.loops,
+            max_position_embeddings=settings.max_position_embeddings,
+        )
         model = OuroForCausalLM(ouro_config_for(tokenizer, torch.float32, **shape))
         init_weights(model, args.seed)  # --resume then overwrites these with the saved state
     packed = PackedSequences.from_path(data, tokenizer, args.seq_len, args.seed, text_field)
-    held_out = PackedSequences.from_path(eval_data, tokenizer, args.seq_len, args.seed, text_field) \
-        if eval_data is not None else None
+    held_out = (
+        PackedSequences.from_path(eval_data, tokenizer, args.seq_len, args.seed, text_field)
+        if eval_data is not None
+        else None
+    )
     if on_event:
         n = sum(p.numel() for p in model.parameters())
         source = f"from {settings.init_from}" if settings.init_from is not None else settings.preset
-        on_event(f"pretraining a {n:,}-parameter LoopLM ({source}, {model.config.total_ut_steps} loops, vocab "
-                 f"{len(tokenizer)}) on {len(packed)} sequences of {args.seq_len} tokens")
-    return train(PretrainObjective(model, tokenizer, settings, args.out), packed, args, eval_data=held_out,
-                 on_step=on_step, on_event=on_event)
+        on_event(
+            f"pretraining a {n:,}-parameter LoopLM ({source}, {model.config.total_ut_steps} loops, vocab "
+            f"{len(tokenizer)}) on {len(packed)} sequences of {args.seq_len} tokens"
+        )
+    return train(
+        PretrainObjective(model, tokenizer, settings, args.out),
+        packed,
+        args,
+        eval_data=held_out,
+        on_step=on_step,
+        on_event=on_event,
+    )

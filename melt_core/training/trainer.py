@@ -168,9 +168,15 @@ def _schedule(optimizer: torch.optim.Optimizer, args: TrainingArgs):
 class _Run:
     """One training run: owns the accelerator, optimizer, schedule, files."""
 
-    def __init__(self, objective: Objective, data: PackedSequences, args: TrainingArgs,
-                 eval_data: PackedSequences | None, on_step: Callable[[dict], None] | None,
-                 on_event: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        data: PackedSequences,
+        args: TrainingArgs,
+        eval_data: PackedSequences | None,
+        on_step: Callable[[dict], None] | None,
+        on_event: Callable[[str], None] | None,
+    ) -> None:
         self.objective, self.data, self.args, self.eval_data = objective, data, args, eval_data
         self.on_step = on_step or (lambda m: None)
         self.on_event = on_event or (lambda m: None)
@@ -196,8 +202,9 @@ class _Run:
         args, out = self.args, self.args.out
         # every process checks (and fails) alike, before the main process changes anything
         if args.resume is None and out.exists() and any(out.iterdir()) and not args.force:
-            raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it "
-                                    "or --resume to continue its run")
+            raise OutputExistsError(
+                f"{out} exists and is not empty; pass --force to replace it or --resume to continue its run"
+            )
         if self.accelerator.is_main_process:
             if args.resume is None:
                 fresh_output_dir(out, force=True)
@@ -251,7 +258,7 @@ class _Run:
         batch = self.data.batch(step, self.global_seqs)  # (G, seq_len), identical on every process
         acc, mb = self.accelerator, self.args.micro_batch
         rank, world = acc.process_index, acc.num_processes
-        return [batch[(m * world + rank) * mb:(m * world + rank + 1) * mb].to(acc.device) for m in range(self.accum)]
+        return [batch[(m * world + rank) * mb : (m * world + rank + 1) * mb].to(acc.device) for m in range(self.accum)]
 
     def evaluate(self, wrapped: nn.Module) -> dict[str, float]:
         model = self.accelerator.unwrap_model(wrapped)
@@ -261,7 +268,7 @@ class _Run:
         n = min(self.args.eval_batches, len(self.eval_data))
         with torch.no_grad(), self.accelerator.autocast():
             for i in range(n):
-                ids = self.eval_data.sequences[i:i + 1].to(self.accelerator.device)
+                ids = self.eval_data.sequences[i : i + 1].to(self.accelerator.device)
                 for k, v in self.objective.evaluate(model, ids).items():
                     totals[k] = totals.get(k, 0.0) + v / n
         model.train(was_training)
@@ -314,7 +321,10 @@ class _Run:
                 state.step += 1
                 elapsed = time.perf_counter() - t0
                 last = {
-                    "step": state.step, "loss": mean_loss, **parts_sum, **objective.step_metrics(step),
+                    "step": state.step,
+                    "loss": mean_loss,
+                    **parts_sum,
+                    **objective.step_metrics(step),
                     **{f"lr_{k}": v for k, v in lrs.items()},
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens_per_s": tokens_per_step / elapsed,
@@ -366,9 +376,15 @@ class _Run:
         tmp.rmdir()
 
 
-def train(objective: Objective, data: PackedSequences, args: TrainingArgs, *,
-          eval_data: PackedSequences | None = None, on_step: Callable[[dict], None] | None = None,
-          on_event: Callable[[str], None] | None = None) -> TrainResult:
+def train(
+    objective: Objective,
+    data: PackedSequences,
+    args: TrainingArgs,
+    *,
+    eval_data: PackedSequences | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Run ``objective`` for ``args.steps`` optimizer steps; returns the final metrics."""
     return _Run(objective, data, args, eval_data, on_step, on_event).run()
 
