@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from melt_core.checkpoints.convert import convert_ouro_to_melt
-from melt_core.evaluation import evaluate_checkpoint
+from melt_core.evaluation import EvalSettings, evaluate_checkpoint
 from melt_core.models.config import MeltSettings
 from melt_core.training.distill import DataArgs, DistillSettings, run_phase
 from melt_core.training.trainer import TrainingArgs
@@ -93,13 +93,12 @@ def main() -> None:
     )
 
     print("evaluating ...", flush=True)
+    eval_settings = EvalSettings(seq_len=args.seq_len, max_sequences=args.eval_sequences)
     results: dict = {"models": {}, "loops": {}}
     for name, path in models.items():
         row = {}
         for split, data in (("valid", args.valid), ("ood", args.ood)):
-            report = evaluate_checkpoint(
-                path, data, teacher=args.teacher, seq_len=args.seq_len, max_sequences=args.eval_sequences
-            )
+            report = evaluate_checkpoint(path, data, eval_settings, teacher=args.teacher)
             per_loop = [
                 {"loss": r.loss, "ppl": r.perplexity, "kl": r.kl_to_teacher, "top1": r.top1_agreement}
                 for r in next(iter(report.results.values()))
@@ -109,9 +108,7 @@ def main() -> None:
         print(f"  {name}: valid {row['valid']['loss']:.4f}, ood {row['ood']['loss']:.4f}", flush=True)
     loop_counts = list(range(1, args.max_loops + 1))
     for name in ("teacher (Ouro, per-loop KV)", "MELT phase 1 + phase 2 (full)"):
-        report = evaluate_checkpoint(
-            models[name], args.valid, loops=loop_counts, seq_len=args.seq_len, max_sequences=args.eval_sequences
-        )
+        report = evaluate_checkpoint(models[name], args.valid, eval_settings, loops=loop_counts)
         results["loops"][name] = {n: r[-1].loss for n, r in report.results.items()}
 
     results["setup"] = {

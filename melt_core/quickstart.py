@@ -18,7 +18,7 @@ import torch
 from .checkpoints import convert_ouro_to_melt, fresh_output_dir, load_config, load_model, load_tokenizer
 from .checkpoints.builtin import ASSETS
 from .errors import InvalidArgumentError
-from .evaluation import LoopResult, evaluate_checkpoint
+from .evaluation import EvalSettings, LoopResult, evaluate_checkpoint
 from .inference import GenerationSettings, SamplingSettings, generate_text
 from .models import KVCache, MeltSettings
 from .training import DataArgs, DistillSettings, TrainingArgs, run_phase
@@ -116,9 +116,8 @@ def run_quickstart(
     models = {"Ouro teacher": s.teacher, "MELT (phase 1 + 2)": melt, "training-free last": last}
     for name, path in models.items():
         teacher = None if name == "Ouro teacher" else s.teacher
-        result = evaluate_checkpoint(
-            path, VALID_TEXT, teacher=teacher, seq_len=s.seq_len, max_sequences=s.eval_sequences
-        )
+        settings = EvalSettings(seq_len=s.seq_len, max_sequences=s.eval_sequences)
+        result = evaluate_checkpoint(path, VALID_TEXT, settings, teacher=teacher)
         report.evaluation[name] = next(iter(result.results.values()))
     lap("evaluate")
 

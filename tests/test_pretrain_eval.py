@@ -15,7 +15,7 @@ from melt_core import load_model, load_tokenizer
 from melt_core.checkpoints.convert import convert_ouro_to_melt
 from melt_core.data import PackedSequences
 from melt_core.errors import UnsupportedModelError
-from melt_core.evaluation import evaluate_checkpoint
+from melt_core.evaluation import EvalSettings, evaluate_checkpoint
 from melt_core.training.pretrain import LoopLMLoss, PretrainSettings, run_pretrain
 from melt_core.training.trainer import TrainingArgs
 
@@ -122,9 +122,8 @@ def test_cli_pretrain_rejects_tokenizer_with_vocab_size(text_file, tiny_ckpt, tm
 
 
 def test_eval_equals_hand_computation(tiny_ckpt, text_file):
-    report = evaluate_checkpoint(
-        tiny_ckpt, text_file, teacher=tiny_ckpt, loops=[None, 2], seq_len=16, max_sequences=5, batch_size=2
-    )
+    settings = EvalSettings(seq_len=16, max_sequences=5, batch_size=2)
+    report = evaluate_checkpoint(tiny_ckpt, text_file, settings, teacher=tiny_ckpt, loops=[None, 2])
     model = load_model(tiny_ckpt)
     ids = PackedSequences.from_path(text_file, load_tokenizer(tiny_ckpt), 16).sequences[:5]
     for count in (4, 2):

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from melt_core.evaluation import evaluate_checkpoint
+from melt_core.evaluation import EvalSettings, evaluate_checkpoint
 from melt_core.models.config import validate_loops
 
 from .. import console
@@ -29,6 +29,9 @@ def parse_loops(text: str | None) -> list[int | None]:
     return [validate_loops(n, "--loops values") for n in o.int_list(text, "--loops")]
 
 
+E = EvalSettings
+
+
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Ouro or MELT checkpoint directory (or 'example').")],
     data: o.Data,
@@ -36,12 +39,14 @@ def evaluate(
         Path | None, typer.Option(help="Ouro teacher: adds KL(teacher || model) and top-1 agreement per loop.")
     ] = None,
     loops: Annotated[str | None, typer.Option(help="Loop counts to run, e.g. 1,2,4,8 (default: the model's).")] = None,
-    seq_len: o.SeqLen = 512,
-    max_sequences: Annotated[int, typer.Option(help="Evaluate the first N packed sequences (0: all).")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 4,
-    text_field: o.TextField = "text",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    seq_len: o.SeqLen = E.seq_len,
+    max_sequences: Annotated[int, typer.Option(help="Evaluate the first N packed sequences (0: all).")] = (
+        E.max_sequences
+    ),
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = E.batch_size,
+    text_field: o.TextField = E.text_field,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = E.device,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = E.dtype,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Evaluate a checkpoint on held-out text: loss and perplexity at every loop."""
@@ -49,14 +54,16 @@ def evaluate(
         report = evaluate_checkpoint(
             checkpoint,
             data,
+            EvalSettings(
+                seq_len=seq_len,
+                max_sequences=max_sequences or None,
+                batch_size=batch_size,
+                text_field=text_field,
+                device=device,
+                dtype=dtype,
+            ),
             teacher=teacher,
             loops=parse_loops(loops),
-            seq_len=seq_len,
-            max_sequences=max_sequences or None,
-            batch_size=batch_size,
-            text_field=text_field,
-            device=device,
-            dtype=dtype,
             progress=lambda d, t: update(d, t, "sequences"),
         )
     if as_json:

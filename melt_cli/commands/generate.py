@@ -98,8 +98,10 @@ def generate(
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = S.top_k,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling generator (reproducible samples).")] = S.seed,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
-    device: Device = "auto",
-    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = None,
+    device: Device = GenerateArgs.device,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")
+    ] = GenerateArgs.dtype,
     exit_at_step: Annotated[
         int | None, typer.Option(help="Take the logits of this loop (0-based); all loops still run.")
     ] = G.exit_at_step,

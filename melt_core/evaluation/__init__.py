@@ -1,5 +1,5 @@
 """Evaluation: per-loop held-out loss and perplexity, and agreement with an Ouro teacher (``heldout``)."""
 
-from .heldout import EvalReport, LoopResult, evaluate_checkpoint, score_batch
+from .heldout import EvalReport, EvalSettings, LoopResult, evaluate_checkpoint, score_batch
 
-__all__ = ["EvalReport", "LoopResult", "evaluate_checkpoint", "score_batch"]
+__all__ = ["EvalReport", "EvalSettings", "LoopResult", "evaluate_checkpoint", "score_batch"]

@@ -104,23 +104,46 @@ def finish(stats: list[LoopStats], with_teacher: bool) -> list[LoopResult]:
     return out
 
 
+@dataclass
+class EvalSettings:
+    """How ``evaluate_checkpoint`` reads and runs: sequences of ``seq_len`` tokens, the first
+    ``max_sequences`` of them (None: all), ``batch_size`` per forward, on ``device`` in ``dtype``."""
+
+    seq_len: int = 512
+    max_sequences: int | None = 64
+    batch_size: int = 4
+    text_field: str = "text"
+    device: str = "cpu"
+    dtype: str | None = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise InvalidArgumentError(f"max-sequences must be >= 1 (or None for all), got {self.max_sequences}")
+        if self.batch_size < 1:
+            raise InvalidArgumentError(f"batch size must be >= 1, got {self.batch_size}")
+
+
 def evaluate_checkpoint(
     path: str | os.PathLike,
     data: str | os.PathLike,
+    settings: EvalSettings | None = None,
     *,
     teacher: str | os.PathLike | None = None,
     loops: list[int | None] | None = None,
-    seq_len: int = 512,
-    max_sequences: int | None = 64,
-    batch_size: int = 4,
-    text_field: str = "text",
-    device: str = "cpu",
-    dtype: str | None = "fp32",
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Per-loop held-out loss/perplexity of a checkpoint on the first ``max_sequences`` packed
     sequences of ``data`` (in file order); with a teacher also KL(teacher || model) and top-1
     agreement per loop. ``loops``: the loop counts to run (None: the model's own)."""
+    s = settings or EvalSettings()
+    seq_len, max_sequences, batch_size, text_field, device, dtype = (
+        s.seq_len,
+        s.max_sequences,
+        s.batch_size,
+        s.text_field,
+        s.device,
+        s.dtype,
+    )
     model = load_model(path, dtype=dtype, device=device)
     teacher_model = load_model(teacher, dtype=dtype, device=device) if teacher is not None else None
     if teacher_model is not None and teacher_model.config.vocab_size != model.config.vocab_size:
