@@ -13,6 +13,7 @@ import typer
 
 from melt_core.errors import InvalidArgumentError
 from melt_core.training import TrainingArgs
+from melt_core.training.trainer import saved_run_config
 
 Data = Annotated[Path, typer.Option("--data", help="Training text: .txt, .jsonl(.gz), a folder, or a saved dataset.")]
 EvalData = Annotated[Path | None, typer.Option("--eval-data", help="Held-out text for periodic evaluation.")]
@@ -63,10 +64,15 @@ TRAINING_OPTIONS: dict[str, Any] = {
 }
 
 
+# What --resume reads back from the run (not where it writes, nor whether it may replace it).
+RESUMED_FIELDS = {f.name for f in dataclasses.fields(TrainingArgs)} - {"out", "resume", "force"}
+
+
 def with_training_options(defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
     """Add ``TRAINING_OPTIONS`` to a command; they reach it as one ``training`` dict of
     ``TrainingArgs`` keyword arguments. Defaults are ``TrainingArgs``'s, overridden by ``defaults``
-    (a core module's, e.g. pretraining's)."""
+    (a core module's, e.g. pretraining's). With ``--resume``, every ``TrainingArgs`` option left at
+    its default (``--steps`` too) takes the value the run was started with (its run_config.json)."""
     fields = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
     values = {name: fields[name] for name in TRAINING_OPTIONS} | (defaults or {})
 
@@ -79,12 +85,20 @@ def with_training_options(defaults: dict[str, Any] | None = None) -> Callable[[C
         ]
 
         @functools.wraps(command)
-        def wrapper(**kwargs: Any) -> Any:
+        def wrapper(cli_context: typer.Context, **kwargs: Any) -> Any:
             training = {name: kwargs.pop(name) for name in TRAINING_OPTIONS}
+            if training["resume"] is not None:
+                saved = saved_run_config(training["resume"])
+                for values in (training, kwargs):
+                    for name in values.keys() & RESUMED_FIELDS & saved.keys():
+                        if cli_context.get_parameter_source(name).name == "DEFAULT":
+                            values[name] = saved[name]
             return command(training=training, **kwargs)
 
-        wrapper.__signature__ = signature.replace(parameters=own + extra)
+        context = inspect.Parameter("cli_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        wrapper.__signature__ = signature.replace(parameters=[*own, context, *extra])
         wrapper.__annotations__ = {
+            "cli_context": typer.Context,
             **{k: v for k, v in command.__annotations__.items() if k != "training"},
             **TRAINING_OPTIONS,
         }

@@ -75,13 +75,23 @@ def format_step(m: dict) -> str:
 def training_progress(total_steps: int, description: str = "training") -> Iterator[tuple]:
     """Yields ``(on_step, on_event)`` for ``melt_core.training.trainer.train``: a bar with the step's numbers
     (``format_step``); events are printed above it."""
-    with Progress(*STEP_COLUMNS, console=console.err) as bar:
-        task = bar.add_task(description, total=total_steps, stats="")
+    bar = Progress(*STEP_COLUMNS, console=console.err)
+    task = None
 
-        def on_step(m: dict) -> None:
-            bar.update(task, completed=m["step"], stats=format_step(m))
+    def started() -> Progress:  # on the first report, so that an early error prints no empty bar
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total_steps, stats="")
+        return bar
 
-        def on_event(message: str) -> None:
-            bar.console.print(message)
+    def on_step(m: dict) -> None:
+        started().update(task, completed=m["step"], stats=format_step(m))
 
+    def on_event(message: str) -> None:
+        started().console.print(message)
+
+    try:
         yield on_step, on_event
+    finally:
+        bar.stop()

@@ -55,9 +55,7 @@ def test_pretrain_resume_reuses_tokenizer(text_file, tmp_path, monkeypatch):
         raise AssertionError("--resume trained a new tokenizer instead of reusing the run's")
 
     monkeypatch.setattr(pretrain_module, "train_bpe_tokenizer", no_training)
-    # another vocabulary size would give another tokenizer (and model shape) if it were retrained
-    resumed = PretrainSettings(preset="tiny", loops=2, vocab_size=280)
-    run_pretrain(resumed, text_file, _pretrain_args(tmp_path / "run", steps=4, save_every=2, resume=tmp_path / "run"))
+    run_pretrain(settings, text_file, _pretrain_args(tmp_path / "run", steps=4, save_every=2, resume=tmp_path / "run"))
     assert (tmp_path / "run" / "tokenizer.json").read_text() == first
 
 

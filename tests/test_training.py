@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import one_red_line
 from typer.testing import CliRunner
 
 from melt_cli.app import app
@@ -20,7 +21,12 @@ from melt_core.checkpoints.tokenizer import load_tokenizer
 from melt_core.data import PackedSequences
 from melt_core.errors import InvalidArgumentError, UnsupportedModelError
 from melt_core.training.distill import DataArgs, DistillObjective, DistillSettings, run_phase
-from melt_core.training.trainer import TrainingArgs, TrainingDivergedError, TrainingInterruptedError
+from melt_core.training.trainer import (
+    TrainingArgs,
+    TrainingDivergedError,
+    TrainingInterruptedError,
+    checkpoint_is_finite,
+)
 
 runner = CliRunner()
 SEQ = 32
@@ -123,6 +129,43 @@ def test_resume_is_exact(melt_ckpt, tiny_ckpt, text_file, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["between micro-batches", "at a step boundary"])
+def test_resume_after_any_interrupt_is_bit_exact(melt_ckpt, tiny_ckpt, text_file, tmp_path, monkeypatch, where):
+    """Two micro-batches per step (gradient accumulation); Ctrl-C inside step 3 (during its first
+    micro-batch) or right after step 2, then --resume: every later loss and the final weights
+    equal an uninterrupted run's, bit for bit."""
+    settings, data = DistillSettings(phase=2), DataArgs(text_file)
+    straight = run_phase(melt_ckpt, tiny_ckpt, settings, data, _args(tmp_path / "a", 5, batch_tokens=2 * SEQ))
+    calls = {"n": 0}
+    original = DistillObjective.loss
+
+    def interrupting(self, wrapped, ids, step):
+        calls["n"] += 1
+        out = original(self, wrapped, ids, step)
+        if where == "between micro-batches" and calls["n"] == 5:  # step 3, after its 1st micro-batch's loss
+            raise KeyboardInterrupt
+        return out
+
+    def stop_after_two(m):
+        if where == "at a step boundary" and m["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DistillObjective, "loss", interrupting)
+    with pytest.raises(TrainingInterruptedError, match="after step 2"):
+        run_phase(
+            melt_ckpt, tiny_ckpt, settings, data, _args(tmp_path / "b", 5, batch_tokens=2 * SEQ), on_step=stop_after_two
+        )
+    monkeypatch.setattr(DistillObjective, "loss", original)
+    resumed = run_phase(
+        melt_ckpt, tiny_ckpt, settings, data, _args(tmp_path / "b", 5, batch_tokens=2 * SEQ, resume=tmp_path / "b")
+    )
+    a, b = _metrics(straight.out), _metrics(resumed.out)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    wa, wb = load_model(straight.out).state_dict(), load_model(resumed.out).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_resume_refuses_changed_settings(melt_ckpt, tiny_ckpt, text_file, tmp_path):
     run_phase(melt_ckpt, tiny_ckpt, DistillSettings(phase=1), DataArgs(text_file), _args(tmp_path / "r", 2))
     with pytest.raises(InvalidArgumentError, match="seq_len"):
@@ -149,6 +192,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(melt_ckpt, tiny_ckpt, tex
         )
     assert (tmp_path / "r" / "checkpoints" / "step-000002" / "run_state.json").is_file()
     assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_nan_gradient_with_finite_loss_is_not_applied(melt_ckpt, tiny_ckpt, text_file, tmp_path, monkeypatch):
+    original = DistillObjective.loss
+
+    def nan_gradient(self, wrapped, ids, step):
+        loss, parts = original(self, wrapped, ids, step)
+        if step == 2:  # sqrt at 0: the value stays finite, its gradient is inf * 0 = nan
+            gate = self.student.gate_parameters()[0]
+            loss = loss + torch.sqrt(gate.sum() * 0.0)
+        return loss, parts
+
+    monkeypatch.setattr(DistillObjective, "loss", nan_gradient)
+    run = tmp_path / "r"
+    with pytest.raises(TrainingDivergedError, match=r"gradient norm is nan at step 3.*step-000002"):
+        run_phase(melt_ckpt, tiny_ckpt, DistillSettings(phase=2), DataArgs(text_file), _args(run, 4, save_every=1))
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000001", "step-000002"]
+    assert all(checkpoint_is_finite(p) for p in (run / "checkpoints").glob("step-*"))
+    assert not (run / "config.json").exists()
 
 
 def test_incompatible_pairs_and_bad_data(melt_ckpt, tiny_ckpt, tokenizer, text_file, tmp_path):
@@ -256,3 +318,103 @@ def test_two_process_accelerate_run(melt_ckpt, text_file, tmp_path):
     assert json.loads((out / "run_config.json").read_text())["batch_tokens"] == 4 * SEQ
     assert type(load_model(out)).__name__ == "MeltForCausalLM"
     shutil.rmtree(out)
+
+
+def test_resume_extends_steps_and_reads_the_run_config(text_file, tmp_path):
+    run = tmp_path / "run"
+    first = [
+        "pretrain",
+        "--data",
+        str(text_file),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--loops",
+        "2",
+        "--vocab-size",
+        "300",
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "2",
+        "--lr",
+        "0.005",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "0",
+    ]
+    assert runner.invoke(app, first).exit_code == 0
+    # only --steps: every other training option comes from the run's run_config.json
+    again = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--data",
+            str(text_file),
+            "--preset",
+            "tiny",
+            "--loops",
+            "2",
+            "--vocab-size",
+            "300",
+            "--resume",
+            str(run),
+            "--steps",
+            "4",
+        ],
+    )
+    assert again.exit_code == 0, again.output
+    config = json.loads((run / "run_config.json").read_text())
+    assert (config["steps"], config["seq_len"], config["micro_batch"], config["lr"]) == (4, 32, 2, 0.005)
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+    behind = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--data",
+            str(text_file),
+            "--preset",
+            "tiny",
+            "--loops",
+            "2",
+            "--vocab-size",
+            "300",
+            "--resume",
+            str(run),
+            "--steps",
+            "3",
+        ],
+    )
+    assert "is at step 4; --steps 3 is behind it" in one_red_line(behind)
+
+
+def test_resume_refuses_missing_and_foreign_runs(melt_ckpt, text_file, tmp_path):
+    base = ["distill", "--phase", "2", str(melt_ckpt), "--data", str(text_file), "--steps", "1", "--seq-len", "32"]
+    assert "does not exist" in one_red_line(runner.invoke(app, [*base, "--resume", str(tmp_path / "nope")]))
+    run = tmp_path / "p1"
+    assert (
+        runner.invoke(
+            app,
+            [
+                "transition",
+                str(melt_ckpt),
+                "--data",
+                str(text_file),
+                "--out",
+                str(run),
+                "--steps",
+                "1",
+                "--seq-len",
+                "32",
+            ],
+        ).exit_code
+        == 0
+    )
+    line = one_red_line(runner.invoke(app, [*base, "--resume", str(run)]))
+    assert "distill phase 1 run; it cannot resume distill phase 2" in line
+    (tmp_path / "plain").mkdir()
+    assert "not a melt run directory" in one_red_line(runner.invoke(app, [*base, "--resume", str(tmp_path / "plain")]))

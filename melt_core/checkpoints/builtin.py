@@ -1,17 +1,26 @@
-"""Checkpoints installed with the package, loadable by a short name (``melt generate example``)."""
+"""What a checkpoint argument names: a local directory, a checkpoint installed with the package
+(``melt generate example``), or a Hugging Face Hub model id (``melt convert ByteDance/Ouro-1.4B OUT``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from . import hub
+
 ASSETS = Path(__file__).parent.parent / "assets"
 BUILTIN_CHECKPOINTS = {"example": ASSETS / "example"}
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """``path`` itself when it exists, else the built-in checkpoint of that name, else ``path``."""
+    """The first that applies: ``path`` itself when it exists; the built-in checkpoint of that name;
+    the Hub model ``owner/name[@revision]`` (from the Hub cache, downloaded if missing); else ``path``,
+    which the caller reports as missing."""
     p = Path(path)
-    if not p.exists() and str(path) in BUILTIN_CHECKPOINTS:
+    if p.exists():
+        return p
+    if str(path) in BUILTIN_CHECKPOINTS:
         return BUILTIN_CHECKPOINTS[str(path)]
+    if hub.is_hub_id(path):
+        return hub.resolve_hub_id(str(path))
     return p

@@ -29,7 +29,7 @@ from ..evaluation.heldout import finish, score_batch
 from ..models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, is_melt, is_ouro
 from ..models.update_rules import is_gate_parameter
 from .losses import attention_alignment, kl_divergence, next_token_cross_entropy
-from .trainer import TrainingArgs, TrainResult, save_model_as, train
+from .trainer import TrainingArgs, TrainResult, resume_checkpoint, save_model_as, train
 
 # Optimizer steps of each phase when none are given (the paper's).
 DEFAULT_STEPS = {1: 500, 2: 300}
@@ -66,6 +66,10 @@ class DistillSettings:
             raise InvalidArgumentError(f"--kd-loops must be all or final, got {self.kd_loops!r}")
         if self.beta < 0 or self.ce_weight < 0:
             raise InvalidArgumentError("--beta and --ce-weight must be >= 0")
+
+
+def objective_name(settings: DistillSettings) -> str:
+    return f"distill phase {settings.phase}"
 
 
 def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike) -> tuple[MeltConfig, OuroConfig]:
@@ -184,6 +188,9 @@ class DistillObjective:
     def step_metrics(self, step: int) -> dict[str, float]:
         return {"alpha": self.alpha(step)}
 
+    def describe(self) -> dict[str, Any]:
+        return {"name": objective_name(self.settings), **dataclasses.asdict(self.settings)}
+
     def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
         with torch.no_grad():
             t_hidden, t_taps = self.teacher.forward_hidden(input_ids, return_attn_outputs=self.settings.phase == 2)
@@ -227,6 +234,8 @@ def run_phase(
     on_event: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Load data and models, then train one phase; the output is a loadable MELT checkpoint."""
+    if args.resume is not None:
+        resume_checkpoint(args, objective_name(settings))
     teacher_path = teacher_path or default_teacher(student_path)
     teacher_dtype = teacher_dtype or default_teacher_dtype(args)
     objective = DistillObjective(student_path, teacher_path, settings, args.steps, teacher_dtype)

@@ -13,6 +13,7 @@ Three objectives:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..models import OuroForCausalLM, is_ouro
 from ..models.config import validate_loops
 from ..models.ouro import exit_pdf
 from .losses import next_token_cross_entropy, per_token_cross_entropy
-from .trainer import TrainingArgs, TrainResult, train
+from .trainer import TrainingArgs, TrainResult, resume_checkpoint, train
 
 # Model shapes of `melt pretrain --preset` (the loop count and vocabulary are set separately).
 PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
@@ -54,6 +55,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
 }
 OBJECTIVES = ("uniform", "ramp", "ouro")
 TOKENIZER_DIR = "tokenizer"
+OBJECTIVE_NAME = "pretrain"
 # Where pretraining's optimisation defaults differ from ``TrainingArgs``'s (which suit post-training).
 PRETRAIN_TRAINING_DEFAULTS = {
     "steps": 2000,
@@ -139,6 +141,10 @@ class PretrainObjective:
     def step_metrics(self, step: int) -> dict[str, float]:
         return {}
 
+    def describe(self) -> dict[str, Any]:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.settings).items()}
+        return {"name": OBJECTIVE_NAME, **settings}
+
     def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
         loss, parts = wrapped(input_ids)
         return loss, {k: v.item() for k, v in parts.items()}
@@ -177,6 +183,8 @@ def run_pretrain(
 ) -> TrainResult:
     """Train a LoopLM from scratch (or on from ``settings.init_from``); the run directory ends up holding an
     Ouro checkpoint."""
+    if args.resume is not None:
+        resume_checkpoint(args, OBJECTIVE_NAME)
     if settings.init_from is not None:
         model, tokenizer = initial_checkpoint(settings.init_from)
     else:

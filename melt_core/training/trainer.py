@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -36,7 +38,8 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
 # Arguments that must not change when a run is resumed.
-RESUME_INVARIANTS = ("steps", "seq_len", "batch_tokens", "micro_batch", "seed", "schedule", "warmup_steps")
+# Arguments that must not change when a run is resumed (``steps`` may grow: the run goes on longer).
+RESUME_INVARIANTS = ("seq_len", "batch_tokens", "micro_batch", "seed", "schedule", "warmup_steps")
 
 
 class TrainingDivergedError(MeltError):
@@ -111,6 +114,10 @@ class Objective(Protocol):
 
     def step_metrics(self, step: int) -> dict[str, float]: ...
 
+    def describe(self) -> dict[str, Any]:
+        """``{"name": ..., **settings}`` (JSON values): what the run trains; a resume must match it."""
+        ...
+
     def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]: ...
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None: ...
@@ -137,8 +144,16 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def checkpoint_is_finite(ckpt: Path) -> bool:
+    """Whether every model weight saved in a training checkpoint is finite."""
+    files = sorted(ckpt.glob("model*.safetensors"))
+    return bool(files) and all(bool(t.isfinite().all()) for f in files for t in load_file(str(f)).values())
+
+
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint directory, or the latest checkpoint of a run directory."""
+    if not path.exists():
+        raise InvalidArgumentError(f"--resume {path} does not exist")
     if (path / "run_state.json").is_file():
         return path
     candidates = sorted((path / CHECKPOINTS).glob("step-*")) if (path / CHECKPOINTS).is_dir() else []
@@ -146,6 +161,30 @@ def find_checkpoint(path: Path) -> Path:
     if not candidates:
         raise InvalidArgumentError(f"{path} holds no training checkpoint to resume from")
     return candidates[-1]
+
+
+def resume_checkpoint(args: TrainingArgs, objective: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``args.resume`` names and its run_state.json, if it is a checkpoint of an
+    ``objective`` run (cheap: run before any model is loaded)."""
+    ckpt = find_checkpoint(Path(args.resume))
+    saved = json.loads((ckpt / "run_state.json").read_text())
+    name = saved.get("objective", {}).get("name", objective)
+    if name != objective:
+        raise InvalidArgumentError(f"{ckpt} is a checkpoint of a {name} run; it cannot resume {objective}")
+    if args.steps < saved["step"]:
+        raise InvalidArgumentError(f"{ckpt} is at step {saved['step']}; --steps {args.steps} is behind it")
+    return ckpt, saved
+
+
+def saved_run_config(resume: str | os.PathLike) -> dict[str, Any]:
+    """``run_config.json`` of the run ``resume`` names (its run directory or one of its checkpoints)."""
+    if not Path(resume).exists():
+        raise InvalidArgumentError(f"--resume {resume} does not exist")
+    run = run_directory(None, Path(resume))
+    file = run / RUN_CONFIG
+    if not file.is_file():
+        raise InvalidArgumentError(f"--resume {resume}: {run} is not a melt run directory (it has no {RUN_CONFIG})")
+    return json.loads(file.read_text())
 
 
 def run_directory(out: Path | None, resume: Path | None) -> Path:
@@ -193,30 +232,49 @@ class _Run:
                 f"= {args.seq_len} x {args.micro_batch} x {world}"
             )
         self.global_seqs = global_seqs
+        # Accumulation is melt's own (no_sync on all but the last micro-batch), not accelerate's
+        # micro-step counter: that counter is saved with a checkpoint, and one saved in the middle of
+        # a step made every later optimizer step a silent no-op after --resume.
         self.accum = global_seqs // per_micro
-        self.accelerator.gradient_accumulation_steps = self.accum
         set_seed(args.seed)
 
     # --- files -------------------------------------------------------------------------------
-    def prepare_out(self) -> None:
+    def prepare_out(self) -> Path | None:
+        """Create (or, resuming, check and tidy) the run directory; returns the checkpoint to resume."""
         args, out = self.args, self.args.out
         # every process checks (and fails) alike, before the main process changes anything
         if args.resume is None and out.exists() and any(out.iterdir()) and not args.force:
             raise OutputExistsError(
                 f"{out} exists and is not empty; pass --force to replace it or --resume to continue its run"
             )
+        ckpt = self.check_resume_args() if args.resume is not None else None
         if self.accelerator.is_main_process:
             if args.resume is None:
                 fresh_output_dir(out, force=True)
-            (out / RUN_CONFIG).write_text(json.dumps(args.to_json(), indent=2) + "\n")
+            else:  # what a killed run left half-written
+                for stale in [out / ".final.tmp", *(out / CHECKPOINTS).glob(".step-*.tmp")]:
+                    shutil.rmtree(stale, ignore_errors=True)
+            config = {**args.to_json(), "objective": self.objective.describe()}
+            (out / RUN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
+        return ckpt
 
-    def check_resume_args(self, ckpt: Path) -> None:
-        saved = json.loads((ckpt / "run_state.json").read_text())["args"]
-        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != self.args.to_json().get(k)]
+    def check_resume_args(self) -> Path:
+        """The checkpoint ``--resume`` names, once its run is shown to be this one: the same objective
+        and settings (``RESUME_INVARIANTS``), and at least as many steps as it has done."""
+        objective = self.objective.describe()
+        ckpt, saved = resume_checkpoint(self.args, objective["name"])
+        if self.args.warmup_steps is None:  # a longer run keeps the warm-up it started with
+            self.args.warmup_steps = saved["args"].get("warmup_steps")
+        ours = self.args.to_json()
+        changed = [
+            (k, saved["args"].get(k), ours.get(k)) for k in RESUME_INVARIANTS if saved["args"].get(k) != ours.get(k)
+        ]
+        changed += [(k, v, objective.get(k)) for k, v in saved.get("objective", {}).items() if objective.get(k) != v]
         if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)} -> {self.args.to_json().get(k)}" for k in changed)
+            diffs = ", ".join(f"{k}: {a} -> {b}" for k, a, b in changed)
             raise InvalidArgumentError(f"cannot resume {ckpt} with different settings ({diffs})")
+        return ckpt
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -242,7 +300,8 @@ class _Run:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / "run_state.json").write_text(json.dumps({"step": state.step, "args": self.args.to_json()}) + "\n")
+            run_state = {"step": state.step, "args": self.args.to_json(), "objective": self.objective.describe()}
+            (tmp / "run_state.json").write_text(json.dumps(run_state) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -276,7 +335,7 @@ class _Run:
 
     def run(self) -> TrainResult:
         args, acc, objective = self.args, self.accelerator, self.objective
-        self.prepare_out()
+        resume_from = self.prepare_out()
         groups = objective.param_groups(args)
         optimizer = torch.optim.AdamW(groups, betas=args.betas, weight_decay=args.weight_decay)
         scheduler = _schedule(optimizer, args)
@@ -284,12 +343,10 @@ class _Run:
         wrapped, optimizer = acc.prepare(objective.model, optimizer)
         state = RunState()
         acc.register_for_checkpointing(scheduler, state)
-        if args.resume is not None:
-            ckpt = find_checkpoint(Path(args.resume))
-            self.check_resume_args(ckpt)
-            acc.load_state(str(ckpt))
+        if resume_from is not None:
+            acc.load_state(str(resume_from))
             self.truncate_metrics(state.step)
-            self.on_event(f"resumed from {ckpt} at step {state.step}")
+            self.on_event(f"resumed from {resume_from} at step {state.step}")
         wrapped.train()
         last: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
@@ -299,10 +356,12 @@ class _Run:
                 step = state.step
                 t0 = time.perf_counter()
                 total, parts_sum = 0.0, {}
-                for ids in self.micro_batches(step):
-                    with acc.accumulate(wrapped), acc.autocast():
+                batches = self.micro_batches(step)
+                for m, ids in enumerate(batches):
+                    sync = m == len(batches) - 1  # gradients are all-reduced once, after the last micro-batch
+                    with nullcontext() if sync else acc.no_sync(wrapped), acc.autocast():
                         loss, parts = objective.loss(wrapped, ids, step)
-                        acc.backward(loss)
+                        acc.backward(loss / self.accum)
                     total += loss.detach().float() / self.accum
                     for k, v in parts.items():
                         parts_sum[k] = parts_sum.get(k, 0.0) + v / self.accum
@@ -313,7 +372,14 @@ class _Run:
                         f"the loss is {mean_loss} at step {step + 1}; stopped before applying it. "
                         + self._last_good_hint()
                     )
-                grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.clip) if args.clip > 0 else None
+                # the total norm is non-finite as soon as any gradient element is (clip 0: measured, not clipped)
+                grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.clip if args.clip > 0 else math.inf)
+                if not torch.isfinite(grad_norm):
+                    optimizer.zero_grad()
+                    raise TrainingDivergedError(
+                        f"the gradient norm is {float(grad_norm)} at step {step + 1} (loss {mean_loss:.4g}); "
+                        "stopped before applying it. " + self._last_good_hint()
+                    )
                 lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
                 optimizer.step()
                 scheduler.step()
@@ -326,7 +392,7 @@ class _Run:
                     **parts_sum,
                     **objective.step_metrics(step),
                     **{f"lr_{k}": v for k, v in lrs.items()},
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens_per_step / elapsed,
                     "peak_memory_bytes": peak_memory_so_far(acc.device)[0],  # CUDA allocator / process RSS
                 }
@@ -355,10 +421,10 @@ class _Run:
         return TrainResult(args.out, state.step, last, eval_metrics)
 
     def _last_good_hint(self) -> str:
-        ckpts = sorted((self.args.out / CHECKPOINTS).glob("step-*"))
-        if ckpts:
-            return f"The last good checkpoint is {ckpts[-1]}; resume with --resume {self.args.out} (e.g. a lower LR)."
-        return "No checkpoint was saved yet."
+        for ckpt in sorted((self.args.out / CHECKPOINTS).glob("step-*"), reverse=True):
+            if checkpoint_is_finite(ckpt):
+                return f"The last good checkpoint is {ckpt}; resume from it with --resume {ckpt} (e.g. a lower LR)."
+        return "No checkpoint with finite weights was saved yet."
 
     def write_final_model(self, model: nn.Module) -> None:
         """The trained model as a loadable checkpoint in the run directory itself. Files are moved
