@@ -6,8 +6,8 @@ import os
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
+from rich.text import Text
 from typer.core import TyperGroup
 
 from melt_core import __version__
@@ -18,18 +18,47 @@ from . import console
 DEBUG_ENV = "MELT_DEBUG"
 
 
-class MeltGroup(TyperGroup):
-    """Catches melt's typed errors once for every subcommand (CliRunner tests included)."""
+def _fail(message: str, status: int) -> typer.Exit:
+    """One red line on stderr (the message is printed as text, never as rich markup)."""
+    console.err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+    console.err.print(f"[dim](set {DEBUG_ENV}=1 for the traceback)[/]")
+    return typer.Exit(status)
 
-    def invoke(self, ctx: click.Context) -> Any:
+
+def _os_error(e: OSError) -> str:
+    """``cannot write /x/y: Read-only file system``-style text of a file-system error."""
+    where = f" {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}:{where}" if e.strerror else str(e)
+
+
+def _hide_flag_types(command: Any, ctx: typer.Context) -> None:
+    """Flags take no value: show no ``<bool>`` type next to them in --help (sub-groups included)."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _hide_flag_types(sub, ctx)
+
+
+class MeltGroup(TyperGroup):
+    """Turns melt's typed errors, file-system errors and Ctrl-C into one red line, once for every
+    subcommand (CliRunner tests included)."""
+
+    def get_command(self, ctx: typer.Context, name: str) -> Any:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _hide_flag_types(command, ctx)
+        return command
+
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except MeltError as e:
+        except (MeltError, OSError, KeyboardInterrupt) as e:
             if os.environ.get(DEBUG_ENV):
                 raise
-            console.err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True, highlight=False)
-            console.err.print(f"[dim](set {DEBUG_ENV}=1 for the traceback)[/]")
-            raise typer.Exit(1) from None
+            if isinstance(e, KeyboardInterrupt):
+                raise _fail("interrupted (Ctrl-C); nothing was left half-written", 130) from None
+            raise _fail(_os_error(e) if isinstance(e, OSError) else str(e), 1) from None
 
 
 app = typer.Typer(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from melt_core.errors import MissingDependencyError
+from melt_core.errors import InvalidArgumentError, MissingDependencyError, OutputNotWritableError
 from melt_core.profiling import MemoryReport
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 
 def plot_memory(report: MemoryReport, path: Path) -> Path:
@@ -56,14 +59,28 @@ def plot_memory(report: MemoryReport, path: Path) -> Path:
             label=f"{plain.name} (no loops), {seq_len:,} tokens",
         )
     loops = sorted({e.loops for e in report.entries if e.model == "ouro"})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(loops, [str(t) for t in loops])
+    ax.set_xticks(loops, [str(t) for t in loops])  # a linear axis: Ouro's memory reads as the line it is
     ax.set_xlabel("loops per token")
     ax.set_ylabel("weights + KV cache (GB)")
     ax.set_title(f"{report.source}: memory vs loops ({report.dtype}, batch {report.batch})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:  # written whole or not at all
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputNotWritableError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
     return path
+
+
+def check_plot_path(path: Path) -> None:
+    """Before any work: a known image suffix and an existing folder to write into."""
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise InvalidArgumentError(f"--plot {path}: use an image file name ending in {', '.join(PLOT_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise OutputNotWritableError(f"cannot write {path}: {path.parent} is not a folder")

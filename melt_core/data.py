@@ -67,9 +67,26 @@ def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
                 raise DataError(f"{file}: the dataset has no column {text_field!r} (columns: {dataset.column_names})")
             yield from dataset[text_field]
         elif file.name.endswith(".txt"):
-            yield file.read_text(encoding="utf-8")
+            yield read_text_file(file, "data file")
         else:
             yield from read_jsonl_field(file, text_field)
+
+
+def read_text_file(file: str | os.PathLike, what: str = "text file") -> str:
+    """A UTF-8 text file's contents; a missing, binary or non-UTF-8 file is a one-line error."""
+    file = Path(file)
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(f"{what} {file} does not exist") from e
+    except OSError as e:
+        raise DataError(f"{file}: cannot read: {e.strerror or e}") from e
+    if b"\x00" in data:
+        raise DataError(f"{file} is a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})") from e
 
 
 def read_jsonl_field(file: str | os.PathLike, field: str) -> Iterator[str]:
@@ -91,7 +108,9 @@ def read_jsonl_field(file: str | os.PathLike, field: str) -> Iterator[str]:
                 yield record[field]
     except FileNotFoundError as e:
         raise DataError(f"{file} does not exist") from e
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file} is not UTF-8 text (a binary file?)") from e
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{file}: cannot read: {e}") from e
 
 

@@ -33,6 +33,10 @@ class OutputExistsError(MeltError):
     """An output directory exists and is not empty (pass --force to replace it)."""
 
 
+class OutputNotWritableError(MeltError):
+    """An output path cannot be created or written (read-only, not a directory, no space)."""
+
+
 class InvalidArgumentError(MeltError):
     """An option or argument has a value melt cannot use."""
 

@@ -72,7 +72,7 @@ def run_quickstart(
     """Run every stage; ``on_stage(message, training_steps or None)`` announces each one."""
     s = settings or QuickstartSettings()
     stage = on_stage or (lambda message, steps: None)
-    out = fresh_output_dir(out, force)
+    out = fresh_output_dir(out, force, keep=[s.teacher])
     report = QuickstartReport(out)
     clock = time.perf_counter()
 

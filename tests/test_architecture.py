@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # own layer only from its own package.
 LAYERS = {
     "errors": 0,
+    "words": 0,
     "dtypes": 1,
     "runtime": 1,
     "data": 1,

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from melt_core.evaluation import EvalSettings, evaluate_checkpoint
 from melt_core.models.config import validate_loops
+from melt_core.words import plural
 
 from .. import console
 from .. import options as o
@@ -34,12 +35,14 @@ E = EvalSettings
 
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Ouro or MELT checkpoint directory (or 'example').")],
-    data: o.Data,
+    data: Annotated[
+        Path, typer.Option("--data", help="Held-out text: .txt, .jsonl(.gz), a folder, or a saved dataset.")
+    ],
     teacher: Annotated[
         Path | None, typer.Option(help="Ouro teacher: adds KL(teacher || model) and top-1 agreement per loop.")
     ] = None,
     loops: Annotated[str | None, typer.Option(help="Loop counts to run, e.g. 1,2,4,8 (default: the model's).")] = None,
-    seq_len: o.SeqLen = E.seq_len,
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence.")] = E.seq_len,
     max_sequences: Annotated[int, typer.Option(help="Evaluate the first N packed sequences (0: all).")] = (
         E.max_sequences
     ),
@@ -72,7 +75,7 @@ def evaluate(
     for count, results in report.results.items():
         table = Table(
             title=f"{report.checkpoint} ({report.model_type}) on {report.data}: {report.tokens:,} tokens, "
-            f"{count} loops",
+            f"{plural(count, 'loop')}",
             title_justify="left",
         )
         for col in ("loop", "loss", "perplexity") + (("KL(teacher‖model)", "top-1 agreement") if teacher else ()):

@@ -19,6 +19,7 @@ from melt_core.inference import (
     run_generate,
 )
 from melt_core.models import is_melt
+from melt_core.words import plural
 
 from .. import console
 from ..options import ChunkSize, Device, Json
@@ -50,7 +51,7 @@ def _print_stats(report: GenerationReport) -> None:
         console.err.print(text, soft_wrap=True)
 
     reasons = ", ".join(sorted({r.finish_reason for r in report.results}))
-    err(f"[dim]{s.model_type} · {s.loops} loops · {s.device} · {s.dtype}[/]")
+    err(f"[dim]{s.model_type} · {plural(s.loops, 'loop')} · {s.device} · {s.dtype}[/]")
     err(
         f"prompt tokens: {s.prompt_tokens:,} | generated tokens: {s.generated_tokens:,} ({reasons})"
         + (f" | {s.num_prompts} prompts, batches of {s.batch_size}" if s.num_prompts > 1 else "")
@@ -62,13 +63,14 @@ def _print_stats(report: GenerationReport) -> None:
     if is_melt(s):
         err(
             f"KV cache: {s.kv_cache_bytes:,} B ({hb(s.kv_cache_bytes)}) for {s.kv_cache_positions:,} positions: "
-            f"one shared cache for all {s.loops} loops, the same size for any loop count"
+            f"one shared cache for {'its loop' if s.loops == 1 else f'all {s.loops} loops'}, "
+            "the same size for any loop count"
         )
     else:
         per_loop = s.kv_cache_bytes_per_loop[0]
         err(
             f"KV cache: {s.kv_cache_bytes:,} B ({hb(s.kv_cache_bytes)}) for {s.kv_cache_positions:,} positions: "
-            f"{s.loops} loops x {per_loop:,} B ({hb(per_loop)}) per loop"
+            f"{plural(s.loops, 'loop')} x {per_loop:,} B ({hb(per_loop)}) per loop"
         )
     kind = {"cuda_allocator_peak": "CUDA allocator peak", "process_peak_rss": "process peak RSS"}.get(
         s.peak_memory_kind, s.peak_memory_kind

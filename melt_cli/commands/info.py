@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from melt_core.checkpoints.summary import summarize_checkpoint
+from melt_core.words import plural
 
 from .. import console
 
@@ -51,7 +52,7 @@ def info(
         ),
     ]
     if summary.melt is None:
-        rows.append(("KV cache per token", f"{summary.kv_bytes_per_token:,} B (all {summary.loops} loops)"))
+        rows.append(("KV cache per token", f"{summary.kv_bytes_per_token:,} B ({plural(summary.loops, 'loop')})"))
     else:
         rows += [
             ("KV cache per token", f"{summary.kv_bytes_per_token:,} B (one shared row per layer, any loop count)"),

@@ -152,6 +152,10 @@ def memory(
         device=device,
         chunk_size=chunk_size,
     )
+    if plot is not None:
+        from ..plots import check_plot_path
+
+        check_plot_path(plot)
     with console.err.status("profiling memory") as status:
         report = memory_profile(args, progress=lambda msg: status.update(msg))
     if plot is not None:

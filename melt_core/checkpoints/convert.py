@@ -32,7 +32,7 @@ from .io import (
     write_config,
     write_weights,
 )
-from .outputs import atomic_directory
+from .outputs import atomic_directory, check_output
 
 # (done_bytes, total_bytes, phase) with phase in {"read", "write", "verify"}
 ConvertProgress = Callable[[int, int, str], None]
@@ -69,6 +69,7 @@ def convert_ouro_to_melt(
     ouro = config_from_dict(raw, source=str(root / "config.json"))
     if Path(out).resolve() == root.resolve():
         raise InvalidArgumentError("the output directory must differ from the source checkpoint")
+    check_output(out, force, keep=[root])
     infos = read_weight_headers(root)
     if not infos:
         raise CheckpointNotFoundError(f"{root} has no weights to convert")
@@ -90,7 +91,7 @@ def convert_ouro_to_melt(
         if progress is not None:
             progress(done, total, phase)
 
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, keep=[root]) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         for file in sorted({i.file for i in infos.values()}):
             with _open_safetensors(file) as f:

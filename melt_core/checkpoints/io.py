@@ -285,7 +285,8 @@ def save_checkpoint(
     if dtype is not None:
         target = parse_dtype(dtype)
         state_dict = {k: v.to(target) for k, v in state_dict.items()}
-    with atomic_directory(out, force=force) as tmp:
+    keep = [tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None, getattr(model, "name_or_path", None)]
+    with atomic_directory(out, force=force, keep=keep) as tmp:
         write_weights(state_dict, tmp, max_shard_size)
         config_dict = config.to_dict()
         config_dict["torch_dtype"] = dtype_name(next(iter(state_dict.values())).dtype)

@@ -1,45 +1,98 @@
-"""Output directories that are never half-written: refuse a non-empty one unless forced, write
-into a temporary sibling, rename into place on success."""
+"""Output directories that are never half-written and never swallow the command's inputs.
+
+A non-empty output is refused unless forced; a forced output is refused all the same when it is,
+or contains, one of the command's inputs (``keep``). Writing goes to a temporary sibling that is
+renamed into place on success; temporary siblings left by a killed run are removed.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputExistsError
+from ..errors import InvalidArgumentError, OutputExistsError, OutputNotWritableError
+
+PathLike = str | os.PathLike
 
 
-def _refuse_non_empty(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+def _is_non_empty(out: Path) -> bool:
+    return out.exists() and (not out.is_dir() or any(out.iterdir()))
+
+
+def check_output(out: PathLike, force: bool, keep: Sequence[PathLike | None] = ()) -> None:
+    """Refuse a non-empty ``out`` unless ``force``, and a forced one that is or contains an input."""
+    out = Path(out)
+    if not _is_non_empty(out):
+        return
+    if not force:
         raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    target = out.resolve()
+    for item in keep:
+        if item is None or not Path(item).exists():
+            continue
+        path = Path(item).resolve()
+        if path == target or target in path.parents:
+            raise InvalidArgumentError(
+                f"--force would delete {item}, an input of this command, with {out}; choose another output"
+            )
 
 
-def fresh_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
+def _make_dir(path: Path, out: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputNotWritableError(f"cannot write {out}: {e.strerror or e}") from e
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Temporary siblings of ``out`` (``.NAME.tmp-PID``, ``.NAME.old-PID``) whose process is gone."""
+    removed = []
+    for sibling in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = sibling.name.removeprefix(f".{out.name}.").partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    return removed
+
+
+def fresh_output_dir(out: PathLike, force: bool = False, keep: Sequence[PathLike | None] = ()) -> Path:
     """Create ``out``; a non-empty existing ``out`` is refused unless ``force`` (then emptied)."""
     out = Path(out)
-    _refuse_non_empty(out, force)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_output(out, force, keep)
+    if _is_non_empty(out):
         shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out, out)
     return out
 
 
 @contextmanager
-def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_directory(out: PathLike, force: bool = False, keep: Sequence[PathLike | None] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to write into; it replaces ``out`` only on success.
 
-    An existing non-empty ``out`` is refused unless ``force``. On any error (Ctrl-C included) the
-    temporary directory is removed and ``out`` is left as it was.
+    An existing non-empty ``out`` is refused unless ``force`` (and, forced, when it holds one of
+    ``keep``). On any error (Ctrl-C included) the temporary directory is removed and ``out`` is left
+    as it was.
     """
     out = Path(out)
-    _refuse_non_empty(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, force, keep)
+    _make_dir(out.parent, out)
+    remove_stale_siblings(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    _make_dir(tmp, out)
     try:
         yield tmp
         if out.exists():

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
-from ..errors import CheckpointNotFoundError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from . import builtin
 
 # Ouro's special tokens, at ids 0, 1, 2 (OURO.md §6).
@@ -26,7 +26,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     file = path / "tokenizer.json"
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file} not found: the checkpoint has no tokenizer")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    except Exception as e:  # tokenizers raises its own exception types for a malformed file
+        raise CorruptCheckpointError(f"{file} is not a valid tokenizer file: {str(e).splitlines()[0][:200]}") from e
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import load_model, load_tokenizer
+from ..checkpoints import load_config, load_model, load_tokenizer
 from ..data import PackedSequences
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..models import is_ouro
+from ..models.config import validate_loops
 
 
 @dataclass
@@ -144,6 +146,22 @@ def evaluate_checkpoint(
         s.device,
         s.dtype,
     )
+    config = load_config(path)  # options are checked before any weight is read
+    if seq_len > config.max_position_embeddings:
+        raise InvalidArgumentError(
+            f"--seq-len {seq_len} exceeds the model's maximum {config.max_position_embeddings} "
+            "(max_position_embeddings)"
+        )
+    if seq_len < 2:
+        raise InvalidArgumentError(f"--seq-len must be >= 2 (one token predicts the next), got {seq_len}")
+    if teacher is not None and not is_ouro(load_config(teacher)):
+        raise UnsupportedModelError(
+            f"the teacher {teacher} is a {load_config(teacher).model_type} checkpoint; "
+            "a teacher is an Ouro LoopLM (its per-loop logits are the reference)"
+        )
+    for count in loops or []:
+        if count is not None:
+            validate_loops(count)
     model = load_model(path, dtype=dtype, device=device)
     teacher_model = load_model(teacher, dtype=dtype, device=device) if teacher is not None else None
     if teacher_model is not None and teacher_model.config.vocab_size != model.config.vocab_size:

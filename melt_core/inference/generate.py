@@ -20,10 +20,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints import load_config, load_model, load_tokenizer
-from ..data import read_jsonl_field
+from ..data import read_jsonl_field, read_text_file
 from ..errors import InvalidArgumentError
 from ..models.config import validate_loops
 from ..runtime import peak_memory_so_far, reset_peak_memory, resolve_device
+from ..words import plural
 from .decode import decode
 from .sampling import Sampler, SamplingSettings
 from .text import TextStream, default_stop_token_ids, encode_prompt
@@ -163,7 +164,7 @@ def generate_text(
     loops = model.config.resolve_loops(settings.loops)
     if settings.exit_at_step is not None and settings.exit_at_step >= loops:
         raise InvalidArgumentError(
-            f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, got {settings.exit_at_step}"
+            f"exit-at-step must be in [0, {loops - 1}] with {plural(loops, 'loop')}, got {settings.exit_at_step}"
         )
     if not prompts:
         raise InvalidArgumentError("no prompts to generate from")
@@ -336,9 +337,7 @@ def collect_prompts(args: GenerateArgs) -> list[str]:
     if args.prompts_file is not None:
         return read_prompts_jsonl(args.prompts_file)
     if args.prompt_file is not None:
-        if not Path(args.prompt_file).is_file():
-            raise InvalidArgumentError(f"prompt file {args.prompt_file} does not exist")
-        return [Path(args.prompt_file).read_text(encoding="utf-8")]
+        return [read_text_file(args.prompt_file, "prompt file")]
     if args.prompt is not None:
         return [args.prompt]
     if args.stdin_text is not None:
@@ -365,7 +364,7 @@ def run_generate(
     loops = config.resolve_loops(args.settings.loops)
     if args.settings.exit_at_step is not None and args.settings.exit_at_step >= loops:
         raise InvalidArgumentError(
-            f"exit-at-step must be in [0, {loops - 1}] with {loops} loops, got {args.settings.exit_at_step}"
+            f"exit-at-step must be in [0, {loops - 1}] with {plural(loops, 'loop')}, got {args.settings.exit_at_step}"
         )
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, dtype=args.dtype, device=device)

@@ -3,6 +3,7 @@ seeded ``torch.Generator`` (reproducible samples)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,10 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise InvalidArgumentError(
+                f"temperature and top-p must be finite numbers, got {self.temperature} and {self.top_p}"
+            )
         if self.temperature < 0:
             raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
+from ..words import plural
 from .config import OuroConfig
 from .kv import FullSequenceKV, KVCache, PerLoopKV
 from .layers import BlockInputs, DecoderLayer, KVPolicy, RMSNorm, rope_cos_sin
@@ -179,7 +180,9 @@ class OuroForCausalLM(nn.Module):
 
     def check_cache(self, cache: KVCache | None, loops: int) -> None:
         if cache is not None and cache.num_slots != sum(self.config.kv_slots_per_loop(loops)):
-            raise InvalidArgumentError(f"the cache was built for {cache.loops} loops, the forward asks for {loops}")
+            raise InvalidArgumentError(
+                f"the cache was built for {plural(cache.loops, 'loop')}, the forward asks for {loops}"
+            )
 
     def block_inputs(
         self, input_ids: Tensor, start: int, key_valid: Tensor | None, kv: KVPolicy, collect_attn: bool

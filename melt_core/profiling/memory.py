@@ -20,6 +20,7 @@ from ..errors import InvalidArgumentError
 from ..models import OuroConfig, config_from_dict, is_melt
 from ..models.config import validate_loops
 from ..runtime import resolve_device
+from ..words import plural
 from .measure import MeasuredRun, measure_generation
 from .pairs import config_pair, load_pair, parameter_counts
 
@@ -186,7 +187,7 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
         for e in report.entries:
             if e.model in models:
                 if progress is not None:
-                    progress(f"measuring {e.name}: {e.loops} loop(s), {e.seq_len} tokens")
+                    progress(f"measuring {e.name}: {plural(e.loops, 'loop')}, {plural(e.seq_len, 'token')}")
                 e.measured = measure_generation(
                     models[e.model],
                     loops=e.loops,

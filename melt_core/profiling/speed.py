@@ -9,6 +9,7 @@ from typing import Any
 
 from ..dtypes import dtype_name
 from ..runtime import resolve_device
+from ..words import plural
 from .measure import MeasuredRun, measure_generation
 from .memory import Progress, check_loops, check_positive
 from .pairs import load_pair
@@ -108,7 +109,7 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
         runs = {}
         for name, model in (("ouro", pair.ouro), ("melt", pair.melt)):
             if progress is not None:
-                progress(f"timing {name}: {loops} loop(s)")
+                progress(f"timing {name}: {plural(loops, 'loop')}")
             runs[name] = measure_generation(
                 model,
                 loops=loops,

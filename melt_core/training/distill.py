@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from ..checkpoints import load_config, load_model, load_tokenizer
+from ..checkpoints.outputs import check_output
 from ..data import PackedSequences
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..evaluation.heldout import finish, score_batch
@@ -237,6 +238,8 @@ def run_phase(
     if args.resume is not None:
         resume_checkpoint(args, objective_name(settings))
     teacher_path = teacher_path or default_teacher(student_path)
+    if args.force and args.resume is None:  # before anything is loaded: --force must spare the inputs
+        check_output(args.out, True, keep=[student_path, teacher_path, data_args.data, data_args.eval_data])
     teacher_dtype = teacher_dtype or default_teacher_dtype(args)
     objective = DistillObjective(student_path, teacher_path, settings, args.steps, teacher_dtype)
     tokenizer = load_tokenizer(student_path)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
 from ..checkpoints import load_model, load_tokenizer, save_checkpoint
+from ..checkpoints.outputs import check_output
 from ..checkpoints.random_model import init_weights, ouro_config_for
 from ..checkpoints.tokenizer import save_tokenizer, train_bpe_tokenizer
 from ..data import PackedSequences, iter_documents
@@ -33,6 +34,7 @@ from ..evaluation.heldout import finish, score_batch
 from ..models import OuroForCausalLM, is_ouro
 from ..models.config import validate_loops
 from ..models.ouro import exit_pdf
+from ..words import plural
 from .losses import next_token_cross_entropy, per_token_cross_entropy
 from .trainer import TrainingArgs, TrainResult, resume_checkpoint, train
 
@@ -185,6 +187,8 @@ def run_pretrain(
     Ouro checkpoint."""
     if args.resume is not None:
         resume_checkpoint(args, OBJECTIVE_NAME)
+    elif args.force:  # before anything is read: --force must spare the inputs
+        check_output(args.out, True, keep=[data, eval_data, settings.tokenizer, settings.init_from])
     if settings.init_from is not None:
         model, tokenizer = initial_checkpoint(settings.init_from)
     else:
@@ -209,7 +213,7 @@ def run_pretrain(
         n = sum(p.numel() for p in model.parameters())
         source = f"from {settings.init_from}" if settings.init_from is not None else settings.preset
         on_event(
-            f"pretraining a {n:,}-parameter LoopLM ({source}, {model.config.total_ut_steps} loops, vocab "
+            f"pretraining a {n:,}-parameter LoopLM ({source}, {plural(model.config.total_ut_steps, 'loop')}, vocab "
             f"{len(tokenizer)}) on {len(packed)} sequences of {args.seq_len} tokens"
         )
     return train(
