@@ -83,8 +83,18 @@ def root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print melt's version and exit.")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads for torch [default: $MELT_THREADS, else the free cores: cores less the load average, "
+            "shared among the processes of an accelerate launch]."
+        ),
+    ] = None,
 ) -> None:
     """melt: memory-efficient looped language models (Ouro -> MELT)."""
+    from melt_core.runtime import set_threads
+
+    set_threads(threads)
 
 
 def _register() -> None:

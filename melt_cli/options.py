@@ -39,6 +39,11 @@ MixedPrecision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, none on C
 Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is available.")]
 Resume = Annotated[Path | None, typer.Option(help="Continue a run: its directory or one of its checkpoints.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
+LogEvery = Annotated[int, typer.Option(help="Steps between tracker logs and plain progress lines (not a terminal).")]
+LogWith = Annotated[
+    list[str] | None,
+    typer.Option(help="Experiment tracker (repeatable): tensorboard, wandb, trackio, ... (pip install 'melt[NAME]')."),
+]
 SaveDtype = Annotated[str | None, typer.Option(help="dtype of the final model (default: the model's own).")]
 
 # The optimisation and bookkeeping options of every training command, one per ``TrainingArgs`` field.
@@ -61,6 +66,8 @@ TRAINING_OPTIONS: dict[str, Any] = {
     "resume": Resume,
     "force": Force,
     "save_dtype": SaveDtype,
+    "log_every": LogEvery,
+    "log_with": LogWith,
 }
 
 
@@ -68,11 +75,15 @@ TRAINING_OPTIONS: dict[str, Any] = {
 RESUMED_FIELDS = {f.name for f in dataclasses.fields(TrainingArgs)} - {"out", "resume", "force"}
 
 
-def with_training_options(defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
+def with_training_options(
+    defaults: dict[str, Any] | None = None, presets: dict[str, dict[str, Any]] | None = None
+) -> Callable[[Callable], Callable]:
     """Add ``TRAINING_OPTIONS`` to a command; they reach it as one ``training`` dict of
     ``TrainingArgs`` keyword arguments. Defaults are ``TrainingArgs``'s, overridden by ``defaults``
     (a core module's, e.g. pretraining's). With ``--resume``, every ``TrainingArgs`` option left at
-    its default (``--steps`` too) takes the value the run was started with (its run_config.json)."""
+    its default (``--steps`` too) takes the value the run was started with (its run_config.json).
+    ``presets``: the command's ``--preset`` values, applied to the training options left at their
+    defaults (before --resume's)."""
     fields = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
     values = {name: fields[name] for name in TRAINING_OPTIONS} | (defaults or {})
 
@@ -87,6 +98,9 @@ def with_training_options(defaults: dict[str, Any] | None = None) -> Callable[[C
         @functools.wraps(command)
         def wrapper(cli_context: typer.Context, **kwargs: Any) -> Any:
             training = {name: kwargs.pop(name) for name in TRAINING_OPTIONS}
+            for name, value in (presets or {}).get(kwargs.get("preset"), {}).items():
+                if name in training and cli_context.get_parameter_source(name).name == "DEFAULT":
+                    training[name] = value
             if training["resume"] is not None:
                 saved = saved_run_config(training["resume"])
                 for values in (training, kwargs):

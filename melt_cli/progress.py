@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,23 +13,17 @@ from rich.progress import (
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 
 from . import console
 
 
 @contextmanager
-def byte_progress(description: str) -> Iterator:
-    """Yields ``update(done_bytes, total_bytes, phase="")`` driving a bytes-weighted bar."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
+def byte_progress(description: str, unit: str | None = None) -> Iterator:
+    """Yields ``update(done, total, phase="")`` driving a bar: in bytes, or counting ``unit`` (e.g.
+    "sequences"). No transfer speed: reading a memory-mapped file makes it meaningless."""
+    amount = DownloadColumn() if unit is None else TextColumn(f"{{task.completed:,}}/{{task.total:,}} {unit}")
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), amount, TimeRemainingColumn())
     bar = Progress(*columns, console=console.err, transient=False)
     task = None
 
@@ -46,35 +41,62 @@ def byte_progress(description: str) -> Iterator:
 
 
 _NOT_LOSS_PARTS = {"step", "loss", "alpha", "grad_norm", "tokens_per_s", "peak_memory_bytes"}
+# description, a short bar, step/total, ETA and the loss fit 80 columns; the rest of the numbers
+# follow where the terminal is wider (all of them are in metrics.jsonl).
 STEP_COLUMNS = (
     TextColumn("[bold]{task.description}"),
-    BarColumn(),
+    BarColumn(bar_width=16),
     TextColumn("{task.completed}/{task.total}"),
-    TimeRemainingColumn(),
+    TimeRemainingColumn(compact=True),
     TextColumn("{task.fields[stats]}"),
 )
 
 
-def format_step(m: dict) -> str:
-    """One training step's numbers: loss and its parts, alpha, learning rates, tokens/s, peak memory."""
-    parts = [f"loss {m['loss']:.4f}"]
-    parts += [
-        f"{k} {v:.3f}"
-        for k, v in m.items()
-        if k not in _NOT_LOSS_PARTS and not k.startswith("lr_") and isinstance(v, float)
-    ]
-    if "alpha" in m:
-        parts.append(f"α {m['alpha']:.2f}")
-    parts += [f"{k} {v:.1e}" for k, v in m.items() if k.startswith("lr_")]
-    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
-    parts.append(f"peak {console.human_bytes(m['peak_memory_bytes'])}")
+def format_step(m: dict, full: bool = False) -> str:
+    """One training step's numbers: loss, tokens/s, and (``full``) the loss parts, alpha, learning
+    rates and peak memory."""
+    parts = [f"loss {m['loss']:.4f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    if full:
+        parts += [
+            f"{k} {v:.3f}"
+            for k, v in m.items()
+            if k not in _NOT_LOSS_PARTS and not k.startswith("lr_") and isinstance(v, float)
+        ]
+        if "alpha" in m:
+            parts.append(f"α {m['alpha']:.2f}")
+        parts += [f"{k} {v:.1e}" for k, v in m.items() if k.startswith("lr_")]
+        parts.append(f"grad norm {m['grad_norm']:.3g}")
+        parts.append(f"peak {console.human_bytes(m['peak_memory_bytes'])}")
     return " | ".join(parts)
 
 
+def _eta(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 @contextmanager
-def training_progress(total_steps: int, description: str = "training") -> Iterator[tuple]:
-    """Yields ``(on_step, on_event)`` for ``melt_core.training.trainer.train``: a bar with the step's numbers
-    (``format_step``); events are printed above it."""
+def training_progress(total_steps: int, description: str = "training", log_every: int = 10) -> Iterator[tuple]:
+    """Yields ``(on_step, on_event)`` for ``melt_core.training.trainer.train``. On a terminal: a bar
+    with step, ETA and the loss, events printed above it. Elsewhere (a log file, CI): one plain line
+    every ``log_every`` steps and at the last, with ETA and every number (``format_step``)."""
+    if not console.err.is_terminal:
+        start, first = time.perf_counter(), None
+
+        def on_plain_step(m: dict) -> None:
+            nonlocal first
+            first = first if first is not None else (m["step"] - 1, time.perf_counter())
+            if m["step"] % log_every and m["step"] != total_steps:
+                return
+            done, since = m["step"] - first[0], time.perf_counter() - start
+            eta = _eta(since / done * (total_steps - m["step"])) if done else "?"
+            line = f"{description} step {m['step']}/{total_steps} | ETA {eta} | {format_step(m, full=True)}"
+            console.err.print(line, soft_wrap=True, markup=False)
+
+        yield on_plain_step, lambda message: console.err.print(message, soft_wrap=True, markup=False)
+        return
+
     bar = Progress(*STEP_COLUMNS, console=console.err)
     task = None
 
@@ -86,7 +108,7 @@ def training_progress(total_steps: int, description: str = "training") -> Iterat
         return bar
 
     def on_step(m: dict) -> None:
-        started().update(task, completed=m["step"], stats=format_step(m))
+        started().update(task, completed=m["step"], stats=format_step(m, full=console.err.width > 120))
 
     def on_event(message: str) -> None:
         started().console.print(message)

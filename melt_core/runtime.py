@@ -48,6 +48,36 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+THREADS_ENV = "MELT_THREADS"
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice (physical cores), before anyone changes it
+
+
+def default_threads() -> int:
+    """CPU threads for torch when none are asked for: ``$MELT_THREADS``, else the cores this process
+    may use, shared among the processes of a distributed launch, less those other work keeps busy
+    (the 1-minute load average). torch's own default (every physical core) collapses 4-36x when
+    another job holds some of them."""
+    if os.environ.get(THREADS_ENV):
+        return validate_threads(int(os.environ[THREADS_ENV]), THREADS_ENV)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(TORCH_DEFAULT_THREADS, cores - busy) // processes)
+
+
+def validate_threads(threads: int, name: str = "--threads") -> int:
+    if threads < 1:
+        raise InvalidArgumentError(f"{name} must be >= 1, got {threads}")
+    return threads
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use ``threads`` CPU threads for torch's kernels (None: ``default_threads()``); returns the count."""
+    threads = default_threads() if threads is None else validate_threads(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels so that wall-clock timings are honest."""
     if device.type == "cuda":

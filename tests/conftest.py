@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,10 @@ from melt_core import load_model
 from melt_core.checkpoints.random_model import write_random_ouro
 from melt_core.checkpoints.tokenizer import SAMPLE_TEXT, train_bpe_tokenizer
 
-# Tiny models run fastest on one thread, and far faster than with two when another process holds a core.
+# Tiny models run fastest on one thread, and far faster than with two when another process holds a core
+# (the CLI's default thread count reads MELT_THREADS).
 torch.set_num_threads(1)
+os.environ["MELT_THREADS"] = "1"
 
 # MHA and GQA variants; small enough that a forward takes milliseconds.
 TINY_MHA = dict(

@@ -101,3 +101,19 @@ def test_debug_env_shows_traceback(tmp_path, monkeypatch):
     from melt_core.errors import CheckpointNotFoundError
 
     assert isinstance(result.exception, CheckpointNotFoundError)
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    import melt_core.runtime as runtime
+
+    monkeypatch.delenv("MELT_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "TORCH_DEFAULT_THREADS", 8)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert runtime.default_threads() == 5  # 8 cores, about 3 busy
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.default_threads() == 2  # shared by 2 processes of a launch
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (30.0, 1.0, 1.0))
+    assert runtime.default_threads() == 1
+    monkeypatch.setenv("MELT_THREADS", "3")
+    assert runtime.default_threads() == 3

@@ -418,3 +418,74 @@ def test_resume_refuses_missing_and_foreign_runs(melt_ckpt, text_file, tmp_path)
     assert "distill phase 1 run; it cannot resume distill phase 2" in line
     (tmp_path / "plain").mkdir()
     assert "not a melt run directory" in one_red_line(runner.invoke(app, [*base, "--resume", str(tmp_path / "plain")]))
+
+
+def test_trackers_get_every_log_every_step_and_the_eval(melt_ckpt, tiny_ckpt, text_file, tmp_path):
+    from accelerate.tracking import GeneralTracker
+
+    from melt_core.training import train
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory, main_process_only = "recorder", False, True
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.logs, self.finished = None, [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logs.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    recorder = Recorder()
+    objective = DistillObjective(melt_ckpt, tiny_ckpt, DistillSettings(phase=2), steps=5)
+    data = PackedSequences.from_path(text_file, load_tokenizer(melt_ckpt), SEQ)
+    train(objective, data, _args(tmp_path / "r", 5, log_every=2), eval_data=data, trackers=[recorder])
+    assert [step for step, values in recorder.logs if "loss" in values] == [2, 4, 5]
+    assert [step for step, values in recorder.logs if "eval/loss_loop1" in values] == [5]
+    assert recorder.config["seq_len"] == SEQ and recorder.config["objective"] == "distill phase 2"
+    assert recorder.finished
+
+
+def test_log_with_a_tracker_that_is_not_installed(melt_ckpt, text_file, tmp_path, monkeypatch):
+    import melt_core.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "get_available_trackers", lambda: [])
+    args = [
+        "transition",
+        str(melt_ckpt),
+        "--data",
+        str(text_file),
+        "--out",
+        str(tmp_path / "o"),
+        "--log-with",
+        "tensorboard",
+        "--steps",
+        "1",
+    ]
+    assert "pip install 'melt[tensorboard]'" in one_red_line(runner.invoke(app, args))
+    args[-3:] = ["nosuch", "--steps", "1"]
+    assert "choose from" in one_red_line(runner.invoke(app, args))
+
+
+def test_presets_apply_to_the_options_left_at_their_defaults(melt_ckpt, text_file, tmp_path):
+    paper = ["distill", "--phase", "2", str(melt_ckpt), "--data", str(text_file), "--preset", "paper"]
+    # the paper's 10,000-token sequences do not fit the tiny model's 2,048 positions: the preset arrived
+    line = one_red_line(runner.invoke(app, [*paper, "--out", str(tmp_path / "a")]))
+    assert "--seq-len 10000 exceeds the model's maximum 2048" in line
+    given = [*paper, "--out", str(tmp_path / "b"), "--seq-len", "32", "--batch-tokens", "64", "--steps", "1"]
+    assert runner.invoke(app, given).exit_code == 0
+    config = json.loads((tmp_path / "b" / "run_config.json").read_text())
+    assert (config["seq_len"], config["batch_tokens"], config["steps"]) == (32, 64, 1)
+    quick = ["transition", str(melt_ckpt), "--data", str(text_file), "--out", str(tmp_path / "c"), "--steps", "1"]
+    quick += ["--chunk-size", "128"]  # the tiny model's chunks of 4 make 512 tokens slow
+    assert runner.invoke(app, quick).exit_code == 0
+    assert json.loads((tmp_path / "c" / "run_config.json").read_text())["seq_len"] == 512

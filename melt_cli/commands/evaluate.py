@@ -53,7 +53,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Evaluate a checkpoint on held-out text: loss and perplexity at every loop."""
-    with byte_progress("evaluating") as update:
+    with byte_progress("evaluating", unit="sequences") as update:
         report = evaluate_checkpoint(
             checkpoint,
             data,
@@ -67,7 +67,7 @@ def evaluate(
             ),
             teacher=teacher,
             loops=parse_loops(loops),
-            progress=lambda d, t: update(d, t, "sequences"),
+            progress=update,
         )
     if as_json:
         console.out.print_json(json.dumps(report.to_dict()))

@@ -85,7 +85,7 @@ def pretrain(
         init_from=init_from,
     )
     args = TrainingArgs(out=run_directory(out, training["resume"]), steps=steps, **training)
-    with training_progress(args.steps, "pretraining") as (on_step, on_event):
+    with training_progress(args.steps, "pretraining", args.log_every) as (on_step, on_event):
         result = run_pretrain(settings, data, args, eval_data, text_field, on_step, on_event)
     console.err.print(f"done: {result.steps} steps; Ouro checkpoint in {result.out} (try: melt info {result.out})")
 

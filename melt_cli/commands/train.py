@@ -9,7 +9,7 @@ import typer
 
 from melt_core.errors import InvalidArgumentError
 from melt_core.training import DataArgs, DistillSettings, TrainingArgs, run_both_phases, run_phase
-from melt_core.training.distill import DEFAULT_STEPS
+from melt_core.training.distill import DISTILL_PRESETS
 from melt_core.training.trainer import run_directory
 
 from .. import console
@@ -22,7 +22,7 @@ EPILOG = """Examples:
 
   melt distill --phase 2 runs/phase1 --teacher ./Ouro-1.4B --data train.jsonl.gz --out runs/phase2
 
-  melt distill --phase all ./MELT-1.6B --data train.jsonl.gz --out runs/melt --seq-len 10000 --batch-tokens 320000
+  melt distill --phase all ./MELT-1.6B --data train.jsonl.gz --out runs/melt --preset paper     (the paper's run)
 
   accelerate launch --num_processes 8 -m melt_cli distill --phase 2 runs/phase1 --data train.jsonl.gz --out runs/p2
 
@@ -31,17 +31,24 @@ EPILOG = """Examples:
 D = DistillSettings
 
 
-@o.with_training_options()
+QUICK = {k: v for k, v in DISTILL_PRESETS["quick"].items() if k != "steps"}
+
+
+@o.with_training_options(QUICK, presets=DISTILL_PRESETS)
 def distill(
     student: Annotated[Path, typer.Argument(help="MELT checkpoint (from melt convert, or a phase-1 output).")],
     data: o.Data,
     phase: Annotated[str, typer.Option(help="1 (transition), 2 (attention-aligned distillation), or all.")] = "2",
     teacher: Annotated[Path | None, typer.Option(help="Ouro teacher (default: the convert source).")] = None,
     out: o.Out = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(help=f"Optimizer steps (default: {DEFAULT_STEPS[1]} phase 1, {DEFAULT_STEPS[2]} phase 2)."),
-    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="quick: minutes on a CPU (100 + 60 steps of 512 tokens); paper: the MELT paper's run "
+            "(500 + 300 steps, --seq-len 10000 --batch-tokens 320000). Options you give win."
+        ),
+    ] = "quick",
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the preset's, per phase).")] = None,
     eval_data: o.EvalData = None,
     text_field: o.TextField = "text",
     beta: Annotated[float, typer.Option(help="Phase 2: weight of the attention alignment.")] = D.beta,
@@ -62,6 +69,9 @@ def distill(
     """Post-train a MELT model from its Ouro teacher: phase 1, phase 2, or both in sequence."""
     if phase not in ("1", "2", "all"):
         raise InvalidArgumentError(f"--phase must be 1, 2 or all, got {phase!r}")
+    if preset not in DISTILL_PRESETS:
+        raise InvalidArgumentError(f"--preset must be one of {', '.join(DISTILL_PRESETS)}, got {preset!r}")
+    preset_steps = DISTILL_PRESETS[preset]["steps"]
     settings = DistillSettings(
         phase=2 if phase == "all" else int(phase),
         beta=beta,
@@ -80,17 +90,25 @@ def distill(
 
             def on_phase(n: int, args: TrainingArgs) -> tuple:
                 bar.close()  # one live progress bar at a time
-                return bar.enter_context(training_progress(args.steps, f"phase {n}"))
+                return bar.enter_context(training_progress(args.steps, f"phase {n}", args.log_every))
 
             _, final = run_both_phases(
-                student, teacher, settings, data_args, base, steps=steps, teacher_dtype=teacher_dtype, on_phase=on_phase
+                student,
+                teacher,
+                settings,
+                data_args,
+                base,
+                steps=steps,
+                default_steps=preset_steps,
+                teacher_dtype=teacher_dtype,
+                on_phase=on_phase,
             )
         console.err.print(f"both phases done; the final MELT checkpoint is {final.out}")
         return
     args = TrainingArgs(
-        out=run_dir, steps=DEFAULT_STEPS[settings.phase] if steps is None else steps, gate_lr=gate_lr, **training
+        out=run_dir, steps=preset_steps[settings.phase] if steps is None else steps, gate_lr=gate_lr, **training
     )
-    with training_progress(args.steps, f"phase {settings.phase}") as (on_step, on_event):
+    with training_progress(args.steps, f"phase {settings.phase}", args.log_every) as (on_step, on_event):
         result = run_phase(student, teacher, settings, data_args, args, teacher_dtype, on_step, on_event)
     loss = result.last_metrics.get("loss", float("nan"))
     console.err.print(

@@ -22,13 +22,21 @@ def _is_non_empty(out: Path) -> bool:
     return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
-def check_output(out: PathLike, force: bool, keep: Sequence[PathLike | None] = ()) -> None:
-    """Refuse a non-empty ``out`` unless ``force``, and a forced one that is or contains an input."""
+def check_output(
+    out: PathLike, force: bool, keep: Sequence[PathLike | None] = (), hint: str = "pass --force to replace it"
+) -> None:
+    """Refuse an ``out`` that cannot be created, a non-empty one unless ``force``, and a forced one
+    that is or contains an input. Cheap: run it before any work."""
     out = Path(out)
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if existing != out and not existing.is_dir():
+        raise OutputNotWritableError(f"cannot write {out}: {existing} is not a folder")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+        raise OutputNotWritableError(f"cannot write {out}: {existing} is not writable")
     if not _is_non_empty(out):
         return
     if not force:
-        raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it")
+        raise OutputExistsError(f"{out} exists and is not empty; {hint}")
     target = out.resolve()
     for item in keep:
         if item is None or not Path(item).exists():

@@ -30,10 +30,24 @@ from ..evaluation.heldout import finish, score_batch
 from ..models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, is_melt, is_ouro
 from ..models.update_rules import is_gate_parameter
 from .losses import attention_alignment, kl_divergence, next_token_cross_entropy
-from .trainer import TrainingArgs, TrainResult, resume_checkpoint, save_model_as, train
+from .trainer import (
+    RESUME_HINT,
+    TrainingArgs,
+    TrainResult,
+    check_seq_len,
+    resume_checkpoint,
+    save_model_as,
+    train,
+)
 
-# Optimizer steps of each phase when none are given (the paper's).
-DEFAULT_STEPS = {1: 500, 2: 300}
+# `--preset`: `quick` (the default) finishes in minutes on a CPU for the built-in models (one
+# micro-batch of 512 tokens per step); `paper` is the MELT paper's run (sequences of 10,000 tokens,
+# 320,000 per step, 500 + 300 steps; chunks of 500 come from the converted model).
+DISTILL_PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"steps": {1: 100, 2: 60}, "seq_len": 512, "batch_tokens": None},
+    "paper": {"steps": {1: 500, 2: 300}, "seq_len": 10000, "batch_tokens": 320000},
+}
+DEFAULT_STEPS = DISTILL_PRESETS["quick"]["steps"]  # optimizer steps of each phase when none are given
 
 # Fields that must agree between teacher and student for per-loop, per-layer distillation.
 COMPATIBLE_FIELDS = (
@@ -69,6 +83,11 @@ class DistillSettings:
             raise InvalidArgumentError("--beta and --ce-weight must be >= 0")
 
 
+def not_a_student(path: str | os.PathLike, model_type: str) -> str:
+    kind = "an Ouro" if model_type == "ouro" else f"a {model_type!r}"
+    return f"{path} is {kind} checkpoint; the student must be MELT: convert it first (melt convert {path} MELT_DIR)"
+
+
 def objective_name(settings: DistillSettings) -> str:
     return f"distill phase {settings.phase}"
 
@@ -77,10 +96,7 @@ def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike)
     """The student must be MELT, the teacher Ouro, with the same shapes and loop count."""
     student, teacher = load_config(student_path), load_config(teacher_path)
     if not is_melt(student):
-        raise UnsupportedModelError(
-            f"{student_path} is an {student.model_type!r} checkpoint; the student must be MELT "
-            f"(run: melt convert {student_path} MELT_DIR)"
-        )
+        raise UnsupportedModelError(not_a_student(student_path, student.model_type))
     if not is_ouro(teacher):
         raise UnsupportedModelError(f"{teacher_path} is a {teacher.model_type!r} checkpoint; the teacher must be Ouro")
     diffs = [
@@ -96,7 +112,9 @@ def check_pair(student_path: str | os.PathLike, teacher_path: str | os.PathLike)
 def default_teacher(student_path: str | os.PathLike) -> str:
     """The Ouro source recorded by ``melt convert``."""
     config = load_config(student_path)
-    source = config.melt.source if is_melt(config) else None
+    if not is_melt(config):
+        raise UnsupportedModelError(not_a_student(student_path, config.model_type))
+    source = config.melt.source
     if not source:
         raise InvalidArgumentError(f"{student_path} records no source checkpoint; pass --teacher OURO_DIR")
     return source
@@ -238,8 +256,10 @@ def run_phase(
     if args.resume is not None:
         resume_checkpoint(args, objective_name(settings))
     teacher_path = teacher_path or default_teacher(student_path)
-    if args.force and args.resume is None:  # before anything is loaded: --force must spare the inputs
-        check_output(args.out, True, keep=[student_path, teacher_path, data_args.data, data_args.eval_data])
+    check_seq_len(args.seq_len, load_config(student_path).max_position_embeddings)
+    if args.resume is None:  # before anything is loaded; --force must spare the inputs
+        inputs = [student_path, teacher_path, data_args.data, data_args.eval_data]
+        check_output(args.out, args.force, keep=inputs, hint=RESUME_HINT)
     teacher_dtype = teacher_dtype or default_teacher_dtype(args)
     objective = DistillObjective(student_path, teacher_path, settings, args.steps, teacher_dtype)
     tokenizer = load_tokenizer(student_path)
@@ -265,12 +285,13 @@ def run_both_phases(
     args: TrainingArgs,
     *,
     steps: int | None = None,
+    default_steps: dict[int, int] | None = None,
     teacher_dtype: str | None = None,
     on_phase: Callable[[int, TrainingArgs], tuple[Callable, Callable] | None] | None = None,
 ) -> tuple[TrainResult, TrainResult]:
     """``--phase all``: phase 1 into ``args.out / "phase1"``, then phase 2 from its output into
     ``args.out / "phase2"``, with the same teacher and settings; each phase runs ``steps`` steps
-    (default: ``DEFAULT_STEPS`` of that phase; ``args.steps`` is not used). ``on_phase(phase,
+    (default: ``default_steps``, else ``DEFAULT_STEPS``, of that phase; ``args.steps`` is unused). ``on_phase(phase,
     args)`` may return the ``(on_step, on_event)`` callbacks of that phase."""
     if args.resume is not None:
         raise InvalidArgumentError("--resume continues one phase; rerun that phase with --phase 1 or --phase 2")
@@ -279,7 +300,9 @@ def run_both_phases(
     student = student_path
     for phase in (1, 2):
         phase_args = dataclasses.replace(
-            args, out=Path(args.out) / f"phase{phase}", steps=DEFAULT_STEPS[phase] if steps is None else steps
+            args,
+            out=Path(args.out) / f"phase{phase}",
+            steps=(default_steps or DEFAULT_STEPS)[phase] if steps is None else steps,
         )
         callbacks = on_phase(phase, phase_args) if on_phase is not None else None
         on_step, on_event = callbacks or (None, None)

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
-from ..checkpoints import load_model, load_tokenizer, save_checkpoint
+from ..checkpoints import load_config, load_model, load_tokenizer, save_checkpoint
 from ..checkpoints.outputs import check_output
 from ..checkpoints.random_model import init_weights, ouro_config_for
 from ..checkpoints.tokenizer import save_tokenizer, train_bpe_tokenizer
@@ -36,7 +36,7 @@ from ..models.config import validate_loops
 from ..models.ouro import exit_pdf
 from ..words import plural
 from .losses import next_token_cross_entropy, per_token_cross_entropy
-from .trainer import TrainingArgs, TrainResult, resume_checkpoint, train
+from .trainer import RESUME_HINT, TrainingArgs, TrainResult, check_seq_len, resume_checkpoint, train
 
 # Model shapes of `melt pretrain --preset` (the loop count and vocabulary are set separately).
 PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
@@ -185,10 +185,13 @@ def run_pretrain(
 ) -> TrainResult:
     """Train a LoopLM from scratch (or on from ``settings.init_from``); the run directory ends up holding an
     Ouro checkpoint."""
+    limit = load_config(settings.init_from) if settings.init_from is not None else None
+    check_seq_len(args.seq_len, limit.max_position_embeddings if limit else settings.max_position_embeddings)
     if args.resume is not None:
         resume_checkpoint(args, OBJECTIVE_NAME)
-    elif args.force:  # before anything is read: --force must spare the inputs
-        check_output(args.out, True, keep=[data, eval_data, settings.tokenizer, settings.init_from])
+    else:  # before anything is read; --force must spare the inputs
+        inputs = [data, eval_data, settings.tokenizer, settings.init_from]
+        check_output(args.out, args.force, keep=inputs, hint=RESUME_HINT)
     if settings.init_from is not None:
         model, tokenizer = initial_checkpoint(settings.init_from)
     else:

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,17 +23,20 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.tracking import GeneralTracker, get_available_trackers
+from accelerate.utils import LoggerType, set_seed
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..checkpoints import fresh_output_dir, save_checkpoint
 from ..checkpoints.io import CONFIG_NAME
+from ..checkpoints.outputs import check_output
 from ..data import PackedSequences
-from ..errors import InvalidArgumentError, MeltError, OutputExistsError
+from ..errors import InvalidArgumentError, MeltError, MissingDependencyError
 from ..runtime import peak_memory_so_far
 
+RESUME_HINT = "pass --force to replace it or --resume to continue its run"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
@@ -76,9 +79,15 @@ class TrainingArgs:
     resume: Path | None = None
     force: bool = False
     save_dtype: str | None = None  # dtype of the final model; default: the trained model's source dtype
+    log_every: int = 10  # steps between tracker logs (metrics.jsonl gets every step)
+    log_with: list[str] | None = None  # accelerate trackers: tensorboard, wandb, trackio, ...
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        if self.log_every < 1:
+            raise InvalidArgumentError(f"--log-every must be >= 1, got {self.log_every}")
+        for name in self.log_with or []:
+            check_tracker(name)
         if self.steps < 1:
             raise InvalidArgumentError(f"--steps must be >= 1, got {self.steps}")
         if self.schedule not in ("cosine", "constant"):
@@ -142,6 +151,23 @@ class TrainResult:
     steps: int
     last_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_seq_len(seq_len: int, max_positions: int) -> None:
+    """Training sequences must fit the model's positions (before any data is read)."""
+    if seq_len > max_positions:
+        raise InvalidArgumentError(
+            f"--seq-len {seq_len} exceeds the model's maximum {max_positions} (max_position_embeddings)"
+        )
+
+
+def check_tracker(name: str) -> None:
+    """An accelerate tracker that is installed (the trackers are optional extras)."""
+    known = [t.value for t in LoggerType if t.value != "all"]
+    if name not in known:
+        raise InvalidArgumentError(f"--log-with {name!r}: choose from {', '.join(known)}")
+    if name not in [str(t) for t in get_available_trackers()]:
+        raise MissingDependencyError(f"--log-with {name} needs the {name} package: pip install 'melt[{name}]'")
 
 
 def checkpoint_is_finite(ckpt: Path) -> bool:
@@ -215,6 +241,7 @@ class _Run:
         eval_data: PackedSequences | None,
         on_step: Callable[[dict], None] | None,
         on_event: Callable[[str], None] | None,
+        trackers: Sequence[GeneralTracker] = (),
     ) -> None:
         self.objective, self.data, self.args, self.eval_data = objective, data, args, eval_data
         self.on_step = on_step or (lambda m: None)
@@ -222,7 +249,10 @@ class _Run:
         mp = args.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and not args.cpu else "no"
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=args.cpu)
+        log_with = [*(args.log_with or []), *trackers]
+        self.accelerator = Accelerator(
+            mixed_precision=mp, cpu=args.cpu, log_with=log_with or None, project_dir=str(args.out / "logs")
+        )
         world = self.accelerator.num_processes
         per_micro = args.micro_batch * world
         global_seqs = (args.batch_tokens // args.seq_len) if args.batch_tokens else per_micro
@@ -243,10 +273,8 @@ class _Run:
         """Create (or, resuming, check and tidy) the run directory; returns the checkpoint to resume."""
         args, out = self.args, self.args.out
         # every process checks (and fails) alike, before the main process changes anything
-        if args.resume is None and out.exists() and any(out.iterdir()) and not args.force:
-            raise OutputExistsError(
-                f"{out} exists and is not empty; pass --force to replace it or --resume to continue its run"
-            )
+        if args.resume is None:
+            check_output(out, args.force, hint=RESUME_HINT)
         ckpt = self.check_resume_args() if args.resume is not None else None
         if self.accelerator.is_main_process:
             if args.resume is None:
@@ -336,6 +364,21 @@ class _Run:
     def run(self) -> TrainResult:
         args, acc, objective = self.args, self.accelerator, self.objective
         resume_from = self.prepare_out()
+        if acc.log_with:
+            config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in args.to_json().items()}
+            acc.init_trackers(args.out.name, config={**config, "objective": objective.describe()["name"]})
+        try:
+            return self._train(resume_from)
+        finally:
+            acc.end_training()
+
+    def _log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        if self.accelerator.log_with:
+            numbers = {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(numbers, step=step)
+
+    def _train(self, resume_from: Path | None) -> TrainResult:
+        args, acc, objective = self.args, self.accelerator, self.objective
         groups = objective.param_groups(args)
         optimizer = torch.optim.AdamW(groups, betas=args.betas, weight_decay=args.weight_decay)
         scheduler = _schedule(optimizer, args)
@@ -400,9 +443,12 @@ class _Run:
                 if acc.is_main_process:
                     self.on_step(last)
                 at_end = state.step == args.steps
+                if state.step % args.log_every == 0 or at_end:
+                    self._log(state.step, last)
                 if self.eval_data is not None and ((args.eval_every and state.step % args.eval_every == 0) or at_end):
                     eval_metrics = self.evaluate(wrapped)
                     self.log_metrics({"step": state.step, "eval": eval_metrics})
+                    self._log(state.step, eval_metrics, prefix="eval/")
                     self.on_event("eval " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
                 if (args.save_every and state.step % args.save_every == 0) or at_end:
                     self.save(state)
@@ -450,9 +496,11 @@ def train(
     eval_data: PackedSequences | None = None,
     on_step: Callable[[dict], None] | None = None,
     on_event: Callable[[str], None] | None = None,
+    trackers: Sequence[GeneralTracker] = (),
 ) -> TrainResult:
-    """Run ``objective`` for ``args.steps`` optimizer steps; returns the final metrics."""
-    return _Run(objective, data, args, eval_data, on_step, on_event).run()
+    """Run ``objective`` for ``args.steps`` optimizer steps; returns the final metrics. ``trackers``:
+    accelerate tracker objects, next to the ones ``args.log_with`` names."""
+    return _Run(objective, data, args, eval_data, on_step, on_event, trackers).run()
 
 
 def save_model_as(model: nn.Module, out: Path, tokenizer_from: str | os.PathLike, dtype: str | None) -> None:
