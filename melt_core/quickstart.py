@@ -43,6 +43,14 @@ class QuickstartSettings:
     prompt: str = PROMPT
 
     def __post_init__(self) -> None:
+        for flag, value in (
+            ("--steps1", self.steps1),
+            ("--steps2", self.steps2),
+            ("--eval-sequences", self.eval_sequences),
+            ("new tokens", self.new_tokens),
+        ):
+            if value < 1:
+                raise InvalidArgumentError(f"{flag} must be >= 1, got {value}")
         if self.seq_len < 2 or self.batch_tokens < self.seq_len or self.batch_tokens % self.seq_len:
             raise InvalidArgumentError(
                 f"--batch-tokens ({self.batch_tokens}) must be a positive multiple of "

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from . import builtin
 
 # Ouro's special tokens, at ids 0, 1, 2 (OURO.md §6).
@@ -18,6 +18,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SAMPLE_TEXT = builtin.ASSETS / "sample.txt"
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
@@ -34,7 +35,13 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE with ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` at ids 0, 1, 2
-    and Ouro's ChatML chat template."""
+    and Ouro's ChatML chat template. A byte-level BPE starts from all 256 bytes, so ``vocab_size``
+    must leave room for them and the special tokens (it would be raised silently otherwise)."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise InvalidArgumentError(
+            f"vocab size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
+            f"got {vocab_size}"
+        )
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
         texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS), show_progress=False

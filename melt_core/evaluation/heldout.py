@@ -17,6 +17,7 @@ from ..data import PackedSequences
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..models import is_ouro
 from ..models.config import validate_loops
+from ..runtime import resolve_device
 
 
 @dataclass
@@ -162,6 +163,7 @@ def evaluate_checkpoint(
     for count in loops or []:
         if count is not None:
             validate_loops(count)
+    device = resolve_device(device)
     model = load_model(path, dtype=dtype, device=device)
     teacher_model = load_model(teacher, dtype=dtype, device=device) if teacher is not None else None
     if teacher_model is not None and teacher_model.config.vocab_size != model.config.vocab_size:

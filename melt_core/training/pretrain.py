@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerFast
 from ..checkpoints import load_config, load_model, load_tokenizer, save_checkpoint
 from ..checkpoints.outputs import check_output
 from ..checkpoints.random_model import init_weights, ouro_config_for
-from ..checkpoints.tokenizer import save_tokenizer, train_bpe_tokenizer
+from ..checkpoints.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_bpe_tokenizer
 from ..data import PackedSequences, iter_documents
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..evaluation.heldout import finish, score_batch
@@ -88,6 +88,10 @@ class PretrainSettings:
         if self.objective not in OBJECTIVES:
             raise InvalidArgumentError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         validate_loops(self.loops, "--loops")
+        if self.tokenizer is None and self.init_from is None and self.vocab_size < MIN_VOCAB_SIZE:
+            raise InvalidArgumentError(
+                f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + 3 special tokens), got {self.vocab_size}"
+            )
 
 
 def loop_weights(objective: str, loops: int) -> Tensor:

@@ -84,18 +84,29 @@ class TrainingArgs:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.log_every < 1:
-            raise InvalidArgumentError(f"--log-every must be >= 1, got {self.log_every}")
-        for name in self.log_with or []:
-            check_tracker(name)
-        if self.steps < 1:
-            raise InvalidArgumentError(f"--steps must be >= 1, got {self.steps}")
+        minimums = {
+            "--steps": (self.steps, 1),
+            "--seq-len": (self.seq_len, 2),
+            "--micro-batch": (self.micro_batch, 1),
+            "--log-every": (self.log_every, 1),
+        }
+        for flag, (value, least) in minimums.items():
+            if value < least:
+                raise InvalidArgumentError(f"{flag} must be >= {least}, got {value}")
         if self.schedule not in ("cosine", "constant"):
             raise InvalidArgumentError(f"--schedule must be cosine or constant, got {self.schedule!r}")
-        if self.micro_batch < 1:
-            raise InvalidArgumentError(f"--micro-batch must be >= 1, got {self.micro_batch}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InvalidArgumentError(f"--mixed-precision: auto, no, bf16 or fp16, not {self.mixed_precision!r}")
+        per_micro_batch = self.seq_len * self.micro_batch
+        if self.batch_tokens is not None and (
+            self.batch_tokens < per_micro_batch or self.batch_tokens % per_micro_batch
+        ):
+            raise InvalidArgumentError(
+                f"--batch-tokens {self.batch_tokens} must be a multiple of seq_len x micro_batch "
+                f"= {self.seq_len} x {self.micro_batch} (x the processes of a launch)"
+            )
+        for name in self.log_with or []:
+            check_tracker(name)
 
     @property
     def warmup(self) -> int:
