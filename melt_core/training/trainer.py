@@ -33,6 +33,7 @@ from ..checkpoints import fresh_output_dir, save_checkpoint
 from ..checkpoints.io import CONFIG_NAME
 from ..checkpoints.outputs import check_output
 from ..data import PackedSequences
+from ..dtypes import parse_dtype
 from ..errors import InvalidArgumentError, MeltError, MissingDependencyError
 from ..runtime import peak_memory_so_far
 
@@ -107,6 +108,8 @@ class TrainingArgs:
             )
         for name in self.log_with or []:
             check_tracker(name)
+        if self.save_dtype is not None:
+            parse_dtype(self.save_dtype)  # a bad name fails now, not after the run
 
     @property
     def warmup(self) -> int:
