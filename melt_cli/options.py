@@ -85,13 +85,13 @@ def with_training_options(
     ``presets``: the command's ``--preset`` values, applied to the training options left at their
     defaults (before --resume's)."""
     fields = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
-    values = {name: fields[name] for name in TRAINING_OPTIONS} | (defaults or {})
+    initial = {name: fields[name] for name in TRAINING_OPTIONS} | (defaults or {})
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command)
         own = [p for p in signature.parameters.values() if p.name != "training"]
         extra = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=values[name])
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=initial[name])
             for name, kind in TRAINING_OPTIONS.items()
         ]
 
@@ -103,10 +103,10 @@ def with_training_options(
                     training[name] = value
             if training["resume"] is not None:
                 saved = saved_run_config(training["resume"])
-                for values in (training, kwargs):
-                    for name in values.keys() & RESUMED_FIELDS & saved.keys():
+                for group in (training, kwargs):
+                    for name in group.keys() & RESUMED_FIELDS & saved.keys():
                         if cli_context.get_parameter_source(name).name == "DEFAULT":
-                            values[name] = saved[name]
+                            group[name] = saved[name]
             return command(training=training, **kwargs)
 
         context = inspect.Parameter("cli_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
