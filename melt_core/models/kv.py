@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .config import OuroConfig
 from .layers import DecoderLayer
+from .quantized import QuantFormat, QuantizedRows
 from .rows import PreallocatedRows, RowStore, TokenLedger
 from .update_rules import GATE_MODULE, UpdateRule
 
@@ -106,7 +107,8 @@ class KVCache:
     Layout: ``store.keys`` / ``store.values`` are each (slots, B, kv_heads, max_len, head_dim).
     Ouro has ``loops * num_layers`` slots (``PerLoopKV.slot``): memory grows linearly with loops.
     MELT has ``num_layers`` slots whatever the loop count (``loops`` only shapes its per-loop view).
-    Inference only: writes are in place, so run under ``torch.no_grad()``.
+    Inference only: writes are in place, so run under ``torch.no_grad()``. With ``quant`` the rows
+    are stored as int8 / int4 with group scales (``models.quantized``).
     """
 
     def __init__(
@@ -117,12 +119,14 @@ class KVCache:
         loops: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quant: QuantFormat | None = None,
     ) -> None:
         self.loops = config.resolve_loops(loops)
         self.slots_per_loop = config.kv_slots_per_loop(self.loops)
         self.ledger = TokenLedger(batch_size, max_len, device)
-        self.store: RowStore = PreallocatedRows(
-            sum(self.slots_per_loop), batch_size, config.num_key_value_heads, max_len, config.head_dim, dtype, device
+        shape = (sum(self.slots_per_loop), batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.store: RowStore = (
+            PreallocatedRows(*shape, dtype, device) if quant is None else QuantizedRows(*shape, quant, dtype, device)
         )
 
     @property

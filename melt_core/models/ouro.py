@@ -18,6 +18,7 @@ from ..words import plural
 from .config import OuroConfig
 from .kv import FullSequenceKV, KVCache, PerLoopKV
 from .layers import BlockInputs, DecoderLayer, KVPolicy, RMSNorm, rope_cos_sin
+from .quantized import QuantFormat
 
 ConfigDefault = Literal["config"]
 
@@ -110,9 +111,12 @@ class OuroForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def new_cache(self, batch_size: int, max_len: int, loops: int | None = None) -> KVCache:
-        """A preallocated cache for incremental decoding (Ouro: a slot per (loop, layer))."""
-        return KVCache(self.config, batch_size, max_len, loops, dtype=self.dtype, device=self.device)
+    def new_cache(
+        self, batch_size: int, max_len: int, loops: int | None = None, quant: QuantFormat | None = None
+    ) -> KVCache:
+        """A preallocated cache for incremental decoding (Ouro: a slot per (loop, layer)); ``quant``
+        stores its rows as int8 / int4 with group scales."""
+        return KVCache(self.config, batch_size, max_len, loops, dtype=self.dtype, device=self.device, quant=quant)
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The KV-gate parameters (MELT's); Ouro has none."""

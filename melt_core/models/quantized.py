@@ -1,0 +1,127 @@
+"""A quantised row store: KV rows kept as int8 or int4 with one fp16 scale per group of channels.
+
+Each row (one K or V vector of one head, ``head_dim`` values) is split into groups of
+``group_size`` channels; a group is stored as symmetric integers ``q = round(x / s)`` with
+``s = absmax / qmax`` (qmax 127 for int8, 7 for int4; two int4 values share a byte). The newest
+rows, those of the forward in progress, stay in full precision ("staged") until a later forward
+starts past them: MELT rewrites a token's row at every loop, so each row is quantised once, after
+its last loop. Ouro's per-loop slots are written once each and follow the same rule.
+
+``nbytes()`` counts the quantised storage and its scales exactly; the staged rows of the forward
+in progress are transient (like activations) and not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidArgumentError
+
+SCALE_DTYPE = torch.float16
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """``bits`` 8 or 4; ``group_size`` channels share one scale (it must divide ``head_dim``)."""
+
+    bits: int
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise InvalidArgumentError(f"quantised KV rows have 8 or 4 bits, got {self.bits}")
+        if self.group_size < 2 or self.group_size % 2:
+            raise InvalidArgumentError(f"the KV quantisation group size must be even and >= 2, got {self.group_size}")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def row_bytes(self, head_dim: int) -> int:
+        """Bytes of one stored row of ``head_dim`` values: integers plus one fp16 scale per group."""
+        return head_dim * self.bits // 8 + head_dim // self.group_size * SCALE_DTYPE.itemsize
+
+
+def quantize(x: Tensor, fmt: QuantFormat) -> tuple[Tensor, Tensor]:
+    """(..., d) floats -> integers (..., d) int8, or (..., d/2) uint8 packed for int4, and scales
+    (..., d / group_size) fp16."""
+    *lead, d = x.shape
+    groups = x.float().reshape(*lead, d // fmt.group_size, fmt.group_size)
+    scale = (groups.abs().amax(-1, keepdim=True) / fmt.qmax).to(SCALE_DTYPE)
+    safe = scale.float().clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    q = torch.round(groups / safe).clamp(-fmt.qmax, fmt.qmax).to(torch.int8).reshape(*lead, d)
+    if fmt.bits == 4:  # two's-complement nibbles, low nibble first
+        nibbles = (q & 0xF).to(torch.uint8)
+        q = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return q, scale.squeeze(-1)
+
+
+def dequantize(q: Tensor, scale: Tensor, fmt: QuantFormat, dtype: torch.dtype) -> Tensor:
+    """The inverse of ``quantize`` (up to rounding), in ``dtype``."""
+    if fmt.bits == 4:
+        low, high = (q & 0xF).to(torch.int8), (q >> 4).to(torch.int8)
+        low, high = torch.where(low > 7, low - 16, low), torch.where(high > 7, high - 16, high)
+        q = torch.stack((low, high), dim=-1).flatten(-2)
+    *lead, d = q.shape
+    groups = q.float().reshape(*lead, d // fmt.group_size, fmt.group_size) * scale.float()[..., None]
+    return groups.reshape(*lead, d).to(dtype)
+
+
+class QuantizedRows:
+    """Rows of ``num_slots`` slots, (B, kv_heads, max_len, head_dim) each, stored quantised."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        batch_size: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        fmt: QuantFormat,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if head_dim % fmt.group_size:
+            raise InvalidArgumentError(f"the KV group size {fmt.group_size} must divide head_dim {head_dim}")
+        self.fmt, self.dtype = fmt, dtype
+        shape = (num_slots, batch_size, kv_heads, max_len)
+        width = head_dim * fmt.bits // 8
+        int_dtype = torch.int8 if fmt.bits == 8 else torch.uint8
+        self.q = [torch.zeros(*shape, width, dtype=int_dtype, device=device) for _ in range(2)]  # K, V
+        self.scales = [
+            torch.zeros(*shape, head_dim // fmt.group_size, dtype=SCALE_DTYPE, device=device) for _ in range(2)
+        ]
+        self.committed = [0] * num_slots  # positions [0, committed) of a slot are quantised
+        self.staged: dict[int, tuple[int, Tensor, Tensor]] = {}  # slot -> (start, k, v) in full precision
+
+    def _commit(self, slot: int, upto: int) -> None:
+        """Quantise the staged rows of ``slot`` below position ``upto`` (their forward is over)."""
+        if slot not in self.staged:
+            return
+        start, k, v = self.staged[slot]
+        end = min(upto, start + k.shape[2])
+        if end > start:
+            for i, rows in enumerate((k, v)):
+                q, s = quantize(rows[:, :, : end - start], self.fmt)
+                self.q[i][slot, :, :, start:end], self.scales[i][slot, :, :, start:end] = q, s
+            self.committed[slot] = end
+        if end >= start + k.shape[2]:
+            del self.staged[slot]
+
+    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self._commit(slot, start)
+        if self.committed[slot] != start:
+            raise ValueError(f"slot {slot} has {self.committed[slot]} quantised rows; the write starts at {start}")
+        self.staged[slot] = (start, k, v)
+        out = []
+        for i, rows in enumerate((k, v)):
+            old = dequantize(self.q[i][slot, :, :, :start], self.scales[i][slot, :, :, :start], self.fmt, self.dtype)
+            out.append(torch.cat([old, rows.to(self.dtype)], dim=2))
+        return out[0], out[1]
+
+    def nbytes(self) -> int:
+        """Exact bytes of the quantised storage and its scales."""
+        return sum(t.nbytes for t in self.q + self.scales)
