@@ -126,6 +126,10 @@ Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU),
 ChunkSize = Annotated[
     int | None, typer.Option(help="Prefill chunk size (default: MELT's trained chunk size; Ouro: the whole prompt).")
 ]
+KvDtype = Annotated[
+    str, typer.Option(help="How the KV cache stores rows: auto (the model's dtype), bf16, fp16, fp32, int8 or int4.")
+]
+KvGroupSize = Annotated[int, typer.Option(help="int8 / int4: channels that share one fp16 scale.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables and text.")]
 
 

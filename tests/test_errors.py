@@ -78,6 +78,17 @@ CASES = [
         ["quickstart", "--out", "{tmp}/o", "--eval-sequences", "0"],
         "--eval-sequences must be >= 1",
     ),
+    ("generate --kv-dtype int2", ["generate", "{tiny}", "-p", "hi", "--kv-dtype", "int2"], "unknown KV dtype"),
+    (
+        "generate --kv-group-size 3",
+        ["generate", "{tiny}", "-p", "hi", "--kv-dtype", "int8", "--kv-group-size", "3"],
+        "group size must be even",
+    ),
+    (
+        "profile --kv-group-size 48",
+        ["profile", "memory", "--preset", "ouro-1.4b", "--kv-dtype", "int4", "--kv-group-size", "48"],
+        "must divide head_dim 128",
+    ),
     ("generate --temperature nan", ["generate", "{tiny}", "-p", "hi", "--temperature", "nan"], "must be finite"),
     ("generate --temperature inf", ["generate", "{tiny}", "-p", "hi", "--temperature", "inf"], "must be finite"),
     (

@@ -10,7 +10,7 @@ from greedy import greedy_tokens
 from melt_core import load_model
 from melt_core.errors import InvalidArgumentError
 from melt_core.inference.decode import prefill
-from melt_core.models.quantized import QuantFormat, dequantize, quantize
+from melt_core.models.quantized import KVFormat, QuantFormat, dequantize, kv_format, quantize
 
 
 @pytest.mark.parametrize(("bits", "max_relative_rms"), [(8, 0.01), (4, 0.15)])
@@ -45,7 +45,7 @@ def test_nbytes_is_exact(tiny_ckpt, melt_ckpt, kind, bits):
     model = load_model(tiny_ckpt if kind == "ouro" else melt_ckpt)
     fmt = QuantFormat(bits, group_size=4)
     c = model.config
-    cache = model.new_cache(2, 40, 3, quant=fmt)
+    cache = model.new_cache(2, 40, 3, kv_dtype=KVFormat(quant=fmt))
     slots = 3 * c.num_hidden_layers if kind == "ouro" else c.num_hidden_layers
     # K and V, per slot, batch row, KV head and position: head_dim * bits / 8 bytes + one fp16 per group
     assert cache.nbytes() == 2 * slots * 2 * c.num_key_value_heads * 40 * (c.head_dim * bits // 8 + c.head_dim // 4 * 2)
@@ -60,7 +60,7 @@ def test_rows_of_the_forward_in_progress_stay_full_precision(tiny_ckpt, melt_ckp
     model = load_model(tiny_ckpt if kind == "ouro" else melt_ckpt)
     ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     full = prefill(model, ids, None, model.new_cache(2, 7), chunk_size=7)
-    quant = prefill(model, ids, None, model.new_cache(2, 7, quant=QuantFormat(4, group_size=4)), chunk_size=7)
+    quant = prefill(model, ids, None, model.new_cache(2, 7, kv_dtype=kv_format("int4", group_size=4)), chunk_size=7)
     assert torch.equal(full, quant)
 
 
@@ -73,7 +73,7 @@ def test_quantised_decode_is_close_to_full_precision(tiny_ckpt, melt_ckpt, kind,
     fmt = QuantFormat(bits, group_size=4)
     ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     full = prefill(model, ids, None, model.new_cache(2, 24), chunk_size=1)
-    quant = prefill(model, ids, None, model.new_cache(2, 24, quant=fmt), chunk_size=1)
+    quant = prefill(model, ids, None, model.new_cache(2, 24, kv_dtype=KVFormat(quant=fmt)), chunk_size=1)
     error = (full - quant).abs().max().item()
     agreement = (full.argmax(-1) == quant.argmax(-1)).float().mean().item()
     print(f"{kind} int{bits}: max logit error {error:.4f}, top-1 agreement {agreement:.3f}")
@@ -89,6 +89,66 @@ def _greedy_quant(model, ids, n, fmt):
     from melt_core.inference import Sampler, SamplingSettings
     from melt_core.inference.decode import decode
 
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + n, quant=fmt)
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + n, kv_dtype=KVFormat(quant=fmt))
     with torch.no_grad():
         return torch.stack(list(decode(model, ids, None, cache, Sampler(SamplingSettings()), max_new_tokens=n)), 1)
+
+
+@pytest.mark.parametrize("name", ["auto", "bf16", "fp16", "fp32", "int8", "int4"])
+def test_every_kv_dtype_has_exact_analytic_bytes(tiny_ckpt, name):
+    model = load_model(tiny_ckpt)
+    fmt = kv_format(name, group_size=4)
+    cache = model.new_cache(1, 12, 2, kv_dtype=fmt)
+    assert cache.nbytes() == 12 * model.config.kv_bytes_per_token(model.dtype, 2, fmt)
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    out = prefill(model, ids, None, cache, chunk_size=4, loops=2)
+    assert out.dtype == model.dtype and bool(out.isfinite().all())
+    with pytest.raises(InvalidArgumentError, match="unknown KV dtype"):
+        kv_format("int2")
+
+
+def test_generate_and_profile_take_a_kv_dtype(tiny_ckpt, melt_ckpt):
+    import json
+
+    from typer.testing import CliRunner
+
+    from melt_cli.app import app
+
+    runner = CliRunner()
+    args = ["generate", str(melt_ckpt), "-p", "Once upon a time", "--max-new-tokens", "4", "--json"]
+    full = json.loads(runner.invoke(app, args).stdout)
+    int8 = json.loads(runner.invoke(app, [*args, "--kv-dtype", "int8", "--kv-group-size", "4"]).stdout)
+    assert int8["kv_dtype"] == "int8" and full["kv_dtype"] == "auto"
+    # fp32 rows of 8 channels (32 B) -> 8 int8 + 2 fp16 scales (12 B)
+    assert int8["kv_cache_bytes"] * 32 == full["kv_cache_bytes"] * 12
+    preset = ["profile", "memory", "--preset", "ouro-1.4b", "--loops", "4", "--seq-len", "32000", "--json"]
+    entries = json.loads(runner.invoke(app, [*preset, "--kv-dtype", "int4"]).stdout)["entries"]
+    kv = {e["model"]: e["kv_cache_bytes"] for e in entries}
+    # MELT-1.6B at 32K with int4 rows (64 B + 4 fp16 scales per 128-channel row): 1.77 GB, below
+    # Qwen3-1.7B's bf16 cache (3.67 GB); Ouro 4x that
+    assert kv["melt"] == 32000 * 2 * 24 * 16 * (64 + 8) == kv["ouro"] // 4
+    assert round(kv["melt"] / 1e9, 2) == 1.77
+    measured = runner.invoke(
+        app,
+        [
+            "profile",
+            "memory",
+            str(tiny_ckpt),
+            "--measure",
+            "--loops",
+            "2",
+            "--seq-len",
+            "8",
+            "--dtype",
+            "fp32",
+            "--kv-dtype",
+            "int8",
+            "--kv-group-size",
+            "4",
+            "--json",
+        ],
+    )
+    for e in json.loads(measured.stdout)["entries"]:
+        if e["measured"] is not None:
+            assert e["measured"]["cache_bytes"] == e["kv_cache_bytes"]
+            assert e["measured"]["in_use_bytes_after_loop"][-1] == e["kv_cache_bytes"]

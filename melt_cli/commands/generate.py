@@ -22,7 +22,7 @@ from melt_core.models import is_melt
 from melt_core.words import plural
 
 from .. import console
-from ..options import ChunkSize, Device, Json
+from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize
 
 EPILOG = """Examples:
 
@@ -112,6 +112,8 @@ def generate(
     ] = G.exit_threshold,
     chunk_size: ChunkSize = G.chunk_size,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = G.batch_size,
+    kv_dtype: KvDtype = G.kv_dtype,
+    kv_group_size: KvGroupSize = G.kv_group_size,
     as_json: Json = False,
 ) -> None:
     """Generate text from an Ouro or MELT checkpoint; tokens stream to stdout, statistics to stderr."""
@@ -125,6 +127,8 @@ def generate(
         exit_threshold=exit_threshold,
         chunk_size=chunk_size,
         batch_size=batch_size,
+        kv_dtype=kv_dtype,
+        kv_group_size=kv_group_size,
     )
     stdin_text = None
     if prompt is None and prompt_file is None and prompts_file is None and not sys.stdin.isatty():

@@ -22,7 +22,7 @@ from melt_core.profiling import (
 )
 
 from .. import console
-from ..options import ChunkSize, Device, Json, int_list
+from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, int_list
 
 MEMORY_EPILOG = """Examples:
 
@@ -80,7 +80,8 @@ def _print_wide(table: Table) -> None:
 def _memory_table(report: MemoryReport) -> Table:
     measured = any(e.measured is not None for e in report.entries)
     table = Table(
-        title=f"memory of {report.source}: {report.dtype}, batch {report.batch} (GB = 1e9 B, GiB = 2^30 B)",
+        title=f"memory of {report.source}: {report.dtype}, KV rows {report.kv_dtype}, batch {report.batch} "
+        "(GB = 1e9 B, GiB = 2^30 B)",
         title_justify="left",
     )
     for name in ("seq len", "loops", "model", "weights", "gates", "KV cache", "total"):
@@ -131,6 +132,8 @@ def memory(
     ),
     batch: Annotated[int, typer.Option(help="Sequences per batch.")] = M.batch,
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16: weights and cache.")] = M.dtype,
+    kv_dtype: KvDtype = M.kv_dtype,
+    kv_group_size: KvGroupSize = M.kv_group_size,
     measure: Annotated[
         bool,
         typer.Option("--measure", help="Also run a real prefill + decode per loop count and sequence length on CKPT."),
@@ -151,6 +154,8 @@ def memory(
         measure=measure,
         device=device,
         chunk_size=chunk_size,
+        kv_dtype=kv_dtype,
+        kv_group_size=kv_group_size,
     )
     if plot is not None:
         from ..plots import check_plot_path

@@ -23,6 +23,7 @@ from ..checkpoints import load_config, load_model, load_tokenizer
 from ..data import read_jsonl_field, read_text_file
 from ..errors import InvalidArgumentError
 from ..models.config import validate_loops
+from ..models.quantized import kv_format
 from ..runtime import peak_memory_so_far, reset_peak_memory, resolve_device
 from ..words import plural
 from .decode import decode
@@ -54,8 +55,11 @@ class GenerationSettings:
     exit_threshold: float | None = None
     chunk_size: int | None = None
     batch_size: int = 8
+    kv_dtype: str = "auto"  # cache rows: auto (the model's dtype), bf16, fp16, fp32, int8, int4
+    kv_group_size: int = 32  # channels per scale for int8 / int4
 
     def __post_init__(self) -> None:
+        kv_format(self.kv_dtype, self.kv_group_size)  # a bad name or group size fails now
         if self.max_new_tokens < 1:
             raise InvalidArgumentError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.loops is not None:
@@ -126,6 +130,7 @@ class GenerationStats:
     kv_cache_bytes: int
     kv_cache_bytes_per_loop: list[int]
     kv_cache_positions: int
+    kv_dtype: str
     peak_memory_bytes: int | None
     peak_memory_kind: str
 
@@ -202,7 +207,7 @@ def generate_text(
             mask[b, S - len(encoded[i]) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         mask_arg = None if bool(mask.all()) else mask
-        cache = model.new_cache(B, S + steps, loops)
+        cache = model.new_cache(B, S + steps, loops, kv_dtype=kv_format(settings.kv_dtype, settings.kv_group_size))
         if cache.nbytes() > kv_bytes:
             kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), cache.nbytes_per_loop(), S + steps
         streams = [TextStream(tokenizer, settings.stop) for _ in rows]
@@ -288,6 +293,7 @@ def generate_text(
         kv_cache_bytes=kv_bytes,
         kv_cache_bytes_per_loop=kv_per_loop,
         kv_cache_positions=kv_positions,
+        kv_dtype=settings.kv_dtype,
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
     )

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..dtypes import dtype_bytes
 from ..errors import ConfigError, InvalidArgumentError, UnsupportedModelError
+from .quantized import KVFormat
 from .update_rules import UPDATE_RULES
 
 # Keys melt writes itself and does not keep in ``extra``.
@@ -105,14 +105,14 @@ class OuroConfig:
         (loop, layer), so each loop adds a layer stack. The one place that sizes a KV cache."""
         return [self.num_hidden_layers] * self.resolve_loops(loops)
 
-    def kv_bytes_per_loop(self, dtype: torch.dtype, loops: int | None = None) -> list[int]:
-        """KV bytes per token that each loop adds."""
-        row = 2 * self.kv_width * dtype_bytes(dtype)  # one K and one V row
+    def kv_bytes_per_loop(self, dtype: torch.dtype, loops: int | None = None, kv: KVFormat | None = None) -> list[int]:
+        """KV bytes per token that each loop adds; ``kv``: how rows are stored (default: in ``dtype``)."""
+        row = 2 * self.num_key_value_heads * (kv or KVFormat()).row_bytes(self.head_dim, dtype)  # K and V
         return [slots * row for slots in self.kv_slots_per_loop(loops)]
 
-    def kv_bytes_per_token(self, dtype: torch.dtype, loops: int | None = None) -> int:
+    def kv_bytes_per_token(self, dtype: torch.dtype, loops: int | None = None, kv: KVFormat | None = None) -> int:
         """KV cache bytes per token at ``loops`` (default: the trained loop count)."""
-        return sum(self.kv_bytes_per_loop(dtype, loops))
+        return sum(self.kv_bytes_per_loop(dtype, loops, kv))
 
     @property
     def eos_token_ids(self) -> list[int]:

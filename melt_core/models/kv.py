@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .config import OuroConfig
 from .layers import DecoderLayer
-from .quantized import QuantFormat, QuantizedRows
+from .quantized import KVFormat, QuantizedRows, kv_format
 from .rows import PreallocatedRows, RowStore, TokenLedger
 from .update_rules import GATE_MODULE, UpdateRule
 
@@ -108,7 +108,8 @@ class KVCache:
     Ouro has ``loops * num_layers`` slots (``PerLoopKV.slot``): memory grows linearly with loops.
     MELT has ``num_layers`` slots whatever the loop count (``loops`` only shapes its per-loop view).
     Inference only: writes are in place, so run under ``torch.no_grad()``. With ``quant`` the rows
-    are stored as int8 / int4 with group scales (``models.quantized``).
+    are stored as ``kv_dtype`` (``models.quantized.kv_format``: a float dtype, or int8 / int4 with
+    group scales).
     """
 
     def __init__(
@@ -119,15 +120,17 @@ class KVCache:
         loops: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        quant: QuantFormat | None = None,
+        kv_dtype: str | KVFormat | None = None,
     ) -> None:
         self.loops = config.resolve_loops(loops)
         self.slots_per_loop = config.kv_slots_per_loop(self.loops)
         self.ledger = TokenLedger(batch_size, max_len, device)
+        self.format = kv_format(kv_dtype)
         shape = (sum(self.slots_per_loop), batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.store: RowStore = (
-            PreallocatedRows(*shape, dtype, device) if quant is None else QuantizedRows(*shape, quant, dtype, device)
-        )
+        if self.format.quant is not None:
+            self.store: RowStore = QuantizedRows(*shape, self.format.quant, dtype, device)
+        else:
+            self.store = PreallocatedRows(*shape, self.format.dtype or dtype, device, compute_dtype=dtype)
 
     @property
     def num_slots(self) -> int:

@@ -18,7 +18,7 @@ from ..words import plural
 from .config import OuroConfig
 from .kv import FullSequenceKV, KVCache, PerLoopKV
 from .layers import BlockInputs, DecoderLayer, KVPolicy, RMSNorm, rope_cos_sin
-from .quantized import QuantFormat
+from .quantized import KVFormat
 
 ConfigDefault = Literal["config"]
 
@@ -112,11 +112,11 @@ class OuroForCausalLM(nn.Module):
         return self.lm_head.weight.device
 
     def new_cache(
-        self, batch_size: int, max_len: int, loops: int | None = None, quant: QuantFormat | None = None
+        self, batch_size: int, max_len: int, loops: int | None = None, kv_dtype: str | KVFormat | None = None
     ) -> KVCache:
-        """A preallocated cache for incremental decoding (Ouro: a slot per (loop, layer)); ``quant``
-        stores its rows as int8 / int4 with group scales."""
-        return KVCache(self.config, batch_size, max_len, loops, dtype=self.dtype, device=self.device, quant=quant)
+        """A preallocated cache for incremental decoding (Ouro: a slot per (loop, layer)); ``kv_dtype``:
+        ``auto`` (the model's), ``bf16``, ``fp16``, ``fp32``, ``int8``, ``int4``, or a ``KVFormat``."""
+        return KVCache(self.config, batch_size, max_len, loops, dtype=self.dtype, device=self.device, kv_dtype=kv_dtype)
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The KV-gate parameters (MELT's); Ouro has none."""

@@ -45,6 +45,38 @@ class QuantFormat:
         return head_dim * self.bits // 8 + head_dim // self.group_size * SCALE_DTYPE.itemsize
 
 
+KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+_FLOATS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How a cache stores its rows: a float ``dtype`` (None: the model's) or ``quant``."""
+
+    dtype: torch.dtype | None = None
+    quant: QuantFormat | None = None
+
+    def row_bytes(self, head_dim: int, model_dtype: torch.dtype) -> int:
+        """Bytes of one stored K (or V) row of one head."""
+        if self.quant is not None:
+            return self.quant.row_bytes(head_dim)
+        return head_dim * (self.dtype or model_dtype).itemsize
+
+
+def kv_format(name: str | KVFormat | None, group_size: int = 32) -> KVFormat:
+    """``auto`` (the model's dtype), ``bf16``, ``fp16``, ``fp32``, ``int8`` or ``int4`` (with
+    ``group_size`` channels per scale)."""
+    if isinstance(name, KVFormat):
+        return name
+    if name is None or name == "auto":
+        return KVFormat()
+    if name in _FLOATS:
+        return KVFormat(dtype=_FLOATS[name])
+    if name in ("int8", "int4"):
+        return KVFormat(quant=QuantFormat(int(name[3:]), group_size))
+    raise InvalidArgumentError(f"unknown KV dtype {name!r}; use one of {', '.join(KV_DTYPES)}")
+
+
 def quantize(x: Tensor, fmt: QuantFormat) -> tuple[Tensor, Tensor]:
     """(..., d) floats -> integers (..., d) int8, or (..., d/2) uint8 packed for int4, and scales
     (..., d / group_size) fp16."""

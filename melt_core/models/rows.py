@@ -82,10 +82,12 @@ class PreallocatedRows:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         shape = (num_slots, batch_size, kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.compute_dtype = compute_dtype or dtype  # rows are stored in dtype, returned in this
 
     @property
     def num_slots(self) -> int:
@@ -95,7 +97,10 @@ class PreallocatedRows:
         end = start + k.shape[2]
         self.keys[slot, :, :, start:end] = k
         self.values[slot, :, :, start:end] = v
-        return self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
+        keys, values = self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
+        if keys.dtype != self.compute_dtype:
+            return keys.to(self.compute_dtype), values.to(self.compute_dtype)
+        return keys, values
 
     def nbytes(self) -> int:
         """Bytes of key/value storage."""

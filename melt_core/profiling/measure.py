@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError
 from ..inference.decode import default_chunk_size, prefill
 from ..models.config import validate_loops
+from ..models.quantized import KVFormat
 from ..models.rows import RowStore
 from ..runtime import PeakMemory, memory_now, synchronize
 
@@ -31,15 +32,12 @@ class RowUsage:
     vector of every KV head and batch row.
     """
 
-    def __init__(self, store: RowStore, num_slots: int, max_len: int) -> None:
-        self.store = store
+    def __init__(self, store: RowStore, num_slots: int, max_len: int, row_bytes: int) -> None:
+        self.store, self.row_bytes = store, row_bytes  # the stored bytes of one (slot, position)
         self.written = torch.zeros(num_slots, max_len, dtype=torch.bool)
-        self.row_bytes = 0
 
     def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        B, heads, S, d = k.shape
-        self.row_bytes = 2 * B * heads * d * k.element_size()
-        self.written[slot, start : start + S] = True
+        self.written[slot, start : start + k.shape[2]] = True
         return self.store.write(slot, start, k, v)
 
     def bytes_in_use(self) -> int:
@@ -105,6 +103,7 @@ def measure_generation(
     chunk_size: int | None = None,
     seed: int = 0,
     track_memory: bool = True,
+    kv_dtype: str | KVFormat | None = None,
 ) -> MeasuredRun:
     """Prefill ``seq_len - decode_tokens`` random tokens (seeded: the same ids for every model),
     then decode ``decode_tokens`` tokens one at a time (teacher-forced), through a row-tracking
@@ -129,9 +128,10 @@ def measure_generation(
     held = 0
     with meter if meter is not None else nullcontext():
         # speed runs use the model's own cache: no row bookkeeping in the timed loop
-        cache = model.new_cache(batch, seq_len, loops)
+        cache = model.new_cache(batch, seq_len, loops, kv_dtype=kv_dtype)
         if track_memory:
-            usage = RowUsage(cache.store, cache.num_slots, cache.max_len)
+            position_bytes = cache.nbytes() // (cache.num_slots * seq_len)
+            usage = RowUsage(cache.store, cache.num_slots, cache.max_len, position_bytes)
             cache.store = usage
         synchronize(device)
         t0 = time.perf_counter()

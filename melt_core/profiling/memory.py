@@ -19,6 +19,7 @@ from ..dtypes import dtype_bytes, dtype_name, parse_dtype
 from ..errors import InvalidArgumentError
 from ..models import OuroConfig, config_from_dict, is_melt
 from ..models.config import validate_loops
+from ..models.quantized import kv_format
 from ..runtime import resolve_device
 from ..words import plural
 from .measure import MeasuredRun, measure_generation
@@ -74,12 +75,15 @@ class MemoryProfileArgs:
     device: str = "auto"
     chunk_size: int | None = None
     decode_tokens: int = 1
+    kv_dtype: str = "auto"  # how cache rows are stored (auto: --dtype); the same for every model
+    kv_group_size: int = 32  # channels per scale for int8 / int4
 
 
 @dataclass
 class MemoryReport:
     source: str
     dtype: str
+    kv_dtype: str
     batch: int
     kv_bytes_per_token: dict[str, int]  # Ouro per loop, MELT (any loop count), plain
     entries: list[MemoryEntry] = field(default_factory=list)
@@ -88,6 +92,7 @@ class MemoryReport:
         return {
             "source": self.source,
             "dtype": self.dtype,
+            "kv_dtype": self.kv_dtype,
             "batch": self.batch,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "entries": [e.to_dict() for e in self.entries],
@@ -135,19 +140,23 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
     melt_params, gate_params = parameter_counts(melt_cfg)
     plain_params = ouro_params - (ouro_cfg.hidden_size + 1)  # no exit gate
     N = ouro_cfg.num_hidden_layers
+    kv = kv_format(args.kv_dtype, args.kv_group_size)
+    if kv.quant is not None and ouro_cfg.head_dim % kv.quant.group_size:
+        raise InvalidArgumentError(f"--kv-group-size {kv.quant.group_size} must divide head_dim {ouro_cfg.head_dim}")
     report = MemoryReport(
         source=source,
         dtype=dtype_name(dtype),
+        kv_dtype=args.kv_dtype,
         batch=args.batch,
         kv_bytes_per_token={
-            "ouro_per_loop": ouro_cfg.kv_bytes_per_token(dtype, 1),
-            "melt": melt_cfg.kv_bytes_per_token(dtype),
-            "plain": ouro_cfg.kv_bytes_per_token(dtype, 1),
+            "ouro_per_loop": ouro_cfg.kv_bytes_per_token(dtype, 1, kv),
+            "melt": melt_cfg.kv_bytes_per_token(dtype, kv=kv),
+            "plain": ouro_cfg.kv_bytes_per_token(dtype, 1, kv),
         },
     )
 
     def kv_per_loop(config: OuroConfig, loops: int, tokens: int) -> list[int]:
-        return [b * tokens for b in config.kv_bytes_per_loop(dtype, loops)]
+        return [b * tokens for b in config.kv_bytes_per_loop(dtype, loops, kv)]
 
     def entry(
         model: str, name: str, loops: int, seq_len: int, params: int, gates: int, per_loop: list[int]
@@ -195,5 +204,6 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
                     batch=args.batch,
                     decode_tokens=args.decode_tokens,
                     chunk_size=args.chunk_size,
+                    kv_dtype=kv,
                 )
     return report
