@@ -23,21 +23,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from ..errors import CheckpointNotFoundError
+from .files import CHECKPOINT_FILES  # never the remote-code .py files: melt runs its own model code
 
-# The files a checkpoint needs; never the remote-code .py files (melt runs its own model code).
-ALLOW_PATTERNS = [
-    "config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-]
 _REVISION = re.compile(r"[A-Za-z0-9._/-]+")  # a branch, tag (refs/pr/1 included) or commit hash
 
 
@@ -60,7 +47,7 @@ def resolve_hub_id(text: str) -> Path:
     """The local snapshot folder of Hub model ``text``, downloaded into the Hub cache if missing."""
     repo, _, revision = text.partition("@")
     try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(CHECKPOINT_FILES)))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         why = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise CheckpointNotFoundError(

@@ -34,23 +34,10 @@ from ..errors import (
 from ..models import OuroConfig
 from ..models.registry import config_from_dict, model_class
 from . import builtin
+from .files import CONFIG_NAME, INDEX_NAME, TOKENIZER_FILES, WEIGHTS_NAME
 from .outputs import atomic_directory
 from .tokenizer import save_tokenizer
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-# Files copied along with the weights when a checkpoint is rewritten.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 ALIGNMENT = 64  # bytes: tensors read from a safetensors file can start at any offset; kernels want aligned data

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from itertools import accumulate
 
 import torch
 from torch import Tensor, nn
@@ -130,8 +131,7 @@ class MeltForCausalLM(OuroForCausalLM):
     def _chunks(self, length: int, chunk_size: int | Sequence[int] | None) -> list[tuple[int, int]]:
         """(offset, size) of each chunk, full chunks first (the training forward's chunking)."""
         sizes = chunk_lengths(length, self.config.melt.chunk_size if chunk_size is None else chunk_size)
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        return list(zip(offsets, sizes, strict=True))
+        return list(zip(accumulate(sizes, initial=0), sizes, strict=False))
 
     def _run_chunk(
         self,

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..checkpoints import fresh_output_dir, save_checkpoint
-from ..checkpoints.io import CONFIG_NAME
+from ..checkpoints.files import CONFIG_NAME
 from ..checkpoints.outputs import check_output
 from ..data import PackedSequences
 from ..dtypes import parse_dtype
