@@ -130,6 +130,9 @@ KvDtype = Annotated[
     str, typer.Option(help="How the KV cache stores rows: auto (the model's dtype), bf16, fp16, fp32, int8 or int4.")
 ]
 KvGroupSize = Annotated[int, typer.Option(help="int8 / int4: channels that share one fp16 scale.")]
+KvResidual = Annotated[
+    int, typer.Option(help="int8 / int4: keep the most recent N positions of every slot in full precision.")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables and text.")]
 
 

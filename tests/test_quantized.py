@@ -152,3 +152,30 @@ def test_generate_and_profile_take_a_kv_dtype(tiny_ckpt, melt_ckpt):
         if e["measured"] is not None:
             assert e["measured"]["cache_bytes"] == e["kv_cache_bytes"]
             assert e["measured"]["in_use_bytes_after_loop"][-1] == e["kv_cache_bytes"]
+
+
+@pytest.mark.parametrize("kind", ["ouro", "melt"])
+def test_residual_window(tiny_ckpt, melt_ckpt, kind):
+    """The most recent positions stay in full precision: a window as long as the sequence gives
+    exactly the full-precision logits; a shorter one lies between that and no window; the ring's
+    bytes are counted exactly, analytic and measured."""
+    model = load_model(tiny_ckpt if kind == "ouro" else melt_ckpt)
+    c = model.config
+    ids = torch.randint(3, c.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def logits(residual: int | None) -> torch.Tensor:
+        fmt = None if residual is None else kv_format("int4", group_size=4, residual=residual)
+        cache = model.new_cache(2, 24, kv_dtype=fmt)
+        if fmt is not None:
+            assert cache.nbytes() == sum(c.kv_cache_bytes_per_loop(model.dtype, None, fmt, 24, 2))
+        return prefill(model, ids, None, cache, chunk_size=1)
+
+    full = logits(None)
+    assert torch.equal(logits(24), full)
+    err = {r: (logits(r) - full).abs().max().item() for r in (0, 8)}
+    assert 0 < err[8] < err[0]
+    ring = 2 * 2 * c.num_key_value_heads * 8 * c.head_dim * 4  # K and V of 2 rows, 8 fp32 positions
+    with_ring, without = (model.new_cache(2, 24, 1, kv_dtype=kv_format("int8", 4, r)).nbytes() for r in (8, 0))
+    assert with_ring - without == c.num_hidden_layers * ring
+    with pytest.raises(InvalidArgumentError, match="residual window applies to int8 / int4"):
+        kv_format("bf16", residual=8)

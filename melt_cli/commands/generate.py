@@ -22,7 +22,7 @@ from melt_core.models import is_melt
 from melt_core.words import plural
 
 from .. import console
-from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize
+from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, KvResidual
 
 EPILOG = """Examples:
 
@@ -114,6 +114,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = G.batch_size,
     kv_dtype: KvDtype = G.kv_dtype,
     kv_group_size: KvGroupSize = G.kv_group_size,
+    kv_residual: KvResidual = G.kv_residual,
     as_json: Json = False,
 ) -> None:
     """Generate text from an Ouro or MELT checkpoint; tokens stream to stdout, statistics to stderr."""
@@ -129,6 +130,7 @@ def generate(
         batch_size=batch_size,
         kv_dtype=kv_dtype,
         kv_group_size=kv_group_size,
+        kv_residual=kv_residual,
     )
     stdin_text = None
     if prompt is None and prompt_file is None and prompts_file is None and not sys.stdin.isatty():

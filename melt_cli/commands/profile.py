@@ -22,7 +22,7 @@ from melt_core.profiling import (
 )
 
 from .. import console
-from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, int_list
+from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, KvResidual, int_list
 
 MEMORY_EPILOG = """Examples:
 
@@ -134,6 +134,7 @@ def memory(
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16: weights and cache.")] = M.dtype,
     kv_dtype: KvDtype = M.kv_dtype,
     kv_group_size: KvGroupSize = M.kv_group_size,
+    kv_residual: KvResidual = M.kv_residual,
     measure: Annotated[
         bool,
         typer.Option("--measure", help="Also run a real prefill + decode per loop count and sequence length on CKPT."),
@@ -156,6 +157,7 @@ def memory(
         chunk_size=chunk_size,
         kv_dtype=kv_dtype,
         kv_group_size=kv_group_size,
+        kv_residual=kv_residual,
     )
     if plot is not None:
         from ..plots import check_plot_path

@@ -23,7 +23,7 @@ from ..checkpoints import load_config, load_model, load_tokenizer
 from ..data import read_jsonl_field, read_text_file
 from ..errors import InvalidArgumentError
 from ..models.config import validate_loops
-from ..models.quantized import kv_format
+from ..models.quantized import KVFormat, kv_format
 from ..runtime import peak_memory_so_far, reset_peak_memory, resolve_device
 from ..words import plural
 from .decode import decode
@@ -57,9 +57,10 @@ class GenerationSettings:
     batch_size: int = 8
     kv_dtype: str = "auto"  # cache rows: auto (the model's dtype), bf16, fp16, fp32, int8, int4
     kv_group_size: int = 32  # channels per scale for int8 / int4
+    kv_residual: int = 0  # int8 / int4: the most recent positions kept in full precision
 
     def __post_init__(self) -> None:
-        kv_format(self.kv_dtype, self.kv_group_size)  # a bad name or group size fails now
+        self.kv_format()  # a bad name, group size or window fails now
         if self.max_new_tokens < 1:
             raise InvalidArgumentError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.loops is not None:
@@ -76,6 +77,9 @@ class GenerationSettings:
             raise InvalidArgumentError(f"exit-at-step is a 0-based loop index, got {self.exit_at_step}")
         if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
             raise InvalidArgumentError(f"exit-threshold must be in [0, 1], got {self.exit_threshold}")
+
+    def kv_format(self) -> KVFormat:
+        return kv_format(self.kv_dtype, self.kv_group_size, self.kv_residual)
 
     def forward_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"loops": self.loops}
@@ -207,7 +211,7 @@ def generate_text(
             mask[b, S - len(encoded[i]) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         mask_arg = None if bool(mask.all()) else mask
-        cache = model.new_cache(B, S + steps, loops, kv_dtype=kv_format(settings.kv_dtype, settings.kv_group_size))
+        cache = model.new_cache(B, S + steps, loops, kv_dtype=settings.kv_format())
         if cache.nbytes() > kv_bytes:
             kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), cache.nbytes_per_loop(), S + steps
         streams = [TextStream(tokenizer, settings.stop) for _ in rows]

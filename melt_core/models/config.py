@@ -110,6 +110,21 @@ class OuroConfig:
         row = 2 * self.num_key_value_heads * (kv or KVFormat()).row_bytes(self.head_dim, dtype)  # K and V
         return [slots * row for slots in self.kv_slots_per_loop(loops)]
 
+    def kv_cache_bytes_per_loop(
+        self, dtype: torch.dtype, loops: int | None, kv: KVFormat | None, positions: int, batch: int = 1
+    ) -> list[int]:
+        """Exact bytes each loop adds to a cache of ``positions`` positions and ``batch`` rows: the
+        rows (``kv_bytes_per_loop``) plus a quantised format's full-precision residual ring."""
+        kv = kv or KVFormat()
+        d = self.head_dim
+        per_slot = (
+            2
+            * self.num_key_value_heads
+            * batch
+            * (positions * kv.row_bytes(d, dtype) + kv.window_bytes(d, dtype, positions))
+        )
+        return [slots * per_slot for slots in self.kv_slots_per_loop(loops)]
+
     def kv_bytes_per_token(self, dtype: torch.dtype, loops: int | None = None, kv: KVFormat | None = None) -> int:
         """KV cache bytes per token at ``loops`` (default: the trained loop count)."""
         return sum(self.kv_bytes_per_loop(dtype, loops, kv))

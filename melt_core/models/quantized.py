@@ -5,10 +5,12 @@ Each row (one K or V vector of one head, ``head_dim`` values) is split into grou
 ``s = absmax / qmax`` (qmax 127 for int8, 7 for int4; two int4 values share a byte). The newest
 rows, those of the forward in progress, stay in full precision ("staged") until a later forward
 starts past them: MELT rewrites a token's row at every loop, so each row is quantised once, after
-its last loop. Ouro's per-loop slots are written once each and follow the same rule.
+its last loop. Ouro's per-loop slots are written once each and follow the same rule. With a
+``residual`` window, the most recent ``residual`` finished positions of every slot also stay in
+full precision (KIVI's and transformers' QuantizedCache's residual), in a preallocated ring.
 
-``nbytes()`` counts the quantised storage and its scales exactly; the staged rows of the forward
-in progress are transient (like activations) and not counted.
+``nbytes()`` counts the quantised storage, its scales and the residual ring exactly; the staged
+rows of the forward in progress are transient (like activations) and not counted.
 """
 
 from __future__ import annotations
@@ -19,22 +21,29 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError
+from .rows import merge_rows
 
 SCALE_DTYPE = torch.float16
 
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """``bits`` 8 or 4; ``group_size`` channels share one scale (it must divide ``head_dim``)."""
+    """``bits`` 8 or 4; ``group_size`` channels share one scale (it must divide ``head_dim``);
+    ``residual``: the most recent positions kept in full precision (0: none)."""
 
     bits: int
     group_size: int = 32
+    residual: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise InvalidArgumentError(f"quantised KV rows have 8 or 4 bits, got {self.bits}")
         if self.group_size < 2 or self.group_size % 2:
             raise InvalidArgumentError(f"the KV quantisation group size must be even and >= 2, got {self.group_size}")
+        if self.residual < 0:
+            raise InvalidArgumentError(
+                f"the full-precision residual window must be >= 0 positions, got {self.residual}"
+            )
 
     @property
     def qmax(self) -> int:
@@ -62,18 +71,26 @@ class KVFormat:
             return self.quant.row_bytes(head_dim)
         return head_dim * (self.dtype or model_dtype).itemsize
 
+    def window_bytes(self, head_dim: int, model_dtype: torch.dtype, max_len: int) -> int:
+        """Bytes of one slot's full-precision residual ring per K (or V), head and batch row."""
+        if self.quant is None:
+            return 0
+        return min(self.quant.residual, max_len) * head_dim * model_dtype.itemsize
 
-def kv_format(name: str | KVFormat | None, group_size: int = 32) -> KVFormat:
+
+def kv_format(name: str | KVFormat | None, group_size: int = 32, residual: int = 0) -> KVFormat:
     """``auto`` (the model's dtype), ``bf16``, ``fp16``, ``fp32``, ``int8`` or ``int4`` (with
-    ``group_size`` channels per scale)."""
+    ``group_size`` channels per scale and the ``residual`` most recent positions in full precision)."""
     if isinstance(name, KVFormat):
         return name
+    if residual and name not in ("int8", "int4"):
+        raise InvalidArgumentError(f"a full-precision residual window applies to int8 / int4 rows, not {name!r}")
     if name is None or name == "auto":
         return KVFormat()
     if name in _FLOATS:
         return KVFormat(dtype=_FLOATS[name])
     if name in ("int8", "int4"):
-        return KVFormat(quant=QuantFormat(int(name[3:]), group_size))
+        return KVFormat(quant=QuantFormat(int(name[3:]), group_size, residual))
     raise InvalidArgumentError(f"unknown KV dtype {name!r}; use one of {', '.join(KV_DTYPES)}")
 
 
@@ -103,7 +120,11 @@ def dequantize(q: Tensor, scale: Tensor, fmt: QuantFormat, dtype: torch.dtype) -
 
 
 class QuantizedRows:
-    """Rows of ``num_slots`` slots, (B, kv_heads, max_len, head_dim) each, stored quantised."""
+    """Rows of ``num_slots`` slots, (B, kv_heads, max_len, head_dim) each, stored quantised.
+
+    Per slot: positions [0, committed) are quantised, [committed, finished) sit in the residual
+    ring (position p at index p % window), and the forward in progress is staged in full precision.
+    """
 
     def __init__(
         self,
@@ -118,7 +139,7 @@ class QuantizedRows:
     ) -> None:
         if head_dim % fmt.group_size:
             raise InvalidArgumentError(f"the KV group size {fmt.group_size} must divide head_dim {head_dim}")
-        self.fmt, self.dtype = fmt, dtype
+        self.fmt, self.dtype, self.head_dim = fmt, dtype, head_dim
         shape = (num_slots, batch_size, kv_heads, max_len)
         width = head_dim * fmt.bits // 8
         int_dtype = torch.int8 if fmt.bits == 8 else torch.uint8
@@ -126,34 +147,67 @@ class QuantizedRows:
         self.scales = [
             torch.zeros(*shape, head_dim // fmt.group_size, dtype=SCALE_DTYPE, device=device) for _ in range(2)
         ]
+        self.window = min(fmt.residual, max_len)
+        ring = (num_slots, batch_size, kv_heads, self.window, head_dim)
+        self.ring = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(2)] if self.window else []
         self.committed = [0] * num_slots  # positions [0, committed) of a slot are quantised
-        self.staged: dict[int, tuple[int, Tensor, Tensor]] = {}  # slot -> (start, k, v) in full precision
+        self.finished = [0] * num_slots  # positions [0, finished) belong to forwards that are over
+        self.staged: dict[int, tuple[int, list[Tensor]]] = {}  # slot -> (start, [k, v]) in full precision
 
-    def _commit(self, slot: int, upto: int) -> None:
-        """Quantise the staged rows of ``slot`` below position ``upto`` (their forward is over)."""
+    def _ring_rows(self, i: int, slot: int, begin: int, end: int) -> Tensor:
+        """Rows [begin, end) of ``slot`` from the residual ring (K for i = 0, V for i = 1)."""
+        if end <= begin:  # nothing in the ring (or no ring)
+            B, heads, _, _ = self.q[i].shape[1:]
+            return torch.zeros(B, heads, 0, self.head_dim, dtype=self.dtype, device=self.q[i].device)
+        index = torch.arange(begin, end, device=self.q[i].device) % self.window
+        return self.ring[i][slot].index_select(2, index)
+
+    def _finish(self, slot: int) -> None:
+        """The staged forward of ``slot`` is over: its rows join the ring, and every row that falls
+        out of the residual window is quantised."""
+        start, rows = self.staged.pop(slot)
+        end = start + rows[0].shape[2]
+        committed = max(self.committed[slot], end - self.window)
+        for i, new in enumerate(rows):
+            tail = torch.cat([self._ring_rows(i, slot, self.committed[slot], start), new.to(self.dtype)], dim=2)
+            old = tail[:, :, : committed - self.committed[slot]]  # positions [committed before, committed)
+            if old.shape[2]:
+                q, s = quantize(old, self.fmt)
+                self.q[i][slot, :, :, self.committed[slot] : committed] = q
+                self.scales[i][slot, :, :, self.committed[slot] : committed] = s
+            if self.window:
+                index = torch.arange(committed, end, device=tail.device) % self.window
+                self.ring[i][slot].index_copy_(2, index, tail[:, :, committed - self.committed[slot] :])
+        self.committed[slot], self.finished[slot] = committed, end
+
+    def write(
+        self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if slot in self.staged and self.staged[slot][0] != start:
+            self._finish(slot)
         if slot not in self.staged:
-            return
-        start, k, v = self.staged[slot]
-        end = min(upto, start + k.shape[2])
-        if end > start:
-            for i, rows in enumerate((k, v)):
-                q, s = quantize(rows[:, :, : end - start], self.fmt)
-                self.q[i][slot, :, :, start:end], self.scales[i][slot, :, :, start:end] = q, s
-            self.committed[slot] = end
-        if end >= start + k.shape[2]:
-            del self.staged[slot]
-
-    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self._commit(slot, start)
-        if self.committed[slot] != start:
-            raise ValueError(f"slot {slot} has {self.committed[slot]} quantised rows; the write starts at {start}")
-        self.staged[slot] = (start, k, v)
+            if self.finished[slot] != start:
+                raise ValueError(f"slot {slot} holds {self.finished[slot]} positions; the write starts at {start}")
+            self.staged[slot] = (start, [None, None])
+        staged = self.staged[slot][1]
         out = []
-        for i, rows in enumerate((k, v)):
-            old = dequantize(self.q[i][slot, :, :, :start], self.scales[i][slot, :, :, :start], self.fmt, self.dtype)
-            out.append(torch.cat([old, rows.to(self.dtype)], dim=2))
+        for i, new in enumerate((k, v)):
+            staged[i] = merge_rows(staged[i], new, rows, keep)
+            mine = staged[i] if rows is None else staged[i][rows]
+            parts = [
+                dequantize(
+                    self.q[i][slot, :, :, : self.committed[slot]],
+                    self.scales[i][slot, :, :, : self.committed[slot]],
+                    self.fmt,
+                    self.dtype,
+                ),
+                self._ring_rows(i, slot, self.committed[slot], start),
+            ]
+            if rows is not None:
+                parts = [p[rows] for p in parts]
+            out.append(torch.cat([*parts, mine.to(self.dtype)], dim=2))
         return out[0], out[1]
 
     def nbytes(self) -> int:
-        """Exact bytes of the quantised storage and its scales."""
-        return sum(t.nbytes for t in self.q + self.scales)
+        """Exact bytes of the quantised storage, its scales and the residual ring."""
+        return sum(t.nbytes for t in self.q + self.scales + self.ring)

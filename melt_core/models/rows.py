@@ -25,12 +25,37 @@ from ..errors import InvalidArgumentError
 
 
 class RowStore(Protocol):
-    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def write(
+        self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Write rows k, v (B, kv_heads, S, d) at positions [start, start + S) of ``slot``; return
-        every row of the slot so far, (B, kv_heads, start + S, d) each."""
+        every row of the slot so far, (B, kv_heads, start + S, d) each.
+
+        Adaptive depth (inference stores only): ``rows`` — the batch rows that k, v belong to
+        (the rest are not computed at this loop); ``keep`` (len(rows), S) — positions whose rows
+        stay as they are (tokens that have exited). The returned rows are those of ``rows``.
+        """
         ...
 
     def nbytes(self) -> int: ...
+
+
+def merge_rows(current: Tensor | None, new: Tensor, rows: Tensor | None, keep: Tensor | None) -> Tensor:
+    """A forward's rows (B, kv_heads, S, d) after writing ``new`` for the batch rows ``rows`` (None:
+    all), except at the (row, position) pairs marked in ``keep`` (len(rows), S): tokens that have
+    left the loop keep their rows. ``current`` None: the forward's first write, of every row."""
+    if current is None or (rows is None and keep is None):
+        if rows is not None or keep is not None:
+            raise ValueError("a forward's first write of a slot must cover every batch row and position")
+        return new
+    mine = current if rows is None else current[rows]
+    if keep is not None:
+        new = torch.where(keep[:, None, :, None], mine.to(new.dtype), new)
+    if rows is None:
+        return new
+    merged = current.clone()
+    merged[rows] = new.to(merged.dtype)
+    return merged
 
 
 class TokenLedger:
@@ -93,11 +118,16 @@ class PreallocatedRows:
     def num_slots(self) -> int:
         return self.keys.shape[0]
 
-    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def write(
+        self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         end = start + k.shape[2]
-        self.keys[slot, :, :, start:end] = k
-        self.values[slot, :, :, start:end] = v
+        for store, new in ((self.keys, k), (self.values, v)):
+            view = store[slot, :, :, start:end]
+            view.copy_(new if rows is None and keep is None else merge_rows(view, new, rows, keep))
         keys, values = self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
+        if rows is not None:
+            keys, values = keys[rows], values[rows]
         if keys.dtype != self.compute_dtype:
             return keys.to(self.compute_dtype), values.to(self.compute_dtype)
         return keys, values
@@ -126,7 +156,13 @@ class GrowingRows:
         empty = torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device)
         return [empty] * num_slots, [empty] * num_slots
 
-    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def write(
+        self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if rows is not None or keep is not None:
+            raise InvalidArgumentError(
+                "adaptive depth runs at inference, with a KV cache; training rows cover every token"
+            )
         if self.frozen_keys[slot].shape[2] != start:
             raise ValueError(
                 f"slot {slot} holds {self.frozen_keys[slot].shape[2]} frozen rows, the chunk starts at {start}"

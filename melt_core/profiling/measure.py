@@ -36,9 +36,11 @@ class RowUsage:
         self.store, self.row_bytes = store, row_bytes  # the stored bytes of one (slot, position)
         self.written = torch.zeros(num_slots, max_len, dtype=torch.bool)
 
-    def write(self, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def write(
+        self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         self.written[slot, start : start + k.shape[2]] = True
-        return self.store.write(slot, start, k, v)
+        return self.store.write(slot, start, k, v, rows, keep)
 
     def bytes_in_use(self) -> int:
         return int(self.written.sum()) * self.row_bytes

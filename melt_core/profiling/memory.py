@@ -77,6 +77,7 @@ class MemoryProfileArgs:
     decode_tokens: int = 1
     kv_dtype: str = "auto"  # how cache rows are stored (auto: --dtype); the same for every model
     kv_group_size: int = 32  # channels per scale for int8 / int4
+    kv_residual: int = 0  # int8 / int4: the most recent positions kept in full precision
 
 
 @dataclass
@@ -140,7 +141,7 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
     melt_params, gate_params = parameter_counts(melt_cfg)
     plain_params = ouro_params - (ouro_cfg.hidden_size + 1)  # no exit gate
     N = ouro_cfg.num_hidden_layers
-    kv = kv_format(args.kv_dtype, args.kv_group_size)
+    kv = kv_format(args.kv_dtype, args.kv_group_size, args.kv_residual)
     if kv.quant is not None and ouro_cfg.head_dim % kv.quant.group_size:
         raise InvalidArgumentError(f"--kv-group-size {kv.quant.group_size} must divide head_dim {ouro_cfg.head_dim}")
     report = MemoryReport(
@@ -155,8 +156,8 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
         },
     )
 
-    def kv_per_loop(config: OuroConfig, loops: int, tokens: int) -> list[int]:
-        return [b * tokens for b in config.kv_bytes_per_loop(dtype, loops, kv)]
+    def kv_per_loop(config: OuroConfig, loops: int, seq_len: int) -> list[int]:
+        return config.kv_cache_bytes_per_loop(dtype, loops, kv, seq_len, args.batch)
 
     def entry(
         model: str, name: str, loops: int, seq_len: int, params: int, gates: int, per_loop: list[int]
@@ -178,16 +179,17 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
         )
 
     for seq_len in args.seq_lens:
-        tokens = seq_len * args.batch
         report.entries.append(
-            entry("plain", f"plain {N}-layer", 1, seq_len, plain_params, 0, kv_per_loop(ouro_cfg, 1, tokens))
+            entry("plain", f"plain {N}-layer", 1, seq_len, plain_params, 0, kv_per_loop(ouro_cfg, 1, seq_len))
         )
         for loops in args.loops:
             report.entries.append(
-                entry("ouro", ouro_name, loops, seq_len, ouro_params, 0, kv_per_loop(ouro_cfg, loops, tokens))
+                entry("ouro", ouro_name, loops, seq_len, ouro_params, 0, kv_per_loop(ouro_cfg, loops, seq_len))
             )
             report.entries.append(
-                entry("melt", melt_name, loops, seq_len, melt_params, gate_params, kv_per_loop(melt_cfg, loops, tokens))
+                entry(
+                    "melt", melt_name, loops, seq_len, melt_params, gate_params, kv_per_loop(melt_cfg, loops, seq_len)
+                )
             )
     if args.measure:
         device = resolve_device(args.device)
