@@ -58,6 +58,8 @@ def plot_memory(report: MemoryReport, path: Path) -> Path:
             alpha=0.7,
             label=f"{plain.name} (no loops), {seq_len:,} tokens",
         )
+        for ref in (e for e in at if e.model == "reference"):
+            ax.axhline(ref.total_bytes / 1e9, color="black", linestyle=":", alpha=0.7, label=f"{ref.name}, {seq_len:,}")
     loops = sorted({e.loops for e in report.entries if e.model == "ouro"})
     ax.set_xticks(loops, [str(t) for t in loops])  # a linear axis: Ouro's memory reads as the line it is
     ax.set_xlabel("loops per token")

@@ -128,6 +128,10 @@ def test_generate_and_profile_take_a_kv_dtype(tiny_ckpt, melt_ckpt):
     # Qwen3-1.7B's bf16 cache (3.67 GB); Ouro 4x that
     assert kv["melt"] == 32000 * 2 * 24 * 16 * (64 + 8) == kv["ouro"] // 4
     assert round(kv["melt"] / 1e9, 2) == 1.77
+    # the reference row: Qwen3-1.7B (28 layers, 8 KV heads of 128, bf16): 114,688 B per token
+    assert kv["reference"] == 32000 * 2 * 28 * 8 * 128 * 2 > kv["melt"]
+    reference = next(e for e in entries if e["model"] == "reference")
+    assert reference["name"].startswith("Qwen3-1.7B") and round(reference["parameters"] / 1e9, 2) == 1.72
     measured = runner.invoke(
         app,
         [

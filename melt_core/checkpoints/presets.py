@@ -5,6 +5,7 @@ Used for sizing without weights: ``build_model(config, "meta")`` allocates nothi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidArgumentError
@@ -58,6 +59,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 MELT_PRESETS = {"melt-1.6b": "ouro-1.4b", "melt-3.1b": "ouro-2.6b"}
 # Display names of a preset's Ouro model and its MELT conversion (Ouro + 201M / 403M gate parameters).
 PRESET_NAMES = {"ouro-1.4b": ("Ouro-1.4B", "MELT-1.6B"), "ouro-2.6b": ("Ouro-2.6B", "MELT-3.1B")}
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """A plain (non-looped) transformer of about a preset's size, from its published config.json:
+    what a user would run instead. Qwen3 uses GQA (8 KV heads) and ties its embeddings."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def parameters(self) -> int:
+        """Embeddings (tied with the head) + layers (attention, SwiGLU, 2 norms, q/k norms) + final norm."""
+        h, d = self.hidden_size, self.head_dim
+        attention = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attention + 3 * h * self.intermediate_size + 2 * h + 2 * d
+        return self.vocab_size * h + self.num_layers * layer + h
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+# The plain model each preset is compared with (the Ouro paper's own comparisons).
+REFERENCE_MODELS = {
+    "ouro-1.4b": ReferenceModel("Qwen3-1.7B", 151936, 2048, 6144, 28, 16, 8, 128),
+    "ouro-2.6b": ReferenceModel("Qwen3-4B", 151936, 2560, 9728, 36, 32, 8, 128),
+}
 
 
 def resolve_preset(name: str) -> str:

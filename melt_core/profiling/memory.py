@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints import load_config
-from ..checkpoints.presets import PRESET_NAMES, preset_config, resolve_preset
+from ..checkpoints.presets import PRESET_NAMES, REFERENCE_MODELS, ReferenceModel, preset_config, resolve_preset
 from ..dtypes import dtype_bytes, dtype_name, parse_dtype
 from ..errors import InvalidArgumentError
 from ..models import OuroConfig, config_from_dict, is_melt
@@ -37,8 +37,9 @@ def check_loops(values: Sequence[int]) -> None:
 
 @dataclass
 class MemoryEntry:
-    """Memory of one model at one (loops, sequence length, batch). ``model``: ``ouro``, ``melt``
-    or ``plain`` (the same layers run once, no exit gate). Bytes are exact; GB = 1e9 bytes.
+    """Memory of one model at one (loops, sequence length, batch). ``model``: ``ouro``, ``melt``,
+    ``plain`` (the same layers run once, no exit gate) or ``reference`` (a plain model of about the
+    preset's size, e.g. Qwen3-1.7B, its KV cache in ``dtype``). Bytes are exact; GB = 1e9 bytes.
     kv_cache_bytes_per_loop: the KV storage each loop adds (MELT: all of it at loop 1)."""
 
     model: str
@@ -120,11 +121,12 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
     check_positive("batch", [args.batch])
     check_loops(args.loops)
     dtype = parse_dtype(args.dtype)
+    reference: ReferenceModel | None = None
     if args.preset is not None:
         key = resolve_preset(args.preset)
         config = config_from_dict(preset_config(key), source=f"preset {key}")
         ouro_name, melt_name = PRESET_NAMES[key]
-        source = key
+        source, reference = key, REFERENCE_MODELS[key]
     else:
         config = load_config(args.checkpoint)
         ouro_name, melt_name = ("Ouro (base)", "MELT") if is_melt(config) else ("Ouro", "MELT")
@@ -182,6 +184,10 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
         report.entries.append(
             entry("plain", f"plain {N}-layer", 1, seq_len, plain_params, 0, kv_per_loop(ouro_cfg, 1, seq_len))
         )
+        if reference is not None:
+            ref_kv = reference.kv_bytes_per_token(nbytes) * seq_len * args.batch
+            name = f"{reference.name} ({reference.num_kv_heads} KV heads, {dtype_name(dtype)} KV)"
+            report.entries.append(entry("reference", name, 1, seq_len, reference.parameters(), 0, [ref_kv]))
         for loops in args.loops:
             report.entries.append(
                 entry("ouro", ouro_name, loops, seq_len, ouro_params, 0, kv_per_loop(ouro_cfg, loops, seq_len))
