@@ -18,8 +18,10 @@ def greedy_tokens(
     max_new_tokens: int,
     loops: int | None = None,
     chunk_size: int | None = None,
+    **forward_kwargs,
 ) -> Tensor:
-    """(B, max_new_tokens) greedy tokens, no stop tokens, through ``model.new_cache``."""
+    """(B, max_new_tokens) greedy tokens, no stop tokens, through ``model.new_cache``;
+    ``forward_kwargs`` (e.g. ``depth``) go to every forward."""
     B, S = input_ids.shape
     cache = model.new_cache(B, S + max_new_tokens, loops)
     steps = decode(
@@ -31,5 +33,6 @@ def greedy_tokens(
         max_new_tokens=max_new_tokens,
         chunk_size=chunk_size,
         loops=loops,
+        **forward_kwargs,
     )
     return torch.stack(list(steps), dim=1)

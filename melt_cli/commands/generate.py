@@ -35,6 +35,8 @@ EPILOG = """Examples:
   melt generate ./MELT-1.6B --prompts-file prompts.jsonl --batch-size 16 > outputs.jsonl
 
   melt generate ./Ouro-1.4B --prompt "2 + 2 =" --json | jq .kv_cache_bytes_per_loop
+
+  melt generate ./MELT-1.6B --prompt "2 + 2 =" --loops 8 --exit-threshold 0.9 --json | jq .mean_loops
 """
 
 
@@ -52,6 +54,11 @@ def _print_stats(report: GenerationReport) -> None:
 
     reasons = ", ".join(sorted({r.finish_reason for r in report.results}))
     err(f"[dim]{s.model_type} · {plural(s.loops, 'loop')} · {s.device} · {s.dtype}[/]")
+    if s.mean_loops != s.loops:
+        err(
+            f"adaptive depth: {s.mean_loops:.2f} loops per token on average ({s.decode_mean_loops:.2f} in decoding) "
+            f"of {s.loops}; {s.compute_saved:.0%} of the loop compute skipped"
+        )
     err(
         f"prompt tokens: {s.prompt_tokens:,} | generated tokens: {s.generated_tokens:,} ({reasons})"
         + (f" | {s.num_prompts} prompts, batches of {s.batch_size}" if s.num_prompts > 1 else "")
@@ -108,8 +115,20 @@ def generate(
         int | None, typer.Option(help="Take the logits of this loop (0-based); all loops still run.")
     ] = G.exit_at_step,
     exit_threshold: Annotated[
-        float | None, typer.Option(help="Exit-gate CDF threshold (default: the config's early_exit_threshold).")
+        float | None,
+        typer.Option(
+            help="Exit-gate CDF threshold (default: the config's early_exit_threshold). MELT: adaptive depth, a "
+            "token stops looping once it is reached and its remaining loops are skipped. Ouro: all loops still run "
+            "(a later token's loop t reads every earlier token's loop-t row); it only picks the logits."
+        ),
     ] = G.exit_threshold,
+    exit_kl: Annotated[
+        float | None,
+        typer.Option(
+            help="MELT adaptive depth: a token also stops looping once its next-token distribution changes less "
+            "than this many nats (KL) from one loop to the next."
+        ),
+    ] = G.exit_kl,
     chunk_size: ChunkSize = G.chunk_size,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = G.batch_size,
     kv_dtype: KvDtype = G.kv_dtype,
@@ -126,6 +145,7 @@ def generate(
         chat=chat,
         exit_at_step=exit_at_step,
         exit_threshold=exit_threshold,
+        exit_kl=exit_kl,
         chunk_size=chunk_size,
         batch_size=batch_size,
         kv_dtype=kv_dtype,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from transformers import PreTrainedTokenizerBase
 from ..checkpoints import load_config, load_model, load_tokenizer
 from ..data import read_jsonl_field, read_text_file
 from ..errors import InvalidArgumentError
+from ..models import is_melt
+from ..models.adaptive import AdaptiveDepth, ExitStats
 from ..models.config import validate_loops
 from ..models.quantized import KVFormat, kv_format
 from ..runtime import peak_memory_so_far, reset_peak_memory, resolve_device
@@ -39,8 +41,12 @@ class GenerationSettings:
     stop_token_ids: token ids that end a row (not part of the text); None: the model's EOS id(s)
       plus ``<|im_end|>`` when the tokenizer has it (Ouro's configs set EOS = 0 only, OURO.md §6).
     chat: wrap each prompt in the tokenizer's chat template as one user turn.
-    exit_at_step (0-based) / exit_threshold (None: the config's): Ouro's exit options, which pick
-      the loop whose logits choose the token; all loops still run and fill the cache.
+    exit_at_step (0-based): take this loop's logits; all loops still run and fill the cache.
+    exit_threshold (None: the config's) / exit_kl: for MELT, adaptive depth — a token stops looping
+      once its cumulative exit probability reaches the threshold or its next-token distribution
+      moves less than ``exit_kl`` nats between loops, and its remaining loops are skipped
+      (``models.adaptive``). For Ouro the threshold only picks the loop whose logits choose the
+      token; all loops run, because a later token's loop t reads every earlier token's loop-t row.
     chunk_size: prefill chunk size (None: MELT's trained chunk size; Ouro's whole prompt).
     batch_size: prompts decoded together (left-padded) in batch mode.
     """
@@ -53,6 +59,7 @@ class GenerationSettings:
     chat: bool = False
     exit_at_step: int | None = None
     exit_threshold: float | None = None
+    exit_kl: float | None = None
     chunk_size: int | None = None
     batch_size: int = 8
     kv_dtype: str = "auto"  # cache rows: auto (the model's dtype), bf16, fp16, fp32, int8, int4
@@ -77,12 +84,32 @@ class GenerationSettings:
             raise InvalidArgumentError(f"exit-at-step is a 0-based loop index, got {self.exit_at_step}")
         if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
             raise InvalidArgumentError(f"exit-threshold must be in [0, 1], got {self.exit_threshold}")
+        if self.exit_kl is not None:
+            if self.exit_at_step is not None:
+                raise InvalidArgumentError("exit-at-step and exit-kl exclude each other: exit-at-step always wins")
+            AdaptiveDepth(kl=self.exit_kl)  # checks the value
+
+    def adaptive_depth(self, model: nn.Module) -> AdaptiveDepth | None:
+        """MELT's adaptive depth when an exit criterion is given; None: every token runs every loop."""
+        if not is_melt(model):
+            if self.exit_kl is not None:
+                raise InvalidArgumentError(
+                    "exit-kl skips loops, which needs MELT's shared cache: in Ouro a later token's loop t reads "
+                    "every earlier token's loop-t row, so every loop must run (use --exit-threshold to pick logits)"
+                )
+            return None
+        if self.exit_threshold is None and self.exit_kl is None:
+            return None
+        return AdaptiveDepth(threshold=self.exit_threshold, kl=self.exit_kl)
 
     def kv_format(self) -> KVFormat:
         return kv_format(self.kv_dtype, self.kv_group_size, self.kv_residual)
 
-    def forward_kwargs(self) -> dict[str, Any]:
+    def forward_kwargs(self, depth: AdaptiveDepth | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"loops": self.loops}
+        if depth is not None:
+            kwargs["depth"] = depth
+            return kwargs
         if self.exit_at_step is not None:
             kwargs["exit_at_step"] = self.exit_at_step
         if self.exit_threshold is not None:
@@ -114,6 +141,9 @@ class GenerationStats:
     kv_cache_bytes: exact K/V storage of the (largest) preallocated cache (prompt + max new tokens).
     kv_cache_bytes_per_loop: the storage each loop adds — Ouro: its own (loop, layer) slots, equal
       for every loop; MELT: loop 1 holds the one shared row per token and layer, later loops add 0.
+    mean_loops / decode_mean_loops: loops per real token, over prefill and decode / over decode
+      steps only (``loops`` unless MELT's adaptive depth is on); compute_saved: the fraction of
+      (position, loop) pairs adaptive depth did not compute (0 without it).
     peak_memory_bytes / peak_memory_kind: the CUDA allocator's peak during generation
       (``cuda_allocator_peak``) or, on CPU, the process's peak RSS (``process_peak_rss``, model
       loading included).
@@ -135,6 +165,9 @@ class GenerationStats:
     kv_cache_bytes_per_loop: list[int]
     kv_cache_positions: int
     kv_dtype: str
+    mean_loops: float
+    decode_mean_loops: float
+    compute_saved: float
     peak_memory_bytes: int | None
     peak_memory_kind: str
 
@@ -192,7 +225,9 @@ def generate_text(
     device = model.device
     sampler = Sampler(settings.sampling, device)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    forward_kwargs = settings.forward_kwargs()
+    depth = settings.adaptive_depth(model)
+    forward_kwargs = settings.forward_kwargs(depth)
+    decode_depth = ExitStats()  # adaptive depth's counters of decode steps only
 
     reset_peak_memory(device)
     results: list[GenerationResult] = []
@@ -238,6 +273,7 @@ def generate_text(
                 if yielded == 0:
                     prefill_s += now - start
                     prefill_positions += B * S
+                    after_prefill = replace(depth.stats) if depth is not None else None
                 else:
                     decode_s += now - last
                     decode_positions += B
@@ -259,6 +295,8 @@ def generate_text(
                         reasons[b] = "length"
                 if all(reasons):
                     break
+        if depth is not None:
+            decode_depth = decode_depth.plus(depth.stats.minus(after_prefill))
         for b, i in enumerate(rows):
             tail = streams[b].finish()
             if tail and on_text is not None:
@@ -298,6 +336,9 @@ def generate_text(
         kv_cache_bytes_per_loop=kv_per_loop,
         kv_cache_positions=kv_positions,
         kv_dtype=settings.kv_dtype,
+        mean_loops=float(loops) if depth is None else depth.stats.mean_loops,
+        decode_mean_loops=float(loops) if depth is None else decode_depth.mean_loops,
+        compute_saved=0.0 if depth is None else depth.stats.compute_saved,
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
     )

@@ -60,19 +60,32 @@ class PerLoopKV:
 
 class SharedKV:
     """MELT's rows for the tokens of one chunk: slot ``layer`` holds every token's current row; each
-    loop overwrites the chunk's rows with k/v of the latent state ``h`` (queries still come from u)."""
+    loop overwrites the chunk's rows with k/v of the latent state ``h`` (queries still come from u).
+
+    Adaptive depth (``models.adaptive``) sets ``rows``, the batch rows computed at this loop, and
+    ``keep``, the tokens of those rows that have exited: their rows stay those of their exit loop.
+    """
 
     def __init__(self, rule: UpdateRule, store: RowStore, num_layers: int, start: int) -> None:
         self.rule, self.store, self.start = rule, store, start
         self.latent: list[Tensor | None] = [None] * num_layers  # h of the chunk's tokens, per layer
+        self.rows: Tensor | None = None
+        self.keep: Tensor | None = None
 
     def slot(self, loop: int, layer: int) -> int:
         return layer
 
     def update_latent(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor) -> Tensor:
         gate = getattr(layer, GATE_MODULE, None)
-        h = self.rule.first(u, gate) if loop == 0 else self.rule.next(loop, u, self.latent[layer_idx], gate)
-        self.latent[layer_idx] = h
+        if loop == 0:
+            h = self.latent[layer_idx] = self.rule.first(u, gate)
+            return h
+        previous = self.latent[layer_idx]
+        if self.rows is None:
+            h = self.latent[layer_idx] = self.rule.next(loop, u, previous, gate)
+            return h
+        h = self.rule.next(loop, u, previous[self.rows], gate)
+        self.latent[layer_idx] = previous.index_copy(0, self.rows, h)
         return h
 
     def keys_values(
@@ -80,7 +93,9 @@ class SharedKV:
     ) -> tuple[Tensor, Tensor]:
         h = self.update_latent(layer, layer_idx, loop, u)
         k, v = layer.self_attn.project_kv(h, rope)  # (B, kv_heads, C, d)
-        return self.store.write(self.slot(loop, layer_idx), self.start, k, v)
+        if self.rows is None and self.keep is None:
+            return self.store.write(self.slot(loop, layer_idx), self.start, k, v)
+        return self.store.write(self.slot(loop, layer_idx), self.start, k, v, self.rows, self.keep)
 
 
 @dataclass

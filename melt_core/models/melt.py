@@ -16,16 +16,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from itertools import accumulate
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError
+from .adaptive import AdaptiveDepth, adaptive_loop_stack
 from .chunks import chunk_lengths
 from .config import MeltConfig, OuroConfig
 from .kv import InterpolatedKV, KVCache, PerLoopKV, SharedKV
-from .ouro import OuroForCausalLM
+from .ouro import LoopLMOutput, OuroForCausalLM
 from .rows import GrowingRows, RowState, TokenLedger
 from .update_rules import GATE_MODULE, UPDATE_RULES, UpdateRule, is_gate_parameter
 
@@ -48,6 +50,18 @@ class MeltForCausalLM(OuroForCausalLM):
     def gate_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if is_gate_parameter(name)]
 
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> LoopLMOutput:
+        """Ouro's forward (``OuroForCausalLM.forward``); with ``depth`` (adaptive depth, inference
+        with a cache) the returned logits are each token's exit loop's, which the last loop's
+        hidden state holds."""
+        if kwargs.get("depth") is not None:
+            if kwargs.get("exit_at_step") is not None or kwargs.get("weighted_exit"):
+                raise InvalidArgumentError(
+                    "adaptive depth picks each token's exit loop: no exit_at_step or weighted_exit"
+                )
+            kwargs["exit_threshold"] = None
+        return super().forward(input_ids, attention_mask, **kwargs)
+
     def forward_hidden(
         self,
         input_ids: Tensor,
@@ -56,6 +70,7 @@ class MeltForCausalLM(OuroForCausalLM):
         cache: KVCache | None = None,
         loops: int | None = None,
         chunk_size: int | Sequence[int] | None = None,
+        depth: AdaptiveDepth | None = None,
         return_attn_outputs: bool = False,
     ) -> tuple[list[Tensor], list[Tensor] | None]:
         """The chunk-wise forward (MELT.md §3) for inference and scoring.
@@ -64,19 +79,31 @@ class MeltForCausalLM(OuroForCausalLM):
         from the start of the input, run sequentially, all loops and layers per chunk; each chunk
         attends to the final rows of earlier chunks. With a ``cache`` the rows go to its store
         (prefill, decoding: a chunk of one token); without one, see ``forward_chunkwise``.
+        ``depth``: adaptive depth (``models.adaptive``), tokens leave the loop early; needs a cache.
         """
         if cache is None:
+            if depth is not None:
+                raise InvalidArgumentError("adaptive depth runs with a KV cache (model.new_cache): pass cache=")
             return self.forward_chunkwise(
                 input_ids, attention_mask, loops=loops, chunk_size=chunk_size, return_attn_outputs=return_attn_outputs
             )
+        if depth is not None and return_attn_outputs:
+            raise InvalidArgumentError("adaptive depth skips loops: it has no per-loop attention outputs to return")
         loops = self.config.resolve_loops(loops)
+        self.check_cache(cache, loops)
         rule = self.update_rule()
         parts = []
         for offset, size in self._chunks(input_ids.shape[1], chunk_size):
             ids, mask = _slice(input_ids, attention_mask, offset, size)
             start, key_valid = cache.begin(size, mask)
             kv = SharedKV(rule, cache.store, self.config.num_hidden_layers, start)
-            parts.append(self._run_chunk(ids, start, key_valid, kv, loops, return_attn_outputs))
+            if depth is None:
+                parts.append(self._run_chunk(ids, start, key_valid, kv, loops, return_attn_outputs))
+                continue
+            inputs = self.block_inputs(ids, start, key_valid, kv, return_attn_outputs)
+            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            hidden = adaptive_loop_stack(self, self.model.embed_tokens(ids), inputs, kv, loops, depth, real)
+            parts.append((hidden, inputs.attn_taps))
         return _concat(parts)
 
     def forward_chunkwise(
