@@ -6,7 +6,7 @@ one run:
   step, exactly as in generation), scored against the next token: loss, KL(full depth || setting)
   and top-1 agreement with full depth, plus the mean loops per token and the compute skipped;
 - speed: greedy decoding at batch 1 from a held-out prompt, the settings interleaved round by round
-  (median of ``--rounds``), so that a noisy machine affects them alike.
+  in a rotating order (median of ``--rounds``), so that a noisy machine affects them alike.
 
 The model is a MELT checkpoint (``--checkpoint``), by default the MELT conversion of the built-in
 ``example`` LoopLM (gates at their init). Usage:
@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--thresholds", default="1.0,0.99,0.95,0.9,0.8,0.6,0.4")
     p.add_argument("--kls", default="0.001,0.01,0.05,0.2")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args()
     torch.manual_seed(0)
     if args.checkpoint is None:
@@ -114,8 +114,8 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
     for _, depth in runs:  # warm-up
         decode_seconds(model, prompt, loops, 4, depth)
-    for _ in range(args.rounds):
-        for name, depth in runs:
+    for r in range(args.rounds):  # each round starts at another setting: no setting is always first
+        for name, depth in runs[r % len(runs) :] + runs[: r % len(runs)]:
             times[name].append(decode_seconds(model, prompt, loops, args.new_tokens, depth))
 
     full_speed = (args.new_tokens - 1) / statistics.median(times["full depth"])

@@ -53,6 +53,9 @@ class MeltGroup(TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # the reader went away (``melt ... | head``): stop quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            raise typer.Exit(141) from None
         except (MeltError, OSError, KeyboardInterrupt) as e:
             if os.environ.get(DEBUG_ENV):
                 raise

@@ -8,6 +8,7 @@ Layers, bottom up (each imports only those below it):
   evaluation/    per-loop held-out loss and teacher agreement
   training/      the accelerate loop, losses, MELT's two phases, LoopLM pretraining
   profiling/     analytic and measured memory, Ouro vs MELT speed
+  integrations/  melt models in transformers (AutoModelForCausalLM) and lm-evaluation-harness
   quickstart     the whole pipeline on the built-in example model
 """
 
@@ -15,7 +16,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .checkpoints import load_config, load_model, load_tokenizer, save_checkpoint
 from .errors import MeltError
+from .integrations.hf import register as _register_with_transformers
 from .models import LoopLMOutput, MeltConfig, MeltForCausalLM, MeltSettings, OuroConfig, OuroForCausalLM
+
+_register_with_transformers()  # AutoModelForCausalLM.from_pretrained(DIR) loads ouro and melt checkpoints
 
 try:
     __version__ = version("melt")

@@ -22,6 +22,7 @@ LAYERS = {
     "evaluation": 4,
     "training": 5,
     "profiling": 5,
+    "integrations": 5,
     "quickstart": 6,
 }
 

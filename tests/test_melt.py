@@ -240,6 +240,29 @@ def test_padded_batch_equals_prompts_alone(melt):
         assert torch.equal(batched[b], alone[0])
 
 
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_scoring_a_padded_batch_chunks_every_row_as_alone(melt, chunk):
+    """model(ids, mask) on a left-padded batch: chunks start at each row's first real token, so a
+    row whose padding is not a multiple of the chunk size is scored as it is alone (it was off by
+    ~9 logits when chunks were counted from the start of the padded row)."""
+    V = melt.config.vocab_size
+    prompts = [_ids(V, 1, n, seed=n)[0] for n in (13, 9, 6, 1)]
+    ids = torch.zeros(4, 13, dtype=torch.long)
+    mask = torch.zeros(4, 13, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, 13 - len(p) :], mask[b, 13 - len(p) :] = p, 1
+    with torch.no_grad():
+        batched = melt(ids, mask, chunk_size=chunk, return_loop_logits=True)
+        for b, p in enumerate(prompts):
+            alone = melt(p[None], chunk_size=chunk, return_loop_logits=True)
+            n = len(p)
+            torch.testing.assert_close(batched.logits[b, 13 - n :], alone.logits[0], atol=ATOL, rtol=1e-4)
+            for t in range(len(alone.loop_logits)):
+                torch.testing.assert_close(
+                    batched.loop_logits[t][b, 13 - n :], alone.loop_logits[t][0], atol=ATOL, rtol=1e-4
+                )
+
+
 def test_gradients_reach_gates_and_base_through_chunks(melt):
     melt.train()
     ids = _ids(melt.config.vocab_size, 2, 9, seed=9)

@@ -1,4 +1,5 @@
-"""``melt eval``: held-out loss and perplexity per loop, and agreement with a teacher."""
+"""``melt eval``: held-out loss and perplexity per loop and agreement with a teacher, or
+lm-evaluation-harness tasks per loop (``--tasks``)."""
 
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from melt_core.errors import InvalidArgumentError
 from melt_core.evaluation import EvalSettings, evaluate_checkpoint
 from melt_core.models.config import validate_loops
 from melt_core.words import plural
@@ -20,6 +22,10 @@ EPILOG = """Examples:
   melt eval runs/phase2 --data valid.jsonl.gz --teacher ./Ouro-1.4B
 
   melt eval ./Ouro-1.4B --data valid.jsonl.gz --loops 1,2,4,8 --json
+
+  melt eval ./MELT-1.6B --tasks arc_easy,hellaswag --loops 1,4,8 --limit 200      (needs melt[eval])
+
+  melt eval example --tasks my_task --include-path ./my_tasks --json
 """
 
 
@@ -36,8 +42,14 @@ E = EvalSettings
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Ouro or MELT checkpoint directory (or 'example').")],
     data: Annotated[
-        Path, typer.Option("--data", help="Held-out text: .txt, .jsonl(.gz), a folder, or a saved dataset.")
-    ],
+        Path | None, typer.Option("--data", help="Held-out text: .txt, .jsonl(.gz), a folder, or a saved dataset.")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="lm-evaluation-harness tasks instead of --data, comma-separated (needs melt[eval])."),
+    ] = None,
+    include_path: Annotated[Path | None, typer.Option(help="With --tasks: a folder of local task YAML files.")] = None,
+    limit: Annotated[int | None, typer.Option(help="With --tasks: the first N documents of each task.")] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="Ouro teacher: adds KL(teacher || model) and top-1 agreement per loop.")
     ] = None,
@@ -52,7 +64,18 @@ def evaluate(
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = E.dtype,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """Evaluate a checkpoint on held-out text: loss and perplexity at every loop."""
+    """Evaluate a checkpoint: loss and perplexity at every loop on held-out text, or lm-eval tasks."""
+    if (data is None) == (tasks is None):
+        raise InvalidArgumentError("pass --data FILE (held-out loss) or --tasks T1,T2 (lm-eval), exactly one")
+    if tasks is not None:
+        if teacher is not None:
+            raise InvalidArgumentError(
+                "--teacher compares per-loop predictions on --data; it does not apply to --tasks"
+            )
+        _evaluate_tasks(checkpoint, tasks, include_path, limit, loops, batch_size, device, dtype, as_json)
+        return
+    if include_path is not None or limit is not None:
+        raise InvalidArgumentError("--include-path and --limit apply to --tasks")
     with byte_progress("evaluating", unit="sequences") as update:
         report = evaluate_checkpoint(
             checkpoint,
@@ -86,6 +109,58 @@ def evaluate(
                 row += [f"{r.kl_to_teacher:.4f}", f"{r.top1_agreement:.2%}"]
             table.add_row(*row)
         console.out.print(table)
+
+
+def _evaluate_tasks(
+    checkpoint: Path,
+    tasks: str,
+    include_path: Path | None,
+    limit: int | None,
+    loops: str | None,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    as_json: bool,
+) -> None:
+    try:
+        from melt_core.integrations.lm_eval_model import evaluate_tasks
+    except ImportError:
+        raise InvalidArgumentError("--tasks needs lm-evaluation-harness: pip install 'melt[eval]'") from None
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    with console.err.status("evaluating") as status:
+        report = evaluate_tasks(
+            checkpoint,
+            names,
+            loops=parse_loops(loops),
+            limit=limit,
+            include_path=include_path,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            progress=lambda msg: status.update(f"evaluating {msg}"),
+        )
+    if as_json:
+        console.out.print_json(json.dumps(report.to_dict()))
+        return
+    table = Table(title=f"{report.checkpoint} ({report.model_type}): lm-eval tasks", title_justify="left")
+    for col in ("loops", "task", "documents", "metric", "value", "stderr"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for count, per_task in report.results.items():
+        for task, metrics in per_task.items():
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr"):
+                    continue
+                stderr = metrics.get(f"{metric}_stderr")
+                table.add_row(
+                    str(count),
+                    task,
+                    str(report.documents.get(task, "")),
+                    metric,
+                    f"{value:.4f}",
+                    "-" if stderr is None else f"{stderr:.4f}",
+                )
+        table.add_section()
+    console.out.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -234,10 +234,12 @@ class MeltConfig(OuroConfig):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
+        out.pop("auto_map", None)  # Ouro's remote code: trust_remote_code=True would build an Ouro model
         out["melt"] = dataclasses.asdict(self.melt)
         return out
 
     @classmethod
     def from_ouro(cls, ouro: OuroConfig, settings: MeltSettings) -> MeltConfig:
         fields = {name: getattr(ouro, name) for name in OuroConfig.field_names()}
-        return cls(**fields, extra=dict(ouro.extra), melt=settings)
+        extra = {k: v for k, v in ouro.extra.items() if k != "auto_map"}
+        return cls(**fields, extra=extra, melt=settings)

@@ -16,11 +16,13 @@ preallocated store, sized by the config (``kv_slots_per_loop``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..errors import InvalidArgumentError
 from .config import OuroConfig
 from .layers import DecoderLayer
 from .quantized import KVFormat, QuantizedRows, kv_format
@@ -161,6 +163,27 @@ class KVCache:
 
     def begin(self, num_tokens: int, attention_mask: Tensor | None) -> tuple[int, Tensor | None]:
         return self.ledger.begin(num_tokens, attention_mask)
+
+    def resized(self, max_len: int) -> KVCache:
+        """A copy of this cache with room for ``max_len`` positions (float rows only), for callers
+        that do not know the final length up front (transformers' ``generate``)."""
+        if not isinstance(self.store, PreallocatedRows):
+            raise InvalidArgumentError("only a float-row cache can grow; pass max_len up front for int8 / int4 rows")
+        store = self.store
+        grown = copy.copy(self)
+        n = self.length
+        if max_len < n:
+            raise InvalidArgumentError(f"the cache holds {n} positions; it cannot shrink to {max_len}")
+        grown.ledger = TokenLedger(self.ledger.batch_size, max_len, self.ledger.valid.device)
+        grown.ledger.valid[:, :n] = self.ledger.valid[:, :n]
+        grown.ledger.length, grown.ledger._padded = n, self.ledger._padded
+        slots, B, heads, _, d = store.keys.shape
+        grown.store = PreallocatedRows(
+            slots, B, heads, max_len, d, store.keys.dtype, store.keys.device, store.compute_dtype
+        )
+        grown.store.keys[:, :, :, :n] = store.keys[:, :, :, :n]
+        grown.store.values[:, :, :, :n] = store.values[:, :, :, :n]
+        return grown
 
     def nbytes(self) -> int:
         """Exact bytes of key/value storage (the ledger's B x max_len bools are not counted)."""

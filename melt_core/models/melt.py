@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError
 from .adaptive import AdaptiveDepth, adaptive_loop_stack
-from .chunks import chunk_lengths
+from .chunks import RowShift, chunk_lengths
 from .config import MeltConfig, OuroConfig
 from .kv import InterpolatedKV, KVCache, PerLoopKV, SharedKV
 from .ouro import LoopLMOutput, OuroForCausalLM
@@ -75,8 +75,8 @@ class MeltForCausalLM(OuroForCausalLM):
     ) -> tuple[list[Tensor], list[Tensor] | None]:
         """The chunk-wise forward (MELT.md §3) for inference and scoring.
 
-        Chunks of ``chunk_size`` tokens (default: the config's; or a list of chunk lengths), counted
-        from the start of the input, run sequentially, all loops and layers per chunk; each chunk
+        Chunks of ``chunk_size`` tokens (default: the config's; or a list of chunk lengths) run
+        sequentially, all loops and layers per chunk; each chunk
         attends to the final rows of earlier chunks. With a ``cache`` the rows go to its store
         (prefill, decoding: a chunk of one token); without one, see ``forward_chunkwise``.
         ``depth``: adaptive depth (``models.adaptive``), tokens leave the loop early; needs a cache.
@@ -123,8 +123,13 @@ class MeltForCausalLM(OuroForCausalLM):
         Rows are kept as tensors so gradients flow through earlier chunks' rows (``detach_history``
         cuts them); ``checkpoint_chunks`` recomputes each chunk's activations in the backward pass.
         ``alpha`` < 1 attends over ``alpha * KV_MELT + (1 - alpha) * KV_Ouro`` (phase 1).
+        Chunks of an int ``chunk_size`` start at each row's first real token (``RowShift``), so a
+        left-padded row is chunked, and scored, exactly as it is alone.
         """
         loops = self.config.resolve_loops(loops)
+        shift = RowShift.needed(attention_mask, self.config.melt.chunk_size if chunk_size is None else chunk_size)
+        if shift is not None:
+            input_ids, attention_mask = shift.pack(input_ids), shift.mask
         if not 0.0 <= alpha <= 1.0:
             raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
         config, B = self.config, input_ids.shape[0]
@@ -153,7 +158,11 @@ class MeltForCausalLM(OuroForCausalLM):
                 rows = _detached(rows)
                 base = None if base is None else _detached(base)
             parts.append((hidden, taps))
-        return _concat(parts)
+        hidden, taps = _concat(parts)
+        if shift is not None:
+            hidden = [shift.unpack(h) for h in hidden]
+            taps = None if taps is None else [shift.unpack(t) for t in taps]
+        return hidden, taps
 
     def _chunks(self, length: int, chunk_size: int | Sequence[int] | None) -> list[tuple[int, int]]:
         """(offset, size) of each chunk, full chunks first (the training forward's chunking)."""
