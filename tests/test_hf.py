@@ -10,6 +10,7 @@ from greedy import greedy_tokens
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from melt_core import load_model
+from melt_core.errors import InvalidArgumentError
 from melt_core.integrations.hf import HFMeltForCausalLM, HFOuroForCausalLM
 
 
@@ -54,6 +55,8 @@ def test_generate_matches_melt_batched_and_alone(checkpoint):
         row = ids[b : b + 1, ids.shape[1] - n :]
         alone = model.generate(row, max_new_tokens=7, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert torch.equal(alone[0, n:], expected[b])
+    with pytest.raises(InvalidArgumentError, match="left-padded"):
+        model.generate(ids.flip(1), attention_mask=mask.flip(1), max_new_tokens=2, do_sample=False)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=5, eos_token_id=None)
     assert sampled.shape == (3, ids.shape[1] + 4) and bool((sampled[:, : ids.shape[1]] == ids).all())
 

@@ -174,8 +174,12 @@ class _LoopedForCausalLM(PreTrainedModel, GenerationMixin):
                 if cache is not None and cache.get_seq_length() > 0:
                     raise InvalidArgumentError("a melt model decodes through its own cache, not a transformers one")
                 cache = LoopedCache(self.looped, B, loops)
-            kv = cache.reserve(S)
             new_mask = None if attention_mask is None else attention_mask[:, -S:]
+            if new_mask is not None and not bool(new_mask[:, -1].all()):
+                raise InvalidArgumentError(
+                    "a batch to generate from must be left-padded: load the tokenizer with padding_side='left'"
+                )
+            kv = cache.reserve(S)
             body: dict[str, Any] = {"cache": kv, "loops": cache.loops}
             if is_melt(self.looped):  # prefill chunks aligned to the end of the prompt, as melt generate
                 body["chunk_size"] = chunk_lengths(S, self.looped.config.melt.chunk_size, "end")

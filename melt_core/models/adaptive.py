@@ -39,7 +39,6 @@ class ExitStats:
 
     tokens: int = 0
     loops_used: int = 0
-    loops_full: int = 0
     positions_computed: int = 0
     positions_full: int = 0
 
@@ -154,7 +153,6 @@ def adaptive_loop_stack(
     stats = depth.stats
     stats.tokens += int(real.sum())
     stats.loops_used += int((exit_loop + 1)[real].sum())
-    stats.loops_full += int(real.sum()) * loops
     stats.positions_computed += computed
     stats.positions_full += B * S * loops
     return hidden
