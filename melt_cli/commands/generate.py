@@ -131,6 +131,14 @@ def generate(
     ] = G.exit_kl,
     chunk_size: ChunkSize = G.chunk_size,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = G.batch_size,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile a fixed-shape decode step: the same tokens, ~2x faster decoding of small models "
+            "once compiled (about a minute on a CPU; CUDA graphs on CUDA). Float KV rows, no adaptive depth.",
+        ),
+    ] = G.compile,
     kv_dtype: KvDtype = G.kv_dtype,
     kv_group_size: KvGroupSize = G.kv_group_size,
     kv_residual: KvResidual = G.kv_residual,
@@ -151,6 +159,7 @@ def generate(
         kv_dtype=kv_dtype,
         kv_group_size=kv_group_size,
         kv_residual=kv_residual,
+        compile=compile,
     )
     stdin_text = None
     if prompt is None and prompt_file is None and prompts_file is None and not sys.stdin.isatty():

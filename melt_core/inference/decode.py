@@ -8,13 +8,16 @@ Text, stop strings and statistics live one level up, in ``inference.generate``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidArgumentError
 from ..models import KVCache, is_melt
 from ..models.chunks import ChunkAlign, chunk_lengths
 from .sampling import Sampler
+from .static_decode import StaticDecoder
 
 
 def default_chunk_size(model: nn.Module) -> int | None:
@@ -68,18 +71,30 @@ def decode(
     max_new_tokens: int,
     chunk_size: int | None = None,
     align: ChunkAlign = "end",
-    **forward_kwargs: object,
+    static: bool = False,
+    compile: bool = False,
+    **forward_kwargs: Any,
 ) -> Iterator[Tensor]:
     """Prefill the left-padded prompt batch, then yield the next token of every row, (B,), once per
     step; each yielded token is fed back as a one-token forward before the next is yielded.
 
-    ``forward_kwargs`` (``loops``, ``exit_at_step``, ``exit_threshold``) go to every forward.
-    Stop early by closing the generator (``break``); rows that are finished keep being fed their
-    own tokens, which never affects the other rows.
+    ``forward_kwargs`` (``loops``, ``exit_at_step``, ``exit_threshold``, ``depth``) go to every
+    forward. ``static``: decode steps at fixed shapes (``StaticDecoder``; float-row caches, no
+    adaptive depth), ``compile``: compiled too. Stop early by closing the generator (``break``);
+    rows that are finished keep being fed their own tokens, which never affects the other rows.
     """
     logits = prefill(model, input_ids, attention_mask, cache, chunk_size, align=align, last_only=True, **forward_kwargs)
+    step_logits = None
+    if static or compile:
+        if forward_kwargs.get("depth") is not None:
+            raise InvalidArgumentError("adaptive depth changes the work per row: it runs without --static / --compile")
+        kwargs = {k: v for k, v in forward_kwargs.items() if k != "depth"}
+        step_logits = StaticDecoder(model, cache, compile=compile, **kwargs)
     for step in range(max_new_tokens):
         next_ids = sampler(logits, input_ids)  # (B,)
         yield next_ids
         if step + 1 < max_new_tokens:
-            logits = model(next_ids[:, None], cache=cache, **forward_kwargs).logits[:, -1]
+            if step_logits is not None:
+                logits = step_logits(next_ids[:, None])
+            else:
+                logits = model(next_ids[:, None], cache=cache, **forward_kwargs).logits[:, -1]
