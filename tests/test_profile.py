@@ -16,6 +16,7 @@ from melt_core import load_model
 from melt_core.checkpoints.convert import convert_ouro_to_melt, melt_from_ouro
 from melt_core.errors import MissingDependencyError
 from melt_core.profiling import MemoryProfileArgs, load_pair, measure_generation, memory_profile
+from melt_core.profiling.measure import MeasuredRun
 
 runner = CliRunner()
 
@@ -177,6 +178,17 @@ def test_profile_speed_json(tiny_ckpt):
         app, ["profile", "speed", str(tiny_ckpt), "--loops", "1", "--prompt-tokens", "8", "--new-tokens", "2"]
     )
     assert table.exit_code == 0 and "MELT/Ouro" in table.stdout and "tokens/s" in table.stdout
+    assert "rounds must be >= 1" in one_red_line(
+        runner.invoke(app, ["profile", "speed", str(tiny_ckpt), "--rounds", "0"])
+    )
+
+
+def test_speed_rounds_report_the_median_round():
+    from melt_core.profiling.speed import _median_run
+
+    runs = [MeasuredRun("ouro", 1, 8, 1, 6, 2, None, 0, [], 0, 0, 0, "rss", p, d) for p, d in ((3, 9), (1, 5), (2, 7))]
+    median = _median_run(runs)
+    assert (median.prefill_seconds, median.decode_seconds) == (2, 7)
 
 
 def test_plot_memory(tmp_path):

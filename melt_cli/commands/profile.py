@@ -227,6 +227,9 @@ def speed(
     device: Device = SP.device,
     chunk_size: ChunkSize = SP.chunk_size,
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = SP.seed,
+    rounds: Annotated[
+        int, typer.Option(help="Timed rounds; Ouro and MELT alternate every round, the median round is shown.")
+    ] = SP.rounds,
     as_json: Json = False,
 ) -> None:
     """Prefill and decode tokens/s of an Ouro model and its MELT conversion, side by side."""
@@ -240,6 +243,7 @@ def speed(
         device=device,
         chunk_size=chunk_size,
         seed=seed,
+        rounds=rounds,
     )
     with console.err.status("timing") as status:
         report = speed_profile(args, progress=lambda msg: status.update(msg))

@@ -50,7 +50,8 @@ class GenerationSettings:
     chunk_size: prefill chunk size (None: MELT's trained chunk size; Ouro's whole prompt).
     batch_size: prompts decoded together (left-padded) in batch mode.
     compile: decode through a fixed-shape, ``torch.compile``d step (``inference.static_decode``):
-      the same tokens, about 2x faster on the example model once compiled (~1 min on a CPU).
+      the same tokens, about 2.4x faster on the example model once compiled (~1 min on a CPU, once
+      per cache shape); it does not pay on bandwidth-bound models on a CPU (README, Benchmarks).
     """
 
     max_new_tokens: int = 256

@@ -12,8 +12,9 @@ everything fixed for the cache's lifetime:
 - writes: rows go to the store at a position held in a tensor (``index_copy_``), not a Python int;
 - the exit gate picks each token's loop by a gather, with no host sync.
 
-With ``compile=True`` the step (embedding, loops, head) is ``torch.compile``d once per decoder
-(``mode="reduce-overhead"`` on CUDA: CUDA graphs). Greedy tokens equal the ordinary step's;
+With ``compile=True`` the step (embedding, loops, head) is ``torch.compile``d
+(``mode="reduce-overhead"`` on CUDA: CUDA graphs); it compiles once per cache shape (batch x
+positions), which torch's caches then reuse. Greedy tokens equal the ordinary step's;
 logits agree to float rounding (attention over masked zeros runs another kernel).
 """
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class SpeedProfileArgs:
     device: str = "auto"
     chunk_size: int | None = None
     seed: int = 0
+    rounds: int = 3  # Ouro and MELT alternate, round by round; each reports the median round
 
 
 @dataclass
@@ -91,6 +93,7 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
     check_positive("prompt tokens", [args.prompt_tokens])
     check_positive("new tokens", [args.new_tokens])
     check_positive("batch", [args.batch])
+    check_positive("rounds", [args.rounds])
     device = resolve_device(args.device)
     pair = load_pair(args.checkpoint, dtype=args.dtype, device=device)
     seq_len = args.prompt_tokens + args.new_tokens
@@ -105,22 +108,26 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
             track_memory=False,
         )
     rows = []
+    models = (("ouro", pair.ouro), ("melt", pair.melt))
     for loops in args.loops:
-        runs = {}
-        for name, model in (("ouro", pair.ouro), ("melt", pair.melt)):
-            if progress is not None:
-                progress(f"timing {name}: {plural(loops, 'loop')}")
-            runs[name] = measure_generation(
-                model,
-                loops=loops,
-                seq_len=seq_len,
-                batch=args.batch,
-                decode_tokens=args.new_tokens,
-                chunk_size=args.chunk_size,
-                seed=args.seed,
-                track_memory=False,
-            )
-        rows.append(SpeedRow(loops, runs["ouro"], runs["melt"]))
+        runs: dict[str, list[MeasuredRun]] = {"ouro": [], "melt": []}
+        for r in range(args.rounds):  # interleaved, alternating who goes first: noise hits both alike
+            for name, model in models if r % 2 == 0 else models[::-1]:
+                if progress is not None:
+                    progress(f"timing {name}: {plural(loops, 'loop')}, round {r + 1} of {args.rounds}")
+                runs[name].append(
+                    measure_generation(
+                        model,
+                        loops=loops,
+                        seq_len=seq_len,
+                        batch=args.batch,
+                        decode_tokens=args.new_tokens,
+                        chunk_size=args.chunk_size,
+                        seed=args.seed,
+                        track_memory=False,
+                    )
+                )
+        rows.append(SpeedRow(loops, _median_run(runs["ouro"]), _median_run(runs["melt"])))
     return SpeedReport(
         ouro_source=pair.ouro_source,
         melt_source=pair.melt_source,
@@ -130,4 +137,13 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         rows=rows,
+    )
+
+
+def _median_run(runs: list[MeasuredRun]) -> MeasuredRun:
+    """One run with the median prefill and the median decode time of ``runs``."""
+    return replace(
+        runs[0],
+        prefill_seconds=statistics.median(r.prefill_seconds for r in runs),
+        decode_seconds=statistics.median(r.decode_seconds for r in runs),
     )

@@ -1,0 +1,190 @@
+"""Decode speed: melt-Ouro and melt-MELT, eager and compiled, against the memory-bandwidth floor.
+
+For each model (the built-in example LoopLM, 3.5M parameters; with ``--medium``, a random
+186M-parameter Ouro-format model) and its MELT conversion (same weights), greedy decoding at batch 1
+after a short prompt, the variants interleaved round by round (median of ``--rounds``):
+
+- ``eager``: the ordinary step (``model(ids, cache=cache)``);
+- ``compiled``: ``melt generate --compile``'s fixed-shape, ``torch.compile``d step.
+
+The floor of one decode step is the bytes it must read, weights x loops (every loop re-reads the
+layer stack) plus the KV rows attended to, divided by the measured GEMV bandwidth of this machine
+(a large fp32 matrix-vector product). The reference Ouro code is measured too when
+``MELT_REFERENCE_OURO_PYTHON`` names a Python whose environment has transformers 4.56 and
+``MELT_REFERENCE_OURO_CODE`` a folder with a public copy of Ouro's ``configuration_ouro.py`` and
+``modeling_ouro.py`` (never part of melt): the checkpoint is copied next to them and loaded with
+``trust_remote_code``. Without them that row is skipped.
+
+Usage: python benchmarks/bench_decode.py [--medium] [--new-tokens 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from melt_core import load_model
+from melt_core.checkpoints import melt_from_ouro
+from melt_core.checkpoints.builtin import resolve as resolve_checkpoint
+from melt_core.checkpoints.random_model import write_random_ouro
+from melt_core.inference import Sampler, SamplingSettings
+from melt_core.inference.decode import decode
+from melt_core.models import MeltSettings
+
+MEDIUM = dict(
+    vocab_size=16384,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    total_ut_steps=4,
+)
+
+
+def gemv_bandwidth(size: int = 8192, repeats: int = 20) -> float:
+    """Bytes per second of y = W x with W (size x size) fp32, which streams W from memory."""
+    w, x = torch.randn(size, size), torch.randn(size)
+    for _ in range(3):
+        w @ x
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        w @ x
+        times.append(time.perf_counter() - start)
+    return w.nbytes / statistics.median(times)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@torch.no_grad()
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int, compile: bool) -> float:
+    """Seconds per decode step (prefill excluded)."""
+    cache = model.new_cache(1, prompt.shape[1] + new_tokens)
+    steps = decode(model, prompt, None, cache, Sampler(SamplingSettings()), max_new_tokens=new_tokens, compile=compile)
+    next(steps)
+    start = time.perf_counter()
+    for _ in steps:
+        pass
+    return (time.perf_counter() - start) / (new_tokens - 1)
+
+
+def reference_checkpoint(checkpoint: Path, into: Path) -> Path | None:
+    """A copy of ``checkpoint`` that loads with the reference code, or None when it is not set up."""
+    code = os.environ.get("MELT_REFERENCE_OURO_CODE")
+    if not (os.environ.get("MELT_REFERENCE_OURO_PYTHON") and code):
+        return None
+    out = into / f"reference-{checkpoint.name}"
+    shutil.copytree(checkpoint, out, dirs_exist_ok=True)
+    for name in ("configuration_ouro.py", "modeling_ouro.py"):
+        shutil.copy(Path(code) / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_ouro.OuroConfig",
+        "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def reference_seconds(checkpoint: Path, prompt: torch.Tensor, new_tokens: int) -> float | None:
+    """Seconds per decode step of the reference Ouro code in its own environment, or None."""
+    python = os.environ["MELT_REFERENCE_OURO_PYTHON"]
+    script = f"""
+import time, torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads({torch.get_num_threads()})
+m = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True, torch_dtype=torch.float32).eval()
+ids = torch.tensor({prompt.tolist()})
+with torch.no_grad():
+    out = m(ids, use_cache=True); past = out.past_key_values; tok = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range({new_tokens - 1}):
+        out = m(tok, past_key_values=past, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+print((time.perf_counter() - start) / {new_tokens - 1})
+"""
+    result = subprocess.run([python, "-c", script], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"reference Ouro failed: {result.stderr.strip().splitlines()[-1:]}")
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--medium", action="store_true", help="also a random 186M-parameter model")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    bandwidth = gemv_bandwidth()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured GEMV bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+        f"median of {args.rounds} interleaved rounds"
+    )
+    tmp = tempfile.TemporaryDirectory()
+    checkpoints = {"example": resolve_checkpoint("example")}
+    if args.medium:
+        checkpoints["medium"] = write_random_ouro(Path(tmp.name) / "medium", seed=0, **MEDIUM)
+    print(
+        f"{'model':8} {'kind':5} {'variant':9} {'ms/step':>8} {'tok/s':>7} {'floor ms':>8} {'x floor':>7} "
+        f"{'vs eager':>8}"
+    )
+    for label, checkpoint in checkpoints.items():
+        ouro = load_model(checkpoint, dtype="fp32")
+        melt = melt_from_ouro(ouro, MeltSettings(chunk_size=32))
+        prompt = torch.randint(
+            3, ouro.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
+        )
+        ref_dir = reference_checkpoint(Path(checkpoint), Path(tmp.name))
+        variants = [
+            (kind, model, compiled) for kind, model in (("ouro", ouro), ("melt", melt)) for compiled in (False, True)
+        ]
+        for _, model, compiled in variants:  # warm-up and compilation, at the measured shapes
+            decode_seconds(model, prompt, args.new_tokens, compiled)
+        times: dict[tuple[str, bool], list[float]] = {(k, c): [] for k, _, c in variants}
+        reference: list[float] = []
+        for r in range(args.rounds):
+            for kind, model, compiled in variants[r % len(variants) :] + variants[: r % len(variants)]:
+                times[kind, compiled].append(decode_seconds(model, prompt, args.new_tokens, compiled))
+            if ref_dir is not None:
+                seconds = reference_seconds(ref_dir, prompt, args.new_tokens)
+                if seconds is not None:
+                    reference.append(seconds)
+        loops = ouro.config.total_ut_steps
+        kv_rows = args.prompt_tokens + args.new_tokens // 2  # rows attended, on average over the steps
+        for kind, model, compiled in variants:
+            step = statistics.median(times[kind, compiled])
+            kv_read = kv_rows * model.config.kv_bytes_per_token(model.dtype, loops)
+            floor = (weight_bytes(model) * loops + kv_read) / bandwidth
+            eager = statistics.median(times[kind, False])
+            print(
+                f"{label:8} {kind:5} {'compiled' if compiled else 'eager':9} {step * 1e3:8.2f} {1 / step:7.1f} "
+                f"{floor * 1e3:8.2f} {step / floor:7.2f} {eager / step:7.2f}x"
+            )
+        if reference:
+            step = statistics.median(reference)
+            ours = statistics.median(times["ouro", True])
+            print(
+                f"{label:8} {'ouro':5} {'reference':9} {step * 1e3:8.2f} {1 / step:7.1f}   "
+                f"melt compiled is {step / ours:.2f}x faster"
+            )
+        else:
+            print(f"{label:8} ouro  reference  skipped (set MELT_REFERENCE_OURO_PYTHON and MELT_REFERENCE_OURO_CODE)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""One short GPU check of melt, for a lent device (about 5 minutes on an H200).
+
+Runs from the working tree (``PYTHONPATH=. python benchmarks/gpu_check.py``) with what the device
+image has (torch with CUDA, transformers, accelerate, typer, rich, safetensors) and only models
+melt makes itself. Every section prints its numbers; a failed section prints its error and the
+next one runs.
+
+1. correctness: the example LoopLM and its MELT conversion, CUDA bf16 and fp32 vs CPU fp32 logits
+   (max error, top-1 agreement), and greedy decoding on CUDA == on CPU (fp32);
+2. decode speed of an Ouro-1.4B-shaped model with random weights (bf16): eager and compiled (CUDA
+   graphs) at batch 1 and batched, against the HBM floor (weights x loops + KV read, over the
+   bandwidth of a large on-device copy);
+3. CUDA peak memory of prefill + decode vs the analytic KV bytes, Ouro vs MELT, 1 and 4 loops;
+4. a few training steps under accelerate in bf16 (``melt transition`` on the example's MELT).
+
+Usage: PYTHONPATH=. python benchmarks/gpu_check.py [--device cuda] [--quick]
+(``--device cpu --quick`` runs the same code on a CPU, small, as a smoke test.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from melt_core import load_model
+from melt_core.checkpoints import build_model, melt_from_ouro
+from melt_core.checkpoints.presets import preset_config
+from melt_core.checkpoints.random_model import init_weights
+from melt_core.inference import Sampler, SamplingSettings
+from melt_core.inference.decode import decode
+from melt_core.models import MeltSettings, config_from_dict
+from melt_core.profiling.measure import measure_generation
+
+
+def section(title: str):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            print(f"\n== {title}", flush=True)
+            start = time.perf_counter()
+            try:
+                fn(*args, **kwargs)
+            except Exception:  # report and go on: one short run should say as much as it can
+                traceback.print_exc(limit=3)
+            print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
+
+        return run
+
+    return wrap
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@section("1. correctness: CUDA bf16 / fp32 vs CPU fp32")
+def correctness(device: torch.device) -> None:
+    ids = torch.randint(3, 4096, (4, 128), generator=torch.Generator().manual_seed(0))
+    ouro = load_model("example", dtype="fp32")
+    for kind, cpu in (("ouro", ouro), ("melt", melt_from_ouro(ouro, MeltSettings(chunk_size=32)))):
+        with torch.no_grad():
+            reference = cpu(ids).logits.float()
+            for dtype in (torch.float32, torch.bfloat16):
+                model = copy.deepcopy(cpu).to(device=device, dtype=dtype)
+                logits = model(ids.to(device)).logits.float().cpu()
+                err = (logits - reference).abs().max().item()
+                agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+                ref_logp, logp = F.log_softmax(reference, -1), F.log_softmax(logits, -1)
+                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()  # KL(cpu fp32 || device), per token
+                print(f"   {kind} {str(dtype)[6:]:8}: max |logit err| {err:.2e}, top-1 agree {agree:.2%}, KL {kl:.2e}")
+        tokens = []
+        for model in (cpu, copy.deepcopy(cpu).to(device)):
+            prompt = ids[:2, :16].to(model.device)
+            steps = decode(model, prompt, None, model.new_cache(2, 48), Sampler(SamplingSettings()), max_new_tokens=32)
+            tokens.append(torch.stack(list(steps), 1).cpu())
+        print(f"   {kind} greedy decode fp32, 32 tokens x 2 rows: {device} == cpu: {torch.equal(*tokens)}")
+
+
+def hbm_bandwidth(device: torch.device) -> float:
+    x = torch.empty(2**28, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times)  # read + write
+
+
+def random_model(device: torch.device, quick: bool, melt: bool):
+    raw = preset_config("ouro-1.4b")
+    if quick:
+        raw.update(
+            num_hidden_layers=4,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=8192,
+        )
+    config = config_from_dict(raw)
+    model = build_model(config, device="cpu", dtype=torch.float32)
+    init_weights(model, seed=0)
+    if melt:
+        model = melt_from_ouro(model, MeltSettings(chunk_size=128))
+    return model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+
+
+@torch.no_grad()
+def decode_step_seconds(model, batch: int, prompt: int, steps: int, compile: bool, device: torch.device) -> float:
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
+    cache = model.new_cache(batch, prompt + steps)
+    tokens = decode(model, ids, None, cache, Sampler(SamplingSettings()), max_new_tokens=steps, compile=compile)
+    next(tokens)
+    sync(device)
+    start = time.perf_counter()
+    for _ in tokens:
+        pass
+    sync(device)
+    return (time.perf_counter() - start) / (steps - 1)
+
+
+@section("2. decode speed vs the HBM floor (Ouro-1.4B shape, random bf16 weights)")
+def speed(device: torch.device, quick: bool) -> None:
+    bandwidth = hbm_bandwidth(device)
+    print(f"   measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    prompt, steps = (64, 16) if quick else (512, 64)
+    for melt in (False, True):
+        model = random_model(device, quick, melt)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        loops = model.config.total_ut_steps
+        for batch in (1, 8) if quick else (1, 32):
+            for compile in (False, True):
+                decode_step_seconds(model, batch, prompt, steps, compile, device)  # warm-up / compile (same shapes)
+                step = decode_step_seconds(model, batch, prompt, steps, compile, device)
+                kv = batch * (prompt + steps // 2) * model.config.kv_bytes_per_token(model.dtype, loops)
+                floor = (weights * loops + kv) / bandwidth
+                print(
+                    f"   {'melt' if melt else 'ouro'} batch {batch:3} {'compiled' if compile else 'eager':8}: "
+                    f"{step * 1e3:7.2f} ms/step, {batch / step:8.1f} tok/s, floor {floor * 1e3:6.2f} ms "
+                    f"({step / floor:.2f}x floor)"
+                )
+        del model
+
+
+@section("3. CUDA peak memory vs analytic KV")
+def memory(device: torch.device, quick: bool) -> None:
+    seq = 256 if quick else 4096
+    for melt in (False, True):
+        model = random_model(device, quick, melt)
+        for loops in (1, 4):
+            run = measure_generation(model, loops=loops, seq_len=seq, decode_tokens=4, chunk_size=512)
+            analytic = model.config.kv_bytes_per_token(model.dtype, loops) * seq
+            print(
+                f"   {'melt' if melt else 'ouro'} loops {loops} seq {seq}: cache {run.cache_bytes / 2**20:.1f} MiB "
+                f"(analytic {analytic / 2**20:.1f}), held above baseline {run.held_delta_bytes / 2**20:.1f} MiB, "
+                f"peak above baseline {run.peak_delta_bytes / 2**20:.1f} MiB ({run.memory_kind})"
+            )
+        del model
+
+
+@section("4. training steps under accelerate (bf16 mixed precision)")
+def training(device: torch.device) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        melt = Path(tmp) / "melt"
+        cli = [sys.executable, "-m", "melt_cli.app"]
+        subprocess.run([*cli, "convert", "example", str(melt), "--chunk-size", "64"], check=True)
+        args = [
+            *cli,
+            "transition",
+            str(melt),
+            "--data",
+            "melt_core/assets/quickstart/train.jsonl.gz",
+            "--out",
+            str(Path(tmp) / "phase1"),
+            "--steps",
+            "4",
+            "--seq-len",
+            "256",
+        ]
+        if device.type != "cuda":
+            args.append("--cpu")
+        start = time.perf_counter()
+        result = subprocess.run(args, capture_output=True, text=True)
+        print(f"   melt transition, 4 steps: exit {result.returncode} in {time.perf_counter() - start:.1f} s")
+        print("   " + "\n   ".join((result.stdout + result.stderr).strip().splitlines()[-4:]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="small sizes (a CPU smoke test)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"melt GPU check on {name}; torch {torch.__version__}")
+    correctness(device)
+    speed(device, args.quick)
+    memory(device, args.quick)
+    training(device)
+
+
+if __name__ == "__main__":
+    main()
