@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import decode_step_seconds
 
 from melt_core import load_model, load_tokenizer
 from melt_core.checkpoints import melt_from_ouro
 from melt_core.data import PackedSequences
-from melt_core.inference import Sampler, SamplingSettings
-from melt_core.inference.decode import decode, prefill
+from melt_core.inference.decode import prefill
 from melt_core.models import MeltSettings, is_melt
 from melt_core.models.adaptive import AdaptiveDepth
 from melt_core.quickstart import VALID_TEXT
@@ -37,6 +36,10 @@ def settings(thresholds: list[float], kls: list[float]) -> list[tuple[str, dict 
     out += [(f"threshold {t:g}", {"threshold": t}) for t in thresholds]
     out += [(f"kl {k:g}", {"kl": k}) for k in kls]
     return out
+
+
+def depth_kwargs(depth: dict | None) -> dict:
+    return {} if depth is None else {"depth": AdaptiveDepth(**depth)}
 
 
 @torch.no_grad()
@@ -50,21 +53,6 @@ def score(model, data: torch.Tensor, loops: int, depth: dict | None) -> tuple[to
         logits = prefill(model, ids[None, :-1], None, cache, chunk_size=1, loops=loops, **kwargs)[0]
         out.append(F.log_softmax(logits.float(), -1))
     return torch.stack(out), d
-
-
-@torch.no_grad()
-def decode_seconds(model, prompt: torch.Tensor, loops: int, new_tokens: int, depth: dict | None) -> float:
-    """Seconds of the decode steps (prefill excluded) of greedy decoding at batch 1."""
-    kwargs = {"depth": AdaptiveDepth(**depth)} if depth is not None else {}
-    cache = model.new_cache(1, prompt.shape[1] + new_tokens, loops)
-    steps = decode(
-        model, prompt, None, cache, Sampler(SamplingSettings()), max_new_tokens=new_tokens, loops=loops, **kwargs
-    )
-    next(steps)  # the prefill
-    start = time.perf_counter()
-    for _ in steps:
-        pass
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -113,19 +101,19 @@ def main() -> None:
     prompt = data[:1, : min(32, args.seq_len)]
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
     for _, depth in runs:  # warm-up
-        decode_seconds(model, prompt, loops, 4, depth)
+        decode_step_seconds(model, prompt, 4, loops, **depth_kwargs(depth))
     for r in range(args.rounds):  # each round starts at another setting: no setting is always first
         for name, depth in runs[r % len(runs) :] + runs[: r % len(runs)]:
-            times[name].append(decode_seconds(model, prompt, loops, args.new_tokens, depth))
+            times[name].append(decode_step_seconds(model, prompt, args.new_tokens, loops, **depth_kwargs(depth)))
 
-    full_speed = (args.new_tokens - 1) / statistics.median(times["full depth"])
+    full_speed = 1 / statistics.median(times["full depth"])
     print(
         f"{'setting':15} {'loss':>8} {'KL(full||set)':>13} {'top-1 = full':>12} {'mean loops':>10} "
         f"{'skipped':>8} {'decode tok/s':>12} {'vs full':>8}"
     )
     for name, _ in runs:
         loss, kl, agree, mean_loops, saved = rows[name]
-        speed = (args.new_tokens - 1) / statistics.median(times[name])
+        speed = 1 / statistics.median(times[name])
         print(
             f"{name:15} {loss:8.4f} {kl:13.2e} {agree:11.2%} {mean_loops:10.2f} {saved:8.1%} "
             f"{speed:12.1f} {speed / full_speed:7.2f}x"

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from timing import decode_step_seconds
 
 from melt_core import load_model
 from melt_core.checkpoints import melt_from_ouro
-from melt_core.inference import Sampler, SamplingSettings
-from melt_core.inference.decode import decode
 from melt_core.models import MeltSettings
 
 
@@ -35,18 +33,8 @@ def largest_batch(model, budget: int, context: int, loops: int, cap: int) -> int
     return max(0, min(cap, (budget - weights_bytes(model)) // per_sequence))
 
 
-@torch.no_grad()
-def decode_seconds(model, batch: int, context: int, new_tokens: int, loops: int, seed: int) -> float:
-    ids = torch.randint(
-        3, model.config.vocab_size, (batch, context - new_tokens), generator=torch.Generator().manual_seed(seed)
-    )
-    cache = model.new_cache(batch, context, loops)
-    steps = decode(model, ids, None, cache, Sampler(SamplingSettings()), max_new_tokens=new_tokens, loops=loops)
-    next(steps)  # prefill
-    start = time.perf_counter()
-    for _ in steps:
-        pass
-    return time.perf_counter() - start
+def prompt(model, batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def main() -> None:
@@ -78,13 +66,9 @@ def main() -> None:
             order = list(models) if r % 2 == 0 else list(models)[::-1]
             for name in order:
                 if batches[name]:
-                    times[name].append(
-                        decode_seconds(models[name], batches[name], args.context, args.new_tokens, args.loops, r)
-                    )
-        speed = {
-            name: batches[name] * (args.new_tokens - 1) / statistics.median(times[name]) if times[name] else 0.0
-            for name in models
-        }
+                    ids = prompt(models[name], batches[name], args.context - args.new_tokens, r)
+                    times[name].append(decode_step_seconds(models[name], ids, args.new_tokens, args.loops))
+        speed = {name: batches[name] / statistics.median(times[name]) if times[name] else 0.0 for name in models}
         for name, model in models.items():
             kv = sum(model.config.kv_cache_bytes_per_loop(model.dtype, args.loops, None, args.context, batches[name]))
             ratio = f"{speed['MELT'] / speed['Ouro']:.2f}x" if name == "MELT" and speed["Ouro"] else ""

@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 
 import torch
+from timing import decode_step_seconds
 
 from melt_core import load_model
 from melt_core.checkpoints import melt_from_ouro
 from melt_core.checkpoints.builtin import resolve as resolve_checkpoint
 from melt_core.checkpoints.random_model import write_random_ouro
-from melt_core.inference import Sampler, SamplingSettings
-from melt_core.inference.decode import decode
 from melt_core.models import MeltSettings
 
 MEDIUM = dict(
@@ -66,18 +65,6 @@ def gemv_bandwidth(size: int = 8192, repeats: int = 20) -> float:
 
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-@torch.no_grad()
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int, compile: bool) -> float:
-    """Seconds per decode step (prefill excluded)."""
-    cache = model.new_cache(1, prompt.shape[1] + new_tokens)
-    steps = decode(model, prompt, None, cache, Sampler(SamplingSettings()), max_new_tokens=new_tokens, compile=compile)
-    next(steps)
-    start = time.perf_counter()
-    for _ in steps:
-        pass
-    return (time.perf_counter() - start) / (new_tokens - 1)
 
 
 def reference_checkpoint(checkpoint: Path, into: Path) -> Path | None:
@@ -154,12 +141,12 @@ def main() -> None:
             (kind, model, compiled) for kind, model in (("ouro", ouro), ("melt", melt)) for compiled in (False, True)
         ]
         for _, model, compiled in variants:  # warm-up and compilation, at the measured shapes
-            decode_seconds(model, prompt, args.new_tokens, compiled)
+            decode_step_seconds(model, prompt, args.new_tokens, compile=compiled)
         times: dict[tuple[str, bool], list[float]] = {(k, c): [] for k, _, c in variants}
         reference: list[float] = []
         for r in range(args.rounds):
             for kind, model, compiled in variants[r % len(variants) :] + variants[: r % len(variants)]:
-                times[kind, compiled].append(decode_seconds(model, prompt, args.new_tokens, compiled))
+                times[kind, compiled].append(decode_step_seconds(model, prompt, args.new_tokens, compile=compiled))
             if ref_dir is not None:
                 seconds = reference_seconds(ref_dir, prompt, args.new_tokens)
                 if seconds is not None:

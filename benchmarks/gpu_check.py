@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import decode_step_seconds
 
 from melt_core import load_model
 from melt_core.checkpoints import build_model, melt_from_ouro
@@ -121,18 +122,9 @@ def random_model(device: torch.device, quick: bool, melt: bool):
     return model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
 
 
-@torch.no_grad()
-def decode_step_seconds(model, batch: int, prompt: int, steps: int, compile: bool, device: torch.device) -> float:
+def step_seconds(model, batch: int, prompt: int, steps: int, compile: bool, device: torch.device) -> float:
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
-    cache = model.new_cache(batch, prompt + steps)
-    tokens = decode(model, ids, None, cache, Sampler(SamplingSettings()), max_new_tokens=steps, compile=compile)
-    next(tokens)
-    sync(device)
-    start = time.perf_counter()
-    for _ in tokens:
-        pass
-    sync(device)
-    return (time.perf_counter() - start) / (steps - 1)
+    return decode_step_seconds(model, ids, steps, compile=compile)
 
 
 @section("2. decode speed vs the HBM floor (Ouro-1.4B shape, random bf16 weights)")
@@ -146,8 +138,8 @@ def speed(device: torch.device, quick: bool) -> None:
         loops = model.config.total_ut_steps
         for batch in (1, 8) if quick else (1, 32):
             for compile in (False, True):
-                decode_step_seconds(model, batch, prompt, steps, compile, device)  # warm-up / compile (same shapes)
-                step = decode_step_seconds(model, batch, prompt, steps, compile, device)
+                step_seconds(model, batch, prompt, steps, compile, device)  # warm-up / compile (same shapes)
+                step = step_seconds(model, batch, prompt, steps, compile, device)
                 kv = batch * (prompt + steps // 2) * model.config.kv_bytes_per_token(model.dtype, loops)
                 floor = (weights * loops + kv) / bandwidth
                 print(
