@@ -111,7 +111,9 @@ def adaptive_loop_stack(
 ) -> list[Tensor]:
     """``loop_stack`` with early exit: the per-loop outputs T x (B, S, H), where a token that has
     exited keeps its exit loop's output (so the last entry is every token's final state).
-    ``real`` (B, S): the real tokens; padding never exits by itself and is not counted."""
+    ``real`` (B, S): the real tokens; padding is carried along (never looping on its own account)
+    and not counted; a row of padding only runs while other rows do, so that batch shapes stay
+    those of full depth (at threshold 1.0 the result is then bit-identical)."""
     B, S, _ = x.shape
     criterion = ExitCriterion(depth, model, B, S, x.device)
     running = real.clone()  # tokens still looping
