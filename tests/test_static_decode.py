@@ -76,3 +76,6 @@ def test_compiled_decoding_gives_the_same_text(melt_ckpt):
         model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, stop_token_ids=(), compile=True)
     )
     assert [r.token_ids for r in compiled.results] == [r.token_ids for r in plain.results]
+    # the first compiled step compiles: timed apart, not as decoding
+    assert compiled.stats.compile_seconds > 0 and plain.stats.compile_seconds == 0
+    assert compiled.stats.decode_tokens_per_s > 0

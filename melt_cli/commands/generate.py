@@ -66,6 +66,7 @@ def _print_stats(report: GenerationReport) -> None:
     err(
         f"prefill: {s.prefill_tokens_per_s:,.1f} tokens/s ({s.prefill_seconds:.3f} s) | "
         f"decode: {s.decode_tokens_per_s:,.1f} tokens/s ({s.decode_seconds:.3f} s)"
+        + (f" | compile: {s.compile_seconds:.1f} s (first decode step)" if s.compile_seconds else "")
     )
     if is_melt(s):
         err(

@@ -84,17 +84,18 @@ def decode(
     rows that are finished keep being fed their own tokens, which never affects the other rows.
     """
     logits = prefill(model, input_ids, attention_mask, cache, chunk_size, align=align, last_only=True, **forward_kwargs)
+    fixed_shapes = static or compile
+    if fixed_shapes and forward_kwargs.get("depth") is not None:
+        raise InvalidArgumentError("adaptive depth changes the work per row: it runs without --static / --compile")
     step_logits = None
-    if static or compile:
-        if forward_kwargs.get("depth") is not None:
-            raise InvalidArgumentError("adaptive depth changes the work per row: it runs without --static / --compile")
-        kwargs = {k: v for k, v in forward_kwargs.items() if k != "depth"}
-        step_logits = StaticDecoder(model, cache, compile=compile, **kwargs)
     for step in range(max_new_tokens):
         next_ids = sampler(logits, input_ids)  # (B,)
         yield next_ids
         if step + 1 < max_new_tokens:
-            if step_logits is not None:
+            if fixed_shapes:
+                if step_logits is None:  # built after the first token: its set-up is decode time, not prefill
+                    kwargs = {k: v for k, v in forward_kwargs.items() if k != "depth"}
+                    step_logits = StaticDecoder(model, cache, compile=compile, **kwargs)
                 logits = step_logits(next_ids[:, None])
             else:
                 logits = model(next_ids[:, None], cache=cache, **forward_kwargs).logits[:, -1]

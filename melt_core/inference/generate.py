@@ -143,7 +143,8 @@ class GenerationStats:
     """Numbers of one run (all batches).
 
     Throughput counts positions fed to the model: prefill = rows x padded prompt length per second
-    of prefill; decode = rows x one-token steps per second of decoding.
+    of prefill; decode = rows x one-token steps per second of decoding. With ``compile`` the first
+    decode step of each batch compiles the step: its time is ``compile_seconds``, not decoding.
     kv_cache_bytes: exact K/V storage of the (largest) preallocated cache (prompt + max new tokens).
     kv_cache_bytes_per_loop: the storage each loop adds — Ouro: its own (loop, layer) slots, equal
       for every loop; MELT: loop 1 holds the one shared row per token and layer, later loops add 0.
@@ -167,6 +168,7 @@ class GenerationStats:
     prefill_tokens_per_s: float
     decode_seconds: float
     decode_tokens_per_s: float
+    compile_seconds: float
     kv_cache_bytes: int
     kv_cache_bytes_per_loop: list[int]
     kv_cache_positions: int
@@ -239,7 +241,7 @@ def generate_text(
 
     reset_peak_memory(device)
     results: list[GenerationResult] = []
-    prefill_s = decode_s = 0.0
+    prefill_s = decode_s = compile_s = 0.0
     prefill_positions = decode_positions = 0
     kv_bytes, kv_per_loop, kv_positions = 0, [0] * loops, 0
     for first in range(0, len(prompts), settings.batch_size):
@@ -283,6 +285,8 @@ def generate_text(
                     prefill_s += now - start
                     prefill_positions += B * S
                     after_prefill = replace(depth.stats) if depth is not None else None
+                elif yielded == 1 and settings.compile:  # the first compiled step compiles (or loads) it
+                    compile_s += now - last
                 else:
                     decode_s += now - last
                     decode_positions += B
@@ -341,6 +345,7 @@ def generate_text(
         prefill_tokens_per_s=prefill_positions / prefill_s if prefill_s else 0.0,
         decode_seconds=decode_s,
         decode_tokens_per_s=decode_positions / decode_s if decode_s else 0.0,
+        compile_seconds=compile_s,
         kv_cache_bytes=kv_bytes,
         kv_cache_bytes_per_loop=kv_per_loop,
         kv_cache_positions=kv_positions,
