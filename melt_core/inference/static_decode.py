@@ -29,7 +29,7 @@ from ..errors import InvalidArgumentError
 from ..models import KVCache, is_melt
 from ..models.kv import PerLoopKV, SharedKV
 from ..models.layers import BlockInputs, rope_cos_sin
-from ..models.ouro import exit_pdf
+from ..models.ouro import exit_pdf, exit_step, hidden_at
 from ..models.rows import PreallocatedRows
 
 
@@ -113,14 +113,10 @@ class StaticDecoder:
 
     def _logits(self, hidden: list[Tensor]) -> Tensor:
         """The exit gate's choice of loop per token without a host sync: one gather, one lm_head."""
-        model, T = self.model, len(hidden)
+        model = self.model
         if self.exit_at_step is not None:
             return model.lm_head(hidden[self.exit_at_step])
         if self.exit_threshold is None:
             return model.lm_head(hidden[-1])
         pdf = exit_pdf([model.model.early_exit_gate(h).squeeze(-1) for h in hidden])  # (B, 1, T)
-        reached = torch.cumsum(pdf, dim=-1) >= self.exit_threshold
-        step = torch.where(reached.any(-1), reached.float().argmax(-1), T - 1)  # (B, 1)
-        stacked = torch.stack(hidden, dim=2)  # (B, 1, T, H)
-        index = step[..., None, None].expand(-1, -1, 1, stacked.shape[-1])
-        return model.lm_head(torch.gather(stacked, 2, index).squeeze(2))
+        return model.lm_head(hidden_at(hidden, exit_step(pdf, self.exit_threshold)))

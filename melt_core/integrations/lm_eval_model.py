@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..checkpoints import load_model, load_tokenizer
 from ..errors import InvalidArgumentError
 from ..inference import GenerationSettings, SamplingSettings, generate_text
+from ..models import is_melt
 from ..runtime import resolve_device
 
 try:
@@ -96,7 +97,7 @@ class MeltLM(TemplateLM):
     # --- scoring -----------------------------------------------------------------------------
     def _forward_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"loops": self.loops}
-        if self.chunk_size is not None and hasattr(self.model.config, "melt"):
+        if self.chunk_size is not None and is_melt(self.model):
             kwargs["chunk_size"] = self.chunk_size
         return kwargs
 
@@ -174,7 +175,7 @@ class MeltLM(TemplateLM):
                 sampling=SamplingSettings(temperature=temperature, top_p=top_p, seed=0 if temperature > 0 else None),
                 stop=until,
                 stop_token_ids=None,
-                chunk_size=self.chunk_size if hasattr(self.model.config, "melt") else None,
+                chunk_size=self.chunk_size if is_melt(self.model) else None,
                 batch_size=self.batch_size,
             )
             prompts = [self._truncated_context(requests[n].args[0], max_new) for n in members]

@@ -116,14 +116,12 @@ class OuroConfig:
         """Exact bytes each loop adds to a cache of ``positions`` positions and ``batch`` rows: the
         rows (``kv_bytes_per_loop``) plus a quantised format's full-precision residual ring."""
         kv = kv or KVFormat()
-        d = self.head_dim
-        per_slot = (
-            2
-            * self.num_key_value_heads
-            * batch
-            * (positions * kv.row_bytes(d, dtype) + kv.window_bytes(d, dtype, positions))
-        )
-        return [slots * per_slot for slots in self.kv_slots_per_loop(loops)]
+        ring = 2 * self.num_key_value_heads * batch * kv.window_bytes(self.head_dim, dtype, positions)  # per slot
+        per_token = self.kv_bytes_per_loop(dtype, loops, kv)
+        return [
+            b * positions * batch + slots * ring
+            for b, slots in zip(per_token, self.kv_slots_per_loop(loops), strict=True)
+        ]
 
     def kv_bytes_per_token(self, dtype: torch.dtype, loops: int | None = None, kv: KVFormat | None = None) -> int:
         """KV cache bytes per token at ``loops`` (default: the trained loop count)."""

@@ -95,8 +95,6 @@ class SharedKV:
     ) -> tuple[Tensor, Tensor]:
         h = self.update_latent(layer, layer_idx, loop, u)
         k, v = layer.self_attn.project_kv(h, rope)  # (B, kv_heads, C, d)
-        if self.rows is None and self.keep is None:
-            return self.store.write(self.slot(loop, layer_idx), self.start, k, v)
         return self.store.write(self.slot(loop, layer_idx), self.start, k, v, self.rows, self.keep)
 
 
@@ -169,20 +167,9 @@ class KVCache:
         that do not know the final length up front (transformers' ``generate``)."""
         if not isinstance(self.store, PreallocatedRows):
             raise InvalidArgumentError("only a float-row cache can grow; pass max_len up front for int8 / int4 rows")
-        store = self.store
         grown = copy.copy(self)
-        n = self.length
-        if max_len < n:
-            raise InvalidArgumentError(f"the cache holds {n} positions; it cannot shrink to {max_len}")
-        grown.ledger = TokenLedger(self.ledger.batch_size, max_len, self.ledger.valid.device)
-        grown.ledger.valid[:, :n] = self.ledger.valid[:, :n]
-        grown.ledger.length, grown.ledger._padded = n, self.ledger._padded
-        slots, B, heads, _, d = store.keys.shape
-        grown.store = PreallocatedRows(
-            slots, B, heads, max_len, d, store.keys.dtype, store.keys.device, store.compute_dtype
-        )
-        grown.store.keys[:, :, :, :n] = store.keys[:, :, :, :n]
-        grown.store.values[:, :, :, :n] = store.values[:, :, :, :n]
+        grown.ledger = self.ledger.resized(max_len)
+        grown.store = self.store.resized(max_len, self.length)
         return grown
 
     def nbytes(self) -> int:

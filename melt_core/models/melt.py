@@ -97,13 +97,7 @@ class MeltForCausalLM(OuroForCausalLM):
             ids, mask = _slice(input_ids, attention_mask, offset, size)
             start, key_valid = cache.begin(size, mask)
             kv = SharedKV(rule, cache.store, self.config.num_hidden_layers, start)
-            if depth is None:
-                parts.append(self._run_chunk(ids, start, key_valid, kv, loops, return_attn_outputs))
-                continue
-            inputs = self.block_inputs(ids, start, key_valid, kv, return_attn_outputs)
-            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            hidden = adaptive_loop_stack(self, self.model.embed_tokens(ids), inputs, kv, loops, depth, real)
-            parts.append((hidden, inputs.attn_taps))
+            parts.append(self._run_chunk(ids, start, key_valid, kv, loops, return_attn_outputs, depth, mask))
         return _concat(parts)
 
     def forward_chunkwise(
@@ -177,9 +171,16 @@ class MeltForCausalLM(OuroForCausalLM):
         kv: SharedKV | InterpolatedKV,
         loops: int,
         collect_attn: bool,
+        depth: AdaptiveDepth | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor] | None]:
+        """One chunk through the looped stack; with ``depth``, tokens (real by ``mask``) exit early."""
         inputs = self.block_inputs(ids, start, key_valid, kv, collect_attn)
-        return self.loop_stack(self.model.embed_tokens(ids), inputs, loops), inputs.attn_taps
+        x = self.model.embed_tokens(ids)
+        if depth is None:
+            return self.loop_stack(x, inputs, loops), inputs.attn_taps
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        return adaptive_loop_stack(self, x, inputs, kv, loops, depth, real), None
 
     def _train_chunk(
         self,

@@ -94,6 +94,18 @@ def exit_pdf(gate_logits: list[Tensor]) -> Tensor:
     return torch.stack(pdf, dim=-1)
 
 
+def exit_step(pdf: Tensor, threshold: float) -> Tensor:
+    """(B, S) the first loop whose cumulative exit probability reaches ``threshold`` (none: the last)."""
+    reached = torch.cumsum(pdf, dim=-1) >= threshold  # (B, S, T)
+    return torch.where(reached.any(-1), reached.float().argmax(-1), pdf.shape[-1] - 1)
+
+
+def hidden_at(hidden: list[Tensor], step: Tensor) -> Tensor:
+    """(B, S, H): each token's hidden state at its loop ``step`` (B, S), one gather."""
+    stacked = torch.stack(hidden, dim=2)  # (B, S, T, H)
+    return torch.gather(stacked, 2, step[..., None, None].expand(-1, -1, 1, stacked.shape[-1])).squeeze(2)
+
+
 class OuroForCausalLM(nn.Module):
     """Ouro LoopLM with HF tensor names (``model.*`` and ``lm_head``)."""
 
@@ -259,13 +271,10 @@ class OuroForCausalLM(nn.Module):
                 raise InvalidArgumentError(f"exit_at_step must be in [0, {len(hidden) - 1}], got {exit_at_step}")
             return logits_of(exit_at_step)
         if exit_threshold is not None:
-            reached = torch.cumsum(pdf, dim=-1) >= exit_threshold  # (B, S, T)
-            step = torch.where(reached.any(-1), reached.float().argmax(-1), len(hidden) - 1)  # (B, S)
-            if bool((step == len(hidden) - 1).all()):
+            step = exit_step(pdf, exit_threshold)
+            if bool((step == len(hidden) - 1).all()):  # the common case: no stacking
                 return logits_of(len(hidden) - 1)
-            stacked = torch.stack(hidden, dim=2)  # (B, S, T, H)
-            index = step[..., None, None].expand(-1, -1, 1, stacked.shape[-1])
-            return self.lm_head(torch.gather(stacked, 2, index).squeeze(2))
+            return self.lm_head(hidden_at(hidden, step))
         if weighted_exit:
             return sum(pdf[..., t, None] * logits_of(t) for t in range(len(hidden)))
         return logits_of(len(hidden) - 1)

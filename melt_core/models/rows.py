@@ -72,6 +72,15 @@ class TokenLedger:
         self.length = 0
         self._padded = False
 
+    def resized(self, max_len: int) -> TokenLedger:
+        """A copy with room for ``max_len`` positions (at least those written)."""
+        if max_len < self.length:
+            raise InvalidArgumentError(f"the cache holds {self.length} positions; it cannot shrink to {max_len}")
+        grown = TokenLedger(self.batch_size, max_len, self.valid.device)
+        grown.valid[:, : self.length] = self.valid[:, : self.length]
+        grown.length, grown._padded = self.length, self._padded
+        return grown
+
     def begin(self, num_tokens: int, attention_mask: Tensor | None) -> tuple[int, Tensor | None]:
         """Reserve positions for ``num_tokens`` new tokens; return (start, key validity (B, end)
         or None when no position so far is padding)."""
@@ -118,13 +127,21 @@ class PreallocatedRows:
     def num_slots(self) -> int:
         return self.keys.shape[0]
 
+    def resized(self, max_len: int, length: int) -> PreallocatedRows:
+        """A copy with room for ``max_len`` positions, holding the first ``length`` of these."""
+        slots, B, heads, _, d = self.keys.shape
+        grown = PreallocatedRows(slots, B, heads, max_len, d, self.keys.dtype, self.keys.device, self.compute_dtype)
+        grown.keys[:, :, :, :length] = self.keys[:, :, :, :length]
+        grown.values[:, :, :, :length] = self.values[:, :, :, :length]
+        return grown
+
     def write(
         self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         end = start + k.shape[2]
         for store, new in ((self.keys, k), (self.values, v)):
             view = store[slot, :, :, start:end]
-            view.copy_(new if rows is None and keep is None else merge_rows(view, new, rows, keep))
+            view.copy_(merge_rows(view, new, rows, keep))
         keys, values = self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
         if rows is not None:
             keys, values = keys[rows], values[rows]
