@@ -101,9 +101,9 @@ def root(
 
 
 def _register() -> None:
-    from .commands import convert, evaluate, generate, info, pretrain, profile, quickstart, random_model, train
+    from .commands import convert, data, evaluate, generate, info, pretrain, profile, quickstart, random_model, train
 
-    for module in (quickstart, info, convert, train, evaluate, pretrain, generate, profile, random_model):
+    for module in (quickstart, info, convert, train, evaluate, pretrain, generate, profile, random_model, data):
         module.register(app)
 
 

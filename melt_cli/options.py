@@ -35,6 +35,9 @@ KeepLast = Annotated[int, typer.Option(help="Checkpoints kept on disk (0: all)."
 EvalEvery = Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end only).")]
 EvalBatches = Annotated[int, typer.Option(help="Held-out sequences per evaluation.")]
 Seed = Annotated[int, typer.Option(help="Seed of the data order and of every RNG.")]
+DataOrder = Annotated[
+    str, typer.Option(help="shuffle (seeded), or file: the data's own order, e.g. a curriculum (data reasoning).")
+]
 MixedPrecision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, none on CPU), no, bf16 or fp16.")]
 Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is available.")]
 Resume = Annotated[Path | None, typer.Option(help="Continue a run: its directory or one of its checkpoints.")]
@@ -61,6 +64,7 @@ TRAINING_OPTIONS: dict[str, Any] = {
     "eval_every": EvalEvery,
     "eval_batches": EvalBatches,
     "seed": Seed,
+    "data_order": DataOrder,
     "mixed_precision": MixedPrecision,
     "cpu": Cpu,
     "resume": Resume,

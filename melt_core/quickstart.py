@@ -1,8 +1,10 @@
 """``melt quickstart``: the whole MELT pipeline on the built-in example LoopLM, on a CPU, in minutes.
 
 convert -> phase 1 (transition) -> phase 2 (distillation) -> evaluation of the teacher, MELT and the
-training-free ``last`` baseline -> one sample generation from each -> KV-cache memory of Ouro vs MELT.
-Everything it needs is installed with the package (model, training and held-out text).
+training-free ``last`` baseline -> one sample generation from each -> KV-cache memory of Ouro vs MELT
+-> the same recipe on the built-in ``reasoning`` LoopLM, judged by accuracy on multi-hop problems.
+Everything it needs is installed with the package (models, training and held-out text) or made by
+melt itself (the reasoning problems).
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import torch
 from .checkpoints import convert_ouro_to_melt, fresh_output_dir, load_config, load_model, load_tokenizer
 from .checkpoints.builtin import ASSETS
 from .errors import InvalidArgumentError
-from .evaluation import EvalSettings, LoopResult, evaluate_checkpoint
+from .evaluation import EvalSettings, LoopResult, evaluate_checkpoint, evaluate_problems
 from .inference import GenerationSettings, SamplingSettings, generate_text
 from .models import KVCache, MeltSettings
+from .tasks import ChainTask, make_problems, write_problems
+from .tasks.chains import TRAINED_HOPS
 from .training import DataArgs, DistillSettings, TrainingArgs, run_phase
 
 TRAIN_TEXT = ASSETS / "quickstart" / "train.jsonl.gz"
 VALID_TEXT = ASSETS / "quickstart" / "valid.jsonl.gz"
 PROMPT = "The state of the Union is"
+REASONING_HOPS = (1, 2, 3, 4, 5, 6, 7)  # held-out hop counts: the trained ones and beyond
 
 
 @dataclass
@@ -41,6 +46,13 @@ class QuickstartSettings:
     kv_loops: tuple[int, ...] = (1, 4, 16)
     kv_tokens: int = 4096
     prompt: str = PROMPT
+    reasoning: bool = True  # the reasoning stage
+    reasoning_teacher: str = "reasoning"
+    reasoning_steps1: int = 60
+    reasoning_steps2: int = 40
+    reasoning_batch: int = 64  # problems per step
+    reasoning_chunk_size: int = 4
+    reasoning_problems: int = 50  # held-out problems per hop count
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -48,6 +60,9 @@ class QuickstartSettings:
             ("--steps2", self.steps2),
             ("--eval-sequences", self.eval_sequences),
             ("new tokens", self.new_tokens),
+            ("--reasoning-steps1", self.reasoning_steps1),
+            ("--reasoning-steps2", self.reasoning_steps2),
+            ("--reasoning-problems", self.reasoning_problems),
         ):
             if value < 1:
                 raise InvalidArgumentError(f"{flag} must be >= 1, got {value}")
@@ -65,6 +80,8 @@ class QuickstartReport:
     kv_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # loops -> {"ouro": B/token, "melt": ...}
     measured_cache_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # loops -> cache.nbytes()
     samples: dict[str, str] = field(default_factory=dict)
+    # model -> {"accuracy", "by_hops" {hops: accuracy}, "kv_bytes_per_token" (bf16)}
+    reasoning: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -80,7 +97,8 @@ def run_quickstart(
     """Run every stage; ``on_stage(message, training_steps or None)`` announces each one."""
     s = settings or QuickstartSettings()
     stage = on_stage or (lambda message, steps: None)
-    out = fresh_output_dir(out, force, keep=[s.teacher])
+    out = fresh_output_dir(out, force, keep=[s.teacher, s.reasoning_teacher])
+    total = 7 if s.reasoning else 6
     report = QuickstartReport(out)
     clock = time.perf_counter()
 
@@ -89,38 +107,37 @@ def run_quickstart(
         report.seconds[name] = time.perf_counter() - clock
         clock = time.perf_counter()
 
-    stage(f"1/6 convert {s.teacher} -> MELT (element-wise gate) and the training-free 'last' baseline", None)
+    stage(f"1/{total} convert {s.teacher} -> MELT (element-wise gate) and the training-free 'last' baseline", None)
     melt0 = convert_ouro_to_melt(s.teacher, out / "melt-converted", MeltSettings(chunk_size=s.chunk_size))
     last = convert_ouro_to_melt(s.teacher, out / "melt-last", MeltSettings(policy="last", chunk_size=s.chunk_size))
     lap("convert")
 
-    def train(student: Path, phase: int, steps: int, name: str) -> Path:
-        targs = TrainingArgs(
-            out=out / name,
-            steps=steps,
-            seq_len=s.seq_len,
-            batch_tokens=s.batch_tokens,
-            micro_batch=s.batch_tokens // s.seq_len,
-            seed=0,
-        )
+    def train(
+        student: Path, phase: int, steps: int, name: str, teacher: str = s.teacher, data: Path = TRAIN_TEXT
+    ) -> Path:
+        if data == TRAIN_TEXT:  # text: batches of seq_len-token sequences
+            shape = dict(seq_len=s.seq_len, batch_tokens=s.batch_tokens, micro_batch=s.batch_tokens // s.seq_len)
+        else:  # problems: one row each, as long as a problem
+            shape = dict(micro_batch=s.reasoning_batch, lr=1e-3, gate_lr=5e-3)
+        targs = TrainingArgs(out=out / name, steps=steps, seed=0, **shape)
         return run_phase(
             student,
-            s.teacher,
+            teacher,
             DistillSettings(phase=phase),
-            DataArgs(TRAIN_TEXT),
+            DataArgs(data),
             targs,
             on_step=on_step,
             on_event=on_event,
         ).out
 
-    stage(f"2/6 phase 1: interpolated transition, {s.steps1} steps", s.steps1)
+    stage(f"2/{total} phase 1: interpolated transition, {s.steps1} steps", s.steps1)
     phase1 = train(melt0, 1, s.steps1, "phase1")
     lap("phase 1")
-    stage(f"3/6 phase 2: attention-aligned distillation, {s.steps2} steps", s.steps2)
+    stage(f"3/{total} phase 2: attention-aligned distillation, {s.steps2} steps", s.steps2)
     melt = train(phase1, 2, s.steps2, "phase2")
     lap("phase 2")
 
-    stage("4/6 evaluate on held-out text", None)
+    stage(f"4/{total} evaluate on held-out text", None)
     models = {"Ouro teacher": s.teacher, "MELT (phase 1 + 2)": melt, "training-free last": last}
     for name, path in models.items():
         teacher = None if name == "Ouro teacher" else s.teacher
@@ -129,7 +146,7 @@ def run_quickstart(
         report.evaluation[name] = next(iter(result.results.values()))
     lap("evaluate")
 
-    stage("5/6 generate (temperature 0.8, top-k 40, seed 0)", None)
+    stage(f"5/{total} generate (temperature 0.8, top-k 40, seed 0)", None)
     tokenizer = load_tokenizer(s.teacher)
     generation = GenerationSettings(
         max_new_tokens=s.new_tokens, sampling=SamplingSettings(temperature=0.8, top_k=40, seed=0)
@@ -139,7 +156,7 @@ def run_quickstart(
         report.samples[name] = s.prompt + result.text
     lap("generate")
 
-    stage("6/6 KV-cache memory per loop count", None)
+    stage(f"6/{total} KV-cache memory per loop count", None)
     ouro_config, melt_config = load_config(s.teacher), load_config(melt)
     bf16 = torch.bfloat16
     for loops in s.kv_loops:
@@ -152,4 +169,38 @@ def run_quickstart(
             "melt": KVCache(melt_config, 1, s.kv_tokens, loops, dtype=bf16).nbytes(),
         }
     lap("memory")
+    if s.reasoning:
+        run_reasoning(s, out / "reasoning", report, stage, train)
+        lap("reasoning")
     return report
+
+
+def run_reasoning(s: QuickstartSettings, out: Path, report: QuickstartReport, stage, train) -> None:
+    """The recipe on the ``reasoning`` LoopLM: MELT after both phases and ``last``, against the
+    teacher, by greedy-answer accuracy on held-out multi-hop problems."""
+    steps = s.reasoning_steps1 + s.reasoning_steps2
+    stage(f"7/7 reasoning: {s.reasoning_teacher} -> MELT ({steps} steps) and 'last'; accuracy on problems", None)
+    out.mkdir()
+    task = ChainTask()  # the reasoning model's task
+    train_data, test_data = out / "train.jsonl", out / "test.jsonl"
+    write_problems(make_problems(task, TRAINED_HOPS, s.reasoning_batch * steps, seed=1), train_data)
+    write_problems(make_problems(task, REASONING_HOPS, s.reasoning_problems * len(REASONING_HOPS), seed=2), test_data)
+    chunked = MeltSettings(chunk_size=s.reasoning_chunk_size)
+    melt0 = convert_ouro_to_melt(s.reasoning_teacher, out / "melt-converted", chunked)
+    last = convert_ouro_to_melt(
+        s.reasoning_teacher, out / "melt-last", MeltSettings(policy="last", chunk_size=s.reasoning_chunk_size)
+    )
+    phase1 = train(melt0, 1, s.reasoning_steps1, f"{out.name}/phase1", s.reasoning_teacher, train_data)
+    melt = train(phase1, 2, s.reasoning_steps2, f"{out.name}/phase2", s.reasoning_teacher, train_data)
+    bf16 = torch.bfloat16
+    for name, path in {
+        "Ouro teacher": s.reasoning_teacher,
+        "MELT (phase 1 + 2)": melt,
+        "training-free last": last,
+    }.items():
+        final = next(iter(evaluate_problems(path, test_data).results.values()))[-1]
+        report.reasoning[name] = {
+            "accuracy": final.accuracy,
+            "by_hops": final.accuracy_by_hops,
+            "kv_bytes_per_token": load_config(path).kv_bytes_per_token(bf16),
+        }

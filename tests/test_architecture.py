@@ -16,6 +16,7 @@ LAYERS = {
     "dtypes": 1,
     "runtime": 1,
     "data": 1,
+    "tasks": 1,
     "models": 2,
     "checkpoints": 3,
     "inference": 4,

@@ -139,9 +139,9 @@ def test_resume_after_any_interrupt_is_bit_exact(melt_ckpt, tiny_ckpt, text_file
     calls = {"n": 0}
     original = DistillObjective.loss
 
-    def interrupting(self, wrapped, ids, step):
+    def interrupting(self, wrapped, ids, step, targets=None):
         calls["n"] += 1
-        out = original(self, wrapped, ids, step)
+        out = original(self, wrapped, ids, step, targets)
         if where == "between micro-batches" and calls["n"] == 5:  # step 3, after its 1st micro-batch's loss
             raise KeyboardInterrupt
         return out
@@ -181,8 +181,8 @@ def test_resume_refuses_changed_settings(melt_ckpt, tiny_ckpt, text_file, tmp_pa
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(melt_ckpt, tiny_ckpt, text_file, tmp_path, monkeypatch):
     original = DistillObjective.loss
 
-    def poisoned(self, wrapped, ids, step):
-        loss, parts = original(self, wrapped, ids, step)
+    def poisoned(self, wrapped, ids, step, targets=None):
+        loss, parts = original(self, wrapped, ids, step, targets)
         return (loss * float("nan") if step == 2 else loss), parts
 
     monkeypatch.setattr(DistillObjective, "loss", poisoned)
@@ -197,8 +197,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(melt_ckpt, tiny_ckpt, tex
 def test_nan_gradient_with_finite_loss_is_not_applied(melt_ckpt, tiny_ckpt, text_file, tmp_path, monkeypatch):
     original = DistillObjective.loss
 
-    def nan_gradient(self, wrapped, ids, step):
-        loss, parts = original(self, wrapped, ids, step)
+    def nan_gradient(self, wrapped, ids, step, targets=None):
+        loss, parts = original(self, wrapped, ids, step, targets)
         if step == 2:  # sqrt at 0: the value stays finite, its gradient is inf * 0 = nan
             gate = self.student.gate_parameters()[0]
             loss = loss + torch.sqrt(gate.sum() * 0.0)

@@ -1,4 +1,5 @@
-"""``melt quickstart``: convert -> transition -> distill -> eval -> generate -> memory, on the example model."""
+"""``melt quickstart``: convert -> transition -> distill -> eval -> generate -> memory, on the example model;
+then the same recipe on the reasoning model, judged by accuracy."""
 
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +36,18 @@ def quickstart(
     eval_sequences: Annotated[
         int, typer.Option(help="Held-out sequences to evaluate on (the shipped slice has 48 of 256 tokens).")
     ] = (QuickstartSettings.eval_sequences),
+    reasoning: Annotated[
+        bool, typer.Option(help="Also run the recipe on the built-in reasoning model (accuracy on multi-hop problems).")
+    ] = QuickstartSettings.reasoning,
+    reasoning_steps1: Annotated[int, typer.Option(help="Reasoning: phase-1 steps.")] = (
+        QuickstartSettings.reasoning_steps1
+    ),
+    reasoning_steps2: Annotated[int, typer.Option(help="Reasoning: phase-2 steps.")] = (
+        QuickstartSettings.reasoning_steps2
+    ),
+    reasoning_problems: Annotated[int, typer.Option(help="Reasoning: held-out problems per hop count.")] = (
+        QuickstartSettings.reasoning_problems
+    ),
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Run the whole MELT pipeline on the built-in example LoopLM (a few minutes on a CPU)."""
@@ -45,6 +58,10 @@ def quickstart(
         seq_len=seq_len,
         batch_tokens=batch_tokens,
         eval_sequences=eval_sequences,
+        reasoning=reasoning,
+        reasoning_steps1=reasoning_steps1,
+        reasoning_steps2=reasoning_steps2,
+        reasoning_problems=reasoning_problems,
     )
     with Progress(*STEP_COLUMNS, console=console.err) as bar:
         task = None
@@ -94,8 +111,25 @@ def render(report: QuickstartReport) -> None:
     console.out.print(memory)
     for name, text in report.samples.items():
         console.out.print(Panel(text, title=name, title_align="left"))
+    if report.reasoning:
+        render_reasoning(report)
     timing = ", ".join(f"{k} {v:.0f}s" for k, v in report.seconds.items())
     console.out.print(f"done in {sum(report.seconds.values()):.0f}s ({timing}); models in {report.out}")
+
+
+def render_reasoning(report: QuickstartReport) -> None:
+    table = Table(
+        title="Multi-hop reasoning (the built-in reasoning LoopLM): greedy accuracy on held-out problems, "
+        "by hop count (trained on 1-5)",
+        title_justify="left",
+    )
+    hops = list(next(iter(report.reasoning.values()))["by_hops"])
+    for col in ("model", "accuracy", *(f"{k} hops" for k in hops), "KV B/token (bf16)"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for name, r in report.reasoning.items():
+        by_hops = [f"{r['by_hops'][k]:.0%}" for k in hops]
+        table.add_row(name, f"{r['accuracy']:.1%}", *by_hops, f"{r['kv_bytes_per_token']:,}")
+    console.out.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from . import hub
 
 ASSETS = Path(__file__).parent.parent / "assets"
-BUILTIN_CHECKPOINTS = {"example": ASSETS / "example"}
+BUILTIN_CHECKPOINTS = {"example": ASSETS / "example", "reasoning": ASSETS / "reasoning"}
 
 
 def resolve(path: str | os.PathLike) -> Path:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
@@ -52,6 +54,30 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
         eos_token=SPECIAL_TOKENS[0],
         pad_token=SPECIAL_TOKENS[0],
         unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+UNKNOWN_WORD = "<|unk|>"
+
+
+def word_level_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A tokenizer whose tokens are whole whitespace-separated ``words`` (any other word is
+    ``<|unk|>``), with Ouro's special tokens at ids 0, 1, 2: for synthetic tasks whose symbols
+    should each be one token."""
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, UNKNOWN_WORD, *words])}
+    if len(vocab) != len(SPECIAL_TOKENS) + 1 + len(words):
+        raise InvalidArgumentError("the words of a word-level tokenizer must be distinct")
+    backend = Tokenizer(WordLevel(vocab, unk_token=UNKNOWN_WORD))
+    backend.pre_tokenizer = WhitespaceSplit()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=SPECIAL_TOKENS[0],
+        eos_token=SPECIAL_TOKENS[0],
+        pad_token=SPECIAL_TOKENS[0],
+        unk_token=UNKNOWN_WORD,
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )

@@ -44,21 +44,24 @@ def score_batch(
     loops: int | None,
     teacher: nn.Module | None,
     stats: list[LoopStats] | None = None,
+    targets: Tensor | None = None,
 ) -> list[LoopStats]:
-    """Accumulate per-loop next-token NLL (and KL(teacher || model), top-1 agreement) of one batch.
+    """Accumulate per-loop next-token NLL (and KL(teacher || model), top-1 agreement) of one batch;
+    ``targets`` (B, S) bool: only the tokens it marks are predicted (None: all).
 
     Logits are computed one loop at a time from hidden states (MELT chunk-wise, with its chunk size).
     """
     hidden, _ = model.forward_hidden(input_ids, loops=loops)
     t_hidden = teacher.forward_hidden(input_ids, loops=loops)[0] if teacher is not None else None
-    labels = input_ids[:, 1:]
+    keep = targets[:, 1:] if targets is not None else torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+    labels = input_ids[:, 1:][keep]
     stats = stats or [LoopStats() for _ in hidden]
     for t, h in enumerate(hidden):
-        log_p = F.log_softmax(model.lm_head(h[:, :-1]).float(), -1)  # (B, S-1, V)
+        log_p = F.log_softmax(model.lm_head(h[:, :-1][keep]).float(), -1)  # (N, V)
         nll = -log_p.gather(-1, labels[..., None]).squeeze(-1)
         kl = agree = None
         if t_hidden is not None:
-            log_q = F.log_softmax(teacher.lm_head(t_hidden[t][:, :-1]).float(), -1)
+            log_q = F.log_softmax(teacher.lm_head(t_hidden[t][:, :-1][keep]).float(), -1)
             kl = (log_q.exp() * (log_q - log_p)).sum(-1)
             agree = (log_q.argmax(-1) == log_p.argmax(-1)).float()
         stats[t].add(nll, kl, agree)

@@ -24,17 +24,18 @@ from torch import Tensor, nn
 
 from ..checkpoints import load_config, load_model, load_tokenizer
 from ..checkpoints.outputs import check_output
-from ..data import PackedSequences
+from ..data import training_sequences
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..evaluation.heldout import finish, score_batch
 from ..models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, is_melt, is_ouro
 from ..models.update_rules import is_gate_parameter
-from .losses import attention_alignment, kl_divergence, next_token_cross_entropy
+from .losses import attention_alignment, kl_divergence, next_token_cross_entropy, predicting
 from .trainer import (
     RESUME_HINT,
     TrainingArgs,
     TrainResult,
     check_seq_len,
+    fit_to_rows,
     resume_checkpoint,
     save_model_as,
     train,
@@ -136,8 +137,10 @@ class StudentLoss(nn.Module):
         teacher_hidden: list[Tensor],
         teacher_taps: list[Tensor] | None,
         teacher_head: Tensor,
+        targets: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """KD (+ CE) (+ beta * alignment); the parts are returned detached for logging."""
+        """KD (+ CE) (+ beta * alignment); the parts are returned detached for logging. With
+        ``targets``, KD and CE cover the positions that predict a target; the alignment covers all."""
         s = self.settings
         hidden, taps = self.student.forward_chunkwise(
             input_ids,
@@ -149,10 +152,13 @@ class StudentLoss(nn.Module):
         )
         head = self.student.lm_head.weight
         loops = range(len(hidden)) if s.kd_loops == "all" else [len(hidden) - 1]
-        kd = torch.stack([kl_divergence(hidden[t], teacher_hidden[t], head, teacher_head) for t in loops]).mean()
+        positions = predicting(targets) if targets is not None else None
+        kd = torch.stack(
+            [kl_divergence(hidden[t], teacher_hidden[t], head, teacher_head, positions) for t in loops]
+        ).mean()
         loss, parts = kd, {"kd": kd.detach()}
         if s.ce_weight > 0:
-            ce = torch.stack([next_token_cross_entropy(h, head, input_ids) for h in hidden]).mean()
+            ce = torch.stack([next_token_cross_entropy(h, head, input_ids, targets) for h in hidden]).mean()
             loss = loss + s.ce_weight * ce
             parts["ce"] = ce.detach()
         if s.phase == 2:
@@ -210,16 +216,18 @@ class DistillObjective:
     def describe(self) -> dict[str, Any]:
         return {"name": objective_name(self.settings), **dataclasses.asdict(self.settings)}
 
-    def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def loss(
+        self, wrapped: nn.Module, input_ids: Tensor, step: int, targets: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
         with torch.no_grad():
             t_hidden, t_taps = self.teacher.forward_hidden(input_ids, return_attn_outputs=self.settings.phase == 2)
-        loss, parts = wrapped(input_ids, self.alpha(step), t_hidden, t_taps, self.teacher.lm_head.weight)
+        loss, parts = wrapped(input_ids, self.alpha(step), t_hidden, t_taps, self.teacher.lm_head.weight, targets)
         return loss, {k: v.item() for k, v in parts.items()}
 
-    def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, input_ids: Tensor, targets: Tensor | None = None) -> dict[str, float]:
         """Held-out next-token loss and KL to the teacher, per loop (student at alpha = 1)."""
         student = model.student if isinstance(model, StudentLoss) else model
-        stats = score_batch(student, input_ids, None, self.teacher)
+        stats = score_batch(student, input_ids, None, self.teacher, targets=targets)
         out = {}
         for r in finish(stats, with_teacher=True):
             out[f"loss_loop{r.loop}"], out[f"kl_loop{r.loop}"] = r.loss, r.kl_to_teacher
@@ -263,12 +271,11 @@ def run_phase(
     teacher_dtype = teacher_dtype or default_teacher_dtype(args)
     objective = DistillObjective(student_path, teacher_path, settings, args.steps, teacher_dtype)
     tokenizer = load_tokenizer(student_path)
-    data = PackedSequences.from_path(data_args.data, tokenizer, args.seq_len, args.seed, data_args.text_field)
+    data = training_sequences(data_args.data, tokenizer, args.seq_len, args.seed, data_args.text_field)
     eval_data = None
     if data_args.eval_data is not None:
-        eval_data = PackedSequences.from_path(
-            data_args.eval_data, tokenizer, args.seq_len, args.seed, data_args.text_field
-        )
+        eval_data = training_sequences(data_args.eval_data, tokenizer, args.seq_len, args.seed, data_args.text_field)
+    args = fit_to_rows(args, data)
     if on_event:
         on_event(
             f"phase {settings.phase}: student {student_path}, teacher {teacher_path}, "

@@ -38,23 +38,43 @@ def _chunked(fn, tensors: list[Tensor], token_chunk: int) -> Tensor:
     return total
 
 
+def predicting(targets: Tensor) -> Tensor:
+    """(B, S) bool: the positions whose next token is a target (``targets`` shifted left by one)."""
+    return F.pad(targets[:, 1:], (0, 1), value=False)
+
+
 def kl_divergence(
-    h_student: Tensor, h_teacher: Tensor, w_student: Tensor, w_teacher: Tensor, token_chunk: int = TOKEN_CHUNK
+    h_student: Tensor,
+    h_teacher: Tensor,
+    w_student: Tensor,
+    w_teacher: Tensor,
+    positions: Tensor | None = None,
+    token_chunk: int = TOKEN_CHUNK,
 ) -> Tensor:
-    """Mean over tokens of KL(teacher || student) between ``lm_head`` outputs of (B, S, H) states."""
+    """Mean over tokens of KL(teacher || student) between ``lm_head`` outputs of (B, S, H) states;
+    ``positions`` (B, S) bool: only those tokens (None: all)."""
     H = h_student.shape[-1]
     hs, ht = h_student.reshape(-1, H), h_teacher.reshape(-1, H)
+    if positions is not None:
+        keep = positions.reshape(-1)
+        hs, ht = hs[keep], ht[keep]
     fn = lambda a, b: _kl_sum(a, b, w_student, w_teacher)
-    return _chunked(fn, [hs, ht], token_chunk) / hs.shape[0]
+    return _chunked(fn, [hs, ht], token_chunk) / max(hs.shape[0], 1)
 
 
-def next_token_cross_entropy(h: Tensor, w: Tensor, input_ids: Tensor, token_chunk: int = TOKEN_CHUNK) -> Tensor:
-    """Mean next-token cross-entropy of ``lm_head(h)`` (B, S, H) predicting ``input_ids`` shifted by one."""
+def next_token_cross_entropy(
+    h: Tensor, w: Tensor, input_ids: Tensor, targets: Tensor | None = None, token_chunk: int = TOKEN_CHUNK
+) -> Tensor:
+    """Mean next-token cross-entropy of ``lm_head(h)`` (B, S, H) predicting ``input_ids`` shifted by one;
+    ``targets`` (B, S) bool: only the tokens it marks are predicted (None: all)."""
     H = h.shape[-1]
     hs = h[:, :-1].reshape(-1, H)
     labels = input_ids[:, 1:].reshape(-1)
+    if targets is not None:
+        keep = targets[:, 1:].reshape(-1)
+        hs, labels = hs[keep], labels[keep]
     fn = lambda a, y: _ce_sum(a, w, y)
-    return _chunked(fn, [hs, labels], token_chunk) / hs.shape[0]
+    return _chunked(fn, [hs, labels], token_chunk) / max(hs.shape[0], 1)
 
 
 def per_token_cross_entropy(h: Tensor, w: Tensor, input_ids: Tensor, token_chunk: int = TOKEN_CHUNK) -> Tensor:

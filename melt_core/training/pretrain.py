@@ -28,7 +28,7 @@ from ..checkpoints import load_config, load_model, load_tokenizer, save_checkpoi
 from ..checkpoints.outputs import check_output
 from ..checkpoints.random_model import init_weights, ouro_config_for
 from ..checkpoints.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_bpe_tokenizer
-from ..data import PackedSequences, iter_documents
+from ..data import iter_documents, training_sequences
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..evaluation.heldout import finish, score_batch
 from ..models import OuroForCausalLM, is_ouro
@@ -36,7 +36,7 @@ from ..models.config import validate_loops
 from ..models.ouro import exit_pdf
 from ..words import plural
 from .losses import next_token_cross_entropy, per_token_cross_entropy
-from .trainer import RESUME_HINT, TrainingArgs, TrainResult, check_seq_len, resume_checkpoint, train
+from .trainer import RESUME_HINT, TrainingArgs, TrainResult, check_seq_len, fit_to_rows, resume_checkpoint, train
 
 # Model shapes of `melt pretrain --preset` (the loop count and vocabulary are set separately).
 PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
@@ -46,6 +46,13 @@ PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
+    },
+    "mini": {  # the built-in `reasoning` model's shape
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
     },
     "small": {
         "hidden_size": 192,
@@ -107,16 +114,19 @@ class LoopLMLoss(nn.Module):
         super().__init__()
         self.lm, self.settings = model, settings
 
-    def forward(self, input_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         hidden, _ = self.lm.forward_hidden(input_ids)
         w = self.lm.lm_head.weight
         if self.settings.objective in ("uniform", "ramp"):
-            per_loop = torch.stack([next_token_cross_entropy(h, w, input_ids) for h in hidden])
+            per_loop = torch.stack([next_token_cross_entropy(h, w, input_ids, targets) for h in hidden])
             weights = loop_weights(self.settings.objective, len(hidden)).to(per_loop)
             return (weights * per_loop).sum(), {f"ce_loop{t + 1}": v.detach() for t, v in enumerate(per_loop)}
         ce = torch.stack([per_token_cross_entropy(h, w, input_ids) for h in hidden], -1)  # (B, S-1, T)
         gate = self.lm.model.early_exit_gate
         pdf = exit_pdf([gate(h).squeeze(-1) for h in hidden])[:, :-1].float()  # (B, S-1, T)
+        if targets is not None:  # the predicted tokens only, (N, T)
+            keep = targets[:, 1:]
+            ce, pdf = ce[keep], pdf[keep]
         entropy = -(pdf * pdf.clamp_min(1e-12).log()).sum(-1).mean()
         expected_ce = (pdf * ce).sum(-1).mean()
         parts = {f"ce_loop{t + 1}": ce[..., t].mean().detach() for t in range(ce.shape[-1])}
@@ -151,13 +161,16 @@ class PretrainObjective:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.settings).items()}
         return {"name": OBJECTIVE_NAME, **settings}
 
-    def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        loss, parts = wrapped(input_ids)
+    def loss(
+        self, wrapped: nn.Module, input_ids: Tensor, step: int, targets: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        loss, parts = wrapped(input_ids, targets)
         return loss, {k: v.item() for k, v in parts.items()}
 
-    def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, input_ids: Tensor, targets: Tensor | None = None) -> dict[str, float]:
         lm = model.lm if isinstance(model, LoopLMLoss) else model
-        return {f"loss_loop{r.loop}": r.loss for r in finish(score_batch(lm, input_ids, None, None), False)}
+        stats = score_batch(lm, input_ids, None, None, targets=targets)
+        return {f"loss_loop{r.loop}": r.loss for r in finish(stats, False)}
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None:
         lm = model.lm if isinstance(model, LoopLMLoss) else model
@@ -210,12 +223,11 @@ def run_pretrain(
         )
         model = OuroForCausalLM(ouro_config_for(tokenizer, torch.float32, **shape))
         init_weights(model, args.seed)  # --resume then overwrites these with the saved state
-    packed = PackedSequences.from_path(data, tokenizer, args.seq_len, args.seed, text_field)
+    packed = training_sequences(data, tokenizer, args.seq_len, args.seed, text_field)
     held_out = (
-        PackedSequences.from_path(eval_data, tokenizer, args.seq_len, args.seed, text_field)
-        if eval_data is not None
-        else None
+        training_sequences(eval_data, tokenizer, args.seq_len, args.seed, text_field) if eval_data is not None else None
     )
+    args = fit_to_rows(args, packed)
     if on_event:
         n = sum(p.numel() for p in model.parameters())
         source = f"from {settings.init_from}" if settings.init_from is not None else settings.preset

@@ -10,6 +10,7 @@ held-out evaluation. What is trained and how the loss is computed is an ``Object
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +44,8 @@ METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
 # Arguments that must not change when a run is resumed.
 # Arguments that must not change when a run is resumed (``steps`` may grow: the run goes on longer).
-RESUME_INVARIANTS = ("seq_len", "batch_tokens", "micro_batch", "seed", "schedule", "warmup_steps")
+RESUME_INVARIANTS = ("seq_len", "batch_tokens", "micro_batch", "seed", "schedule", "warmup_steps", "data_order")
+DATA_ORDERS = ("shuffle", "file")
 
 
 class TrainingDivergedError(MeltError):
@@ -75,6 +77,7 @@ class TrainingArgs:
     eval_every: int = 0  # 0: only at the end (when eval data is given)
     eval_batches: int = 8
     seed: int = 0
+    data_order: str = "shuffle"  # or "file": sequences in the data's own order (a curriculum)
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
     cpu: bool = False
     resume: Path | None = None
@@ -94,6 +97,8 @@ class TrainingArgs:
         for flag, (value, least) in minimums.items():
             if value < least:
                 raise InvalidArgumentError(f"{flag} must be >= {least}, got {value}")
+        if self.data_order not in DATA_ORDERS:
+            raise InvalidArgumentError(f"--data-order must be shuffle or file, got {self.data_order!r}")
         if self.schedule not in ("cosine", "constant"):
             raise InvalidArgumentError(f"--schedule must be cosine or constant, got {self.schedule!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -125,7 +130,8 @@ class TrainingArgs:
 
 class Objective(Protocol):
     """What a run trains and how. ``model`` is wrapped by accelerate (DDP/FSDP); ``loss`` and
-    ``evaluate`` receive that wrapped module and must call it (not ``model``) in the forward."""
+    ``evaluate`` receive that wrapped module and must call it (not ``model``) in the forward.
+    ``targets`` (B, S) bool marks the tokens to predict (None: every token; see ``PackedSequences``)."""
 
     model: nn.Module
 
@@ -133,7 +139,9 @@ class Objective(Protocol):
 
     def prepare(self, accelerator: Accelerator) -> None: ...
 
-    def loss(self, wrapped: nn.Module, input_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]: ...
+    def loss(
+        self, wrapped: nn.Module, input_ids: Tensor, step: int, targets: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]: ...
 
     def step_metrics(self, step: int) -> dict[str, float]: ...
 
@@ -141,7 +149,7 @@ class Objective(Protocol):
         """``{"name": ..., **settings}`` (JSON values): what the run trains; a resume must match it."""
         ...
 
-    def evaluate(self, model: nn.Module, input_ids: Tensor) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module, input_ids: Tensor, targets: Tensor | None = None) -> dict[str, float]: ...
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None: ...
 
@@ -173,6 +181,12 @@ def check_seq_len(seq_len: int, max_positions: int) -> None:
         raise InvalidArgumentError(
             f"--seq-len {seq_len} exceeds the model's maximum {max_positions} (max_position_embeddings)"
         )
+
+
+def fit_to_rows(args: TrainingArgs, data: PackedSequences) -> TrainingArgs:
+    """Problem rows are as long as the longest problem, which ``--seq-len`` only bounds: the run's
+    sequence length (tokens per step, ``--batch-tokens``) is then theirs."""
+    return args if data.seq_len == args.seq_len else dataclasses.replace(args, seq_len=data.seq_len)
 
 
 def check_tracker(name: str) -> None:
@@ -257,6 +271,8 @@ class _Run:
         on_event: Callable[[str], None] | None,
         trackers: Sequence[GeneralTracker] = (),
     ) -> None:
+        if args.data_order == "file":
+            data = dataclasses.replace(data, ordered=True)
         self.objective, self.data, self.args, self.eval_data = objective, data, args, eval_data
         self.on_step = on_step or (lambda m: None)
         self.on_event = on_event or (lambda m: None)
@@ -354,23 +370,28 @@ class _Run:
         return final
 
     # --- the loop ------------------------------------------------------------------------------
-    def micro_batches(self, step: int) -> list[Tensor]:
-        """This process's micro-batches of global batch ``step``."""
-        batch = self.data.batch(step, self.global_seqs)  # (G, seq_len), identical on every process
+    def micro_batches(self, step: int) -> list[tuple[Tensor, Tensor | None]]:
+        """This process's micro-batches of global batch ``step``: (input ids, targets or None)."""
+        # (G, seq_len), identical on every process
+        batch, targets = self.data.batch_with_targets(step, self.global_seqs)
         acc, mb = self.accelerator, self.args.micro_batch
         rank, world = acc.process_index, acc.num_processes
-        return [batch[(m * world + rank) * mb : (m * world + rank + 1) * mb].to(acc.device) for m in range(self.accum)]
+        rows = [slice((m * world + rank) * mb, (m * world + rank + 1) * mb) for m in range(self.accum)]
+        return [(batch[r].to(acc.device), None if targets is None else targets[r].to(acc.device)) for r in rows]
 
     def evaluate(self, wrapped: nn.Module) -> dict[str, float]:
         model = self.accelerator.unwrap_model(wrapped)
         was_training = model.training
         model.eval()
         totals: dict[str, float] = {}
-        n = min(self.args.eval_batches, len(self.eval_data))
+        data, device, mb = self.eval_data, self.accelerator.device, self.args.micro_batch
+        n = min(self.args.eval_batches, -(-len(data) // mb))  # batches of micro_batch sequences
         with torch.no_grad(), self.accelerator.autocast():
             for i in range(n):
-                ids = self.eval_data.sequences[i : i + 1].to(self.accelerator.device)
-                for k, v in self.objective.evaluate(model, ids).items():
+                rows = slice(i * mb, (i + 1) * mb)
+                ids = data.sequences[rows].to(device)
+                targets = None if data.targets is None else data.targets[rows].to(device)
+                for k, v in self.objective.evaluate(model, ids, targets).items():
                     totals[k] = totals.get(k, 0.0) + v / n
         model.train(was_training)
         return totals
@@ -414,10 +435,10 @@ class _Run:
                 t0 = time.perf_counter()
                 total, parts_sum = 0.0, {}
                 batches = self.micro_batches(step)
-                for m, ids in enumerate(batches):
+                for m, (ids, targets) in enumerate(batches):
                     sync = m == len(batches) - 1  # gradients are all-reduced once, after the last micro-batch
                     with nullcontext() if sync else acc.no_sync(wrapped), acc.autocast():
-                        loss, parts = objective.loss(wrapped, ids, step)
+                        loss, parts = objective.loss(wrapped, ids, step, targets)
                         acc.backward(loss / self.accum)
                     total += loss.detach().float() / self.accum
                     for k, v in parts.items():

@@ -1,0 +1,84 @@
+"""``melt data``: make datasets melt generates itself (``melt data reasoning``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from melt_core.checkpoints.outputs import check_output
+from melt_core.checkpoints.tokenizer import save_tokenizer, word_level_tokenizer
+from melt_core.errors import InvalidArgumentError
+from melt_core.tasks import ChainTask, make_problems, write_problems
+from melt_core.tasks.chains import parse_hops
+
+from .. import console
+
+EPILOG = """Examples:
+
+  melt data reasoning --hops 1-5 --curriculum --n 384000 --out train.jsonl --tokenizer-out chains-tokenizer
+  melt pretrain --data train.jsonl --data-order file --tokenizer chains-tokenizer --out runs/reasoning
+
+  melt data reasoning --hops 1-7 --n 700 --seed 1 --out test.jsonl
+
+  melt eval reasoning --data test.jsonl --loops 1,2,4,8
+"""
+
+data_app = typer.Typer(help="Make datasets melt generates itself, offline and seeded.", no_args_is_help=True)
+
+
+@data_app.command(epilog=EPILOG)
+def reasoning(
+    out: Annotated[Path, typer.Option("--out", help="Output .jsonl file (one problem per line).")],
+    hops: Annotated[str, typer.Option(help="Hop counts: 4, a range 1-5, or a list 1,2,6 (equal shares).")] = "1-5",
+    n: Annotated[int, typer.Option("--n", help="Number of problems.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same file.")] = 0,
+    curriculum: Annotated[
+        bool,
+        typer.Option(
+            "--curriculum",
+            help="Write the problems in stages of equal size, stage j with the j smallest hop counts "
+            "(train on it with --data-order file).",
+        ),
+    ] = False,
+    statements: Annotated[int, typer.Option(help="Assignments per problem, the same for every hop count.")] = (
+        ChainTask.statements
+    ),
+    chains: Annotated[int, typer.Option(help="Chains per problem: the queried one and distractors.")] = (
+        ChainTask.chains
+    ),
+    names: Annotated[int, typer.Option(help="Variable names to draw from (the first N letters).")] = ChainTask.names,
+    tokenizer_out: Annotated[
+        Path | None,
+        typer.Option(help="Also write the task's word-level tokenizer (one token per assignment) to this folder."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT (and --tokenizer-out).")] = False,
+) -> None:
+    """Multi-hop variable-chain problems: follow K assignments to a digit past distractor chains
+    (records: prompt, answer, hops)."""
+    if not out.name.endswith(".jsonl"):
+        raise InvalidArgumentError(f"--out must be a .jsonl file, got {out}")
+    if out.exists() and not force:
+        raise InvalidArgumentError(f"{out} exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise InvalidArgumentError(f"cannot write {out}: {out.parent} is not a folder")
+    if tokenizer_out is not None:
+        check_output(tokenizer_out, force)
+    task = ChainTask(statements=statements, chains=chains, names=names)
+    problems = make_problems(task, parse_hops(hops), n, seed, curriculum=curriculum)
+    write_problems(problems, out)
+    if tokenizer_out is not None:
+        save_tokenizer(word_level_tokenizer(task.vocabulary()), tokenizer_out)
+        console.err.print(f"wrote the task's tokenizer ({len(task.vocabulary())} words) to {tokenizer_out}")
+    shares = Counter(p.hops for p in problems)
+    spread = ", ".join(f"{k} hops: {shares[k]}" for k in sorted(shares))
+    example = problems[0]
+    console.err.print(
+        f"wrote {len(problems)} problems to {out} ({spread}); e.g. {example.prompt!r} -> {example.answer!r}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
