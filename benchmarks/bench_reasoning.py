@@ -35,6 +35,7 @@ from melt_core import load_config
 from melt_core.checkpoints import convert_ouro_to_melt
 from melt_core.evaluation import evaluate_problems
 from melt_core.models import MeltSettings
+from melt_core.quickstart import REASONING_LR
 from melt_core.tasks import ChainTask, make_problems, write_problems
 from melt_core.tasks.chains import TRAINED_HOPS
 from melt_core.training import DataArgs, DistillSettings, TrainingArgs, run_phase
@@ -84,8 +85,7 @@ class Bench:
             steps=steps,
             seq_len=256,  # problem rows are as long as a problem; this only bounds them
             micro_batch=self.args.batch,
-            lr=1e-3,
-            gate_lr=5e-3,
+            **REASONING_LR,
             seed=seed,
             force=True,
         )
@@ -185,8 +185,6 @@ def main() -> None:
     print(f"teacher {args.teacher}: {bench.loops} loops; held-out: {args.per_hops} problems per hop count {TEST_HOPS}")
 
     bench.evaluate("Ouro teacher", args.teacher, "teacher")
-    if args.plain:
-        bench.evaluate("plain model (T = 1, same layers)", args.plain, "plain")
     for policy in ("last", "mean", "ema"):
         bench.evaluate(f"training-free {policy}", bench.convert(f"free-{policy}", policy), "training-free")
 
@@ -212,6 +210,8 @@ def main() -> None:
         _, swept = bench.recipe(f"chunk{size}", first, chunk=size)
         bench.evaluate(f"chunk size {size} (trained and evaluated)", swept, "chunk sweep", first)
 
+    if args.plain:  # last: it may be trained while the rows above run
+        bench.evaluate("plain model (T = 1, same layers)", args.plain, "plain")
     bench.curve("Ouro teacher", args.teacher)
     bench.curve("MELT full recipe", full)
     bench.write()
