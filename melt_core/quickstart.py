@@ -51,8 +51,8 @@ class QuickstartSettings:
     prompt: str = PROMPT
     reasoning: bool = True  # the reasoning stage
     reasoning_teacher: str = "reasoning"
-    reasoning_steps1: int = 60
-    reasoning_steps2: int = 40
+    reasoning_steps1: int = 100
+    reasoning_steps2: int = 60
     reasoning_batch: int = 64  # problems per step
     reasoning_chunk_size: int = 4
     reasoning_problems: int = 50  # held-out problems per hop count

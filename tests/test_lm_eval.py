@@ -130,7 +130,7 @@ def test_melt_eval_tasks_cli(tasks_dir, melt_ckpt):
     table = runner.invoke(app, [*base, "--limit", "2"])
     assert table.exit_code == 0 and "melt_tiny_mc" in table.stdout
     assert "exactly one" in one_red_line(runner.invoke(app, [*base, "--data", "x.txt"]))
-    assert "apply to --tasks" in one_red_line(
+    assert "--limit applies to --tasks and problem files" in one_red_line(
         runner.invoke(app, ["eval", str(melt_ckpt), "--data", "x", "--limit", "2"])
     )
 
