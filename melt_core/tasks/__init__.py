@@ -1,5 +1,5 @@
 """Synthetic tasks melt generates itself, offline and seeded."""
 
-from .chains import ChainTask, Problem, make_problems, solve, write_problems
+from .chains import ChainTask, Problem, make_problems, write_problems
 
-__all__ = ["ChainTask", "Problem", "make_problems", "solve", "write_problems"]
+__all__ = ["ChainTask", "Problem", "make_problems", "write_problems"]

@@ -150,20 +150,6 @@ def make_problems(task: ChainTask, hops: Iterable[int], n: int, seed: int, curri
     return [task.problem(hops[(i % stage) % (i // stage + 1)], rng) for i in range(n)]
 
 
-def solve(prompt: str) -> str:
-    """The answer of a prompt, by following its assignments (an independent check of the generator)."""
-    *statements, query = prompt.split(STATEMENT_SEP)
-    env = dict(s.split("=") for s in statements)
-    name = query.removesuffix(QUERY_MARK)
-    seen = set()
-    while name in env:
-        if name in seen:
-            raise ValueError(f"cycle at {name!r}")
-        seen.add(name)
-        name = env[name]
-    return name
-
-
 def write_problems(problems: list[Problem], out: str | os.PathLike) -> None:
     """One JSON object per line (``prompt``, ``answer``, ``hops``), written atomically."""
     out = Path(out)
