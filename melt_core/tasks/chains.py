@@ -26,7 +26,7 @@ assignment is one word, and so one token of the task's word-level tokenizer
 ends are names, not a separate kind of value: every assignment ``a=b`` is the last hop of some
 one-hop problem, so one-hop training teaches the lookup of every assignment, which longer chains
 then reuse (with digit ends, the assignments between names were never a last hop, and a model
-trained on 1..2 hops stayed at chance on 2 for 1,000 steps).
+trained on 1..2 hops stayed at chance on 2 for 500 steps).
 """
 
 from __future__ import annotations
