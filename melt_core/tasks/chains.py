@@ -136,7 +136,7 @@ def make_problems(task: ChainTask, hops: Iterable[int], n: int, seed: int, curri
 
     ``curriculum``: in stages of equal size, stage j cycling through the j smallest hop counts, so
     that a model trained in file order (``--data-order file``) meets longer chains only once it
-    follows shorter ones (a model trained on all hop counts at once stays at chance for long).
+    follows shorter ones (in melt's probes, models trained on all hop counts from the start stayed at chance).
     """
     hops = sorted(set(hops)) if curriculum else list(hops)
     for k in hops:
