@@ -20,11 +20,11 @@ LAYERS = {
     "models": 2,
     "checkpoints": 3,
     "inference": 4,
-    "evaluation": 4,
-    "training": 5,
-    "profiling": 5,
-    "integrations": 5,
-    "quickstart": 6,
+    "evaluation": 5,  # scores as the model decodes (inference.decode.prefill)
+    "training": 6,
+    "profiling": 6,
+    "integrations": 6,
+    "quickstart": 7,
 }
 
 

@@ -48,12 +48,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     bpe.train_from_iterator(
         texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS), show_progress=False
     )
+    return _with_ouro_specials(bpe._tokenizer, unk_token=None)
+
+
+def _with_ouro_specials(backend: Tokenizer, unk_token: str | None) -> PreTrainedTokenizerFast:
+    """``backend`` as a transformers tokenizer: ``<|endoftext|>`` as BOS, EOS and padding, ChatML."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
+        tokenizer_object=backend,
         bos_token=SPECIAL_TOKENS[0],
         eos_token=SPECIAL_TOKENS[0],
         pad_token=SPECIAL_TOKENS[0],
-        unk_token=None,
+        unk_token=unk_token,
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
@@ -72,15 +77,7 @@ def word_level_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(WordLevel(vocab, unk_token=UNKNOWN_WORD))
     backend.pre_tokenizer = WhitespaceSplit()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=SPECIAL_TOKENS[0],
-        eos_token=SPECIAL_TOKENS[0],
-        pad_token=SPECIAL_TOKENS[0],
-        unk_token=UNKNOWN_WORD,
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
+    return _with_ouro_specials(backend, unk_token=UNKNOWN_WORD)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: str | os.PathLike) -> None:

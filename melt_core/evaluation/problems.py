@@ -22,8 +22,7 @@ from torch import nn
 from ..checkpoints import load_model, load_tokenizer
 from ..data import encode_problem, read_problems
 from ..errors import InvalidArgumentError
-from ..models import is_melt
-from ..models.chunks import chunk_lengths
+from ..inference.decode import prefill
 from ..runtime import resolve_device
 from .heldout import EvalReport
 
@@ -69,20 +68,14 @@ def answer_scores(
     mask_arg = None if bool(mask.all()) else mask.to(device)
     count = model.config.resolve_loops(loops)
     cache = model.new_cache(B, S + A, count)
-    chunk = chunk_size if chunk_size is not None else (model.config.melt.chunk_size if is_melt(model) else None)
-    start = 0
-    for size in chunk_lengths(S, chunk, "end"):  # the prefill of `melt generate`
-        part_mask = None if mask_arg is None else mask_arg[:, start : start + size]
-        kwargs = {"chunk_size": size} if is_melt(model) else {}
-        hidden, _ = model.forward_hidden(ids[:, start : start + size], part_mask, cache=cache, loops=count, **kwargs)
-        start += size
-    last = [h[:, -1] for h in hidden]  # per loop (B, H): predicts answer token 0
-    steps = []  # per answer position: per loop (B, V) log-probabilities
+    # per answer position, per loop (B, V) log-probabilities: the prefill of `melt generate`, then decode steps
+    logits = prefill(model, ids, mask_arg, cache, chunk_size, align="end", last_only=True, per_loop=True, loops=count)
+    steps = []
     for j in range(A):
-        steps.append([F.log_softmax(model.lm_head(h).float(), -1) for h in last])
+        steps.append([F.log_softmax(lg.float(), -1) for lg in logits])
         if j + 1 < A:
-            hidden, _ = model.forward_hidden(answers[:, j : j + 1], cache=cache, loops=count)
-            last = [h[:, -1] for h in hidden]
+            logits = model(answers[:, j : j + 1], cache=cache, loops=count, return_loop_logits=True).loop_logits
+            logits = [lg[:, -1] for lg in logits]
     out = []
     for b, (_, answer) in enumerate(pairs):
         greedy, nll = [], []

@@ -36,17 +36,21 @@ def prefill(
     *,
     align: ChunkAlign = "start",
     last_only: bool = False,
+    per_loop: bool = False,
     **forward_kwargs: object,
-) -> Tensor:
+) -> Tensor | list[Tensor]:
     """Feed ``input_ids`` (B, S) through ``cache`` chunk by chunk; return the logits of every
     position (B, S, V), or with ``last_only`` of the last position only (B, V) — no (B, S, V)
-    tensor is then ever built.
+    tensor is then ever built. ``per_loop`` (with ``last_only``): every loop's logits of the last
+    position, T x (B, V).
 
     ``chunk_size`` None means ``default_chunk_size(model)``. Each chunk is one forward call; a MELT
     model is told that the slice is a single chunk.
     """
+    if per_loop and not last_only:
+        raise InvalidArgumentError("prefill returns per-loop logits of the last position only (last_only=True)")
     chunk_size = default_chunk_size(model) if chunk_size is None else chunk_size
-    logits, start = [], 0
+    outputs, start = [], 0
     for size in chunk_lengths(input_ids.shape[1], chunk_size, align):
         end = start + size
         mask = None if attention_mask is None else attention_mask[:, start:end]
@@ -55,9 +59,13 @@ def prefill(
             kwargs["chunk_size"] = size
         if last_only:
             kwargs["num_logits_to_keep"] = 1
-        logits.append(model(input_ids[:, start:end], mask, cache=cache, **kwargs).logits)
+        if per_loop:
+            kwargs["return_loop_logits"] = True
+        outputs.append(model(input_ids[:, start:end], mask, cache=cache, **kwargs))
         start = end
-    return logits[-1][:, -1] if last_only else torch.cat(logits, dim=1)
+    if per_loop:
+        return [logits[:, -1] for logits in outputs[-1].loop_logits]
+    return outputs[-1].logits[:, -1] if last_only else torch.cat([o.logits for o in outputs], dim=1)
 
 
 @torch.no_grad()
