@@ -1,15 +1,19 @@
 """Decode speed: melt-Ouro and melt-MELT, eager and compiled, against the memory-bandwidth floor.
 
 For each model (the built-in example LoopLM, 3.5M parameters; with ``--medium``, a random
-186M-parameter Ouro-format model) and its MELT conversion (same weights), greedy decoding at batch 1
-after a short prompt, the variants interleaved round by round (median of ``--rounds``):
+157M-parameter Ouro-format model, hidden 1024, 12 layers) and its MELT conversion (same weights),
+greedy decoding at batch 1 after a short prompt, the variants interleaved round by round (median of
+``--rounds``):
 
 - ``eager``: the ordinary step (``model(ids, cache=cache)``);
-- ``compiled``: ``melt generate --compile``'s fixed-shape, ``torch.compile``d step.
+- ``compiled``: ``melt generate --compile``'s fixed-shape, ``torch.compile``d step (fused
+  projections); ``unfused`` (the example model only): the same without fusing them.
 
-The floor of one decode step is the bytes it must read, weights x loops (every loop re-reads the
-layer stack) plus the KV rows attended to, divided by the measured GEMV bandwidth of this machine
-(a large fp32 matrix-vector product). The reference Ouro code is measured too when
+The floor of one decode step is the bytes it must read: the layer stack's weights once per loop,
+the final norm, exit gate and LM head once, one embedding row, and the KV rows attended to, divided
+by the GEMV bandwidth of this machine (a large fp32 matrix-vector product), measured again in every
+round, next to the steps it is the floor of (this VM's bandwidth drifts by tens of percent over
+minutes); "x floor" is the median over rounds of step / floor. The reference Ouro code is measured too when
 ``MELT_REFERENCE_OURO_PYTHON`` names a Python whose environment has transformers 4.56 and
 ``MELT_REFERENCE_OURO_CODE`` a folder with a public copy of Ouro's ``configuration_ouro.py`` and
 ``modeling_ouro.py`` (never part of melt): the checkpoint is copied next to them and loaded with
@@ -63,8 +67,13 @@ def gemv_bandwidth(size: int = 8192, repeats: int = 20) -> float:
     return w.nbytes / statistics.median(times)
 
 
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def step_weight_bytes(model, loops: int) -> int:
+    """Weight bytes one decode step reads: the layers once per loop, the rest (norm, exit gate, LM
+    head) once, of the embedding one row."""
+    layers = sum(p.nbytes for name, p in model.named_parameters() if name.startswith("model.layers."))
+    embedding = model.model.embed_tokens.weight
+    rest = sum(p.nbytes for p in model.parameters()) - layers - embedding.nbytes
+    return layers * loops + rest + embedding[0].nbytes
 
 
 def reference_checkpoint(checkpoint: Path, into: Path) -> Path | None:
@@ -116,20 +125,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    bandwidth = gemv_bandwidth()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured GEMV bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s; batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-        f"median of {args.rounds} interleaved rounds"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1, {args.prompt_tokens}-token "
+        f"prompt, {args.new_tokens} new tokens, median of {args.rounds} interleaved rounds"
     )
     tmp = tempfile.TemporaryDirectory()
     checkpoints = {"example": resolve_checkpoint("example")}
     if args.medium:
         checkpoints["medium"] = write_random_ouro(Path(tmp.name) / "medium", seed=0, **MEDIUM)
-    print(
-        f"{'model':8} {'kind':5} {'variant':9} {'ms/step':>8} {'tok/s':>7} {'floor ms':>8} {'x floor':>7} "
-        f"{'vs eager':>8}"
-    )
     for label, checkpoint in checkpoints.items():
         ouro = load_model(checkpoint, dtype="fp32")
         melt = melt_from_ouro(ouro, MeltSettings(chunk_size=32))
@@ -137,34 +140,55 @@ def main() -> None:
             3, ouro.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
         )
         ref_dir = reference_checkpoint(Path(checkpoint), Path(tmp.name))
-        variants = [
-            (kind, model, compiled) for kind, model in (("ouro", ouro), ("melt", melt)) for compiled in (False, True)
-        ]
-        for _, model, compiled in variants:  # warm-up and compilation, at the measured shapes
-            decode_step_seconds(model, prompt, args.new_tokens, compile=compiled)
-        times: dict[tuple[str, bool], list[float]] = {(k, c): [] for k, _, c in variants}
+        modes = [("eager", False, True), ("compiled", True, True)]
+        if label == "example":
+            modes.append(("unfused", True, False))
+        variants = [(kind, model, *mode) for kind, model in (("ouro", ouro), ("melt", melt)) for mode in modes]
+        for _, model, _, compiled, fuse in variants:  # warm-up and compilation, at the measured shapes
+            decode_step_seconds(model, prompt, args.new_tokens, compile=compiled, fuse=fuse)
+        loops = ouro.config.total_ut_steps
+        kv_rows = args.prompt_tokens + args.new_tokens // 2  # rows attended, on average over the steps
+        floors = {
+            kind: step_weight_bytes(model, loops) + kv_rows * model.config.kv_bytes_per_token(model.dtype, loops)
+            for kind, model in (("ouro", ouro), ("melt", melt))
+        }
+        times: dict[tuple[str, str], list[float]] = {(v[0], v[2]): [] for v in variants}
+        ratios: dict[tuple[str, str], list[float]] = {(v[0], v[2]): [] for v in variants}
+        bandwidths: list[float] = []
         reference: list[float] = []
         for r in range(args.rounds):
-            for kind, model, compiled in variants[r % len(variants) :] + variants[: r % len(variants)]:
-                times[kind, compiled].append(decode_step_seconds(model, prompt, args.new_tokens, compile=compiled))
+            bandwidth = gemv_bandwidth()
+            for kind, model, mode, compiled, fuse in variants[r % len(variants) :] + variants[: r % len(variants)]:
+                seconds = decode_step_seconds(model, prompt, args.new_tokens, compile=compiled, fuse=fuse)
+                times[kind, mode].append(seconds)
+                ratios[kind, mode].append(seconds * bandwidth / floors[kind])
+            bandwidths.append(bandwidth)
             if ref_dir is not None:
                 seconds = reference_seconds(ref_dir, prompt, args.new_tokens)
                 if seconds is not None:
                     reference.append(seconds)
-        loops = ouro.config.total_ut_steps
-        kv_rows = args.prompt_tokens + args.new_tokens // 2  # rows attended, on average over the steps
-        for kind, model, compiled in variants:
-            step = statistics.median(times[kind, compiled])
-            kv_read = kv_rows * model.config.kv_bytes_per_token(model.dtype, loops)
-            floor = (weight_bytes(model) * loops + kv_read) / bandwidth
-            eager = statistics.median(times[kind, False])
+        bandwidth = statistics.median(bandwidths)
+        print(
+            f"{label}: {sum(p.numel() for p in ouro.parameters()) / 1e6:.1f}M parameters, {loops} loops; GEMV "
+            f"bandwidth {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s over the rounds"
+        )
+        print(
+            f"{'model':8} {'kind':5} {'variant':9} {'ms/step':>8} {'tok/s':>7} {'floor ms':>8} {'x floor':>7} "
+            f"{'vs eager':>8}"
+        )
+        for kind, _, mode, _, _ in variants:
+            step = statistics.median(times[kind, mode])
+            eager = statistics.median(times[kind, "eager"])
+            floor_ms, x_floor = floors[kind] / bandwidth * 1e3, statistics.median(ratios[kind, mode])
             print(
-                f"{label:8} {kind:5} {'compiled' if compiled else 'eager':9} {step * 1e3:8.2f} {1 / step:7.1f} "
-                f"{floor * 1e3:8.2f} {step / floor:7.2f} {eager / step:7.2f}x"
+                f"{label:8} {kind:5} {mode:9} {step * 1e3:8.2f} {1 / step:7.1f} {floor_ms:8.2f} {x_floor:7.2f} "
+                f"{eager / step:7.2f}x"
             )
+        melt_ouro = statistics.median(times["ouro", "compiled"]) / statistics.median(times["melt", "compiled"])
+        print(f"{label:8} melt / ouro decode speed, compiled: {melt_ouro:.2f}")
         if reference:
             step = statistics.median(reference)
-            ours = statistics.median(times["ouro", True])
+            ours = statistics.median(times["ouro", "compiled"])
             print(
                 f"{label:8} {'ouro':5} {'reference':9} {step * 1e3:8.2f} {1 / step:7.1f}   "
                 f"melt compiled is {step / ours:.2f}x faster"

@@ -38,6 +38,34 @@ def test_static_step_matches_the_ordinary_step(name, request):
     torch.testing.assert_close(StaticDecoder(model, static_cache)(last), plain, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
+def test_static_prefill_chunks_match_the_ordinary_prefill(name, request):
+    """Full prefill chunks run as fixed-shape steps (the remainder chunk as an ordinary forward):
+    the same tokens, padded batch and each row alone, and the same cache rows."""
+    model = load_model(request.getfixturevalue(name))
+    ids, mask = padded_batch(model.config.vocab_size)
+    expected = greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3)
+    assert torch.equal(greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3, static=True), expected)
+    for b in range(3):
+        row = ids[b : b + 1, int((mask[b] == 0).sum()) :]
+        assert torch.equal(greedy_tokens(model, row, max_new_tokens=6, chunk_size=3, static=True), expected[b : b + 1])
+    cache, static_cache = model.new_cache(3, 12), model.new_cache(3, 12)
+    plain = prefill(model, ids, mask, cache, 3, align="end", last_only=True)
+    step = StaticDecoder(model, static_cache)
+    fixed = prefill(model, ids, mask, static_cache, 3, align="end", last_only=True, static=step)
+    torch.testing.assert_close(fixed, plain, atol=1e-5, rtol=1e-5)
+    real = mask.bool()[:, None, :, None]  # rows of padding positions are never read
+    for plain_rows, static_rows in (
+        (cache.store.keys, static_cache.store.keys),
+        (cache.store.values, static_cache.store.values),
+    ):
+        torch.testing.assert_close(
+            static_rows[..., :10, :] * real, plain_rows[..., :10, :] * real, atol=1e-5, rtol=1e-5
+        )
+    with pytest.raises(InvalidArgumentError, match="last position"):
+        prefill(model, ids, mask, model.new_cache(3, 12), 3, static=StaticDecoder(model, model.new_cache(3, 12)))
+
+
 def test_static_step_keeps_exit_options(tiny_ckpt):
     model = load_model(tiny_ckpt)
     ids, mask = padded_batch(model.config.vocab_size)
@@ -65,17 +93,59 @@ def _int8(model):
 
 def test_compiled_decoding_gives_the_same_text(melt_ckpt):
     """torch.compile of the step (about half a minute to compile here): the same greedy tokens,
-    batched, through generate_text."""
+    batched, through generate_text; the prompts span several chunks of 4, so full prefill chunks run
+    compiled too, and each shape compiles once (a guard on a changing stride would recompile)."""
+    from torch._dynamo.utils import counters
+
     model = load_model(melt_ckpt)
     from melt_core import load_tokenizer
 
     tokenizer = load_tokenizer(melt_ckpt)
-    prompts = ["Once upon a time", "The capital of France is a city"]
+    prompts = ["Once upon a time there was a", "The capital of France is a city"]
+    assert all(len(tokenizer(p)["input_ids"]) > 8 for p in prompts)
     plain = generate_text(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, stop_token_ids=()))
+    graphs = counters["stats"]["unique_graphs"]
     compiled = generate_text(
         model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, stop_token_ids=(), compile=True)
     )
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # a prefill chunk (2 x 4) and a decode step (2 x 1)
     assert [r.token_ids for r in compiled.results] == [r.token_ids for r in plain.results]
     # the first compiled step compiles: timed apart, not as decoding
     assert compiled.stats.compile_seconds > 0 and plain.stats.compile_seconds == 0
     assert compiled.stats.decode_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
+def test_fused_projections_store_each_weight_once(name, request, tmp_path):
+    model = load_model(request.getfixturevalue(name))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    expected = model(ids).logits
+    model.fuse_projections()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    fused = attn.qkv if name == "tiny_ckpt" else attn.kv
+    names = ["q_proj", "k_proj", "v_proj"] if name == "tiny_ckpt" else ["k_proj", "v_proj"]
+    # the parameters are row blocks of the fused matrix: one storage, nothing copied
+    assert fused.shape[0] == sum(getattr(attn, n).weight.shape[0] for n in names)
+    assert {getattr(attn, n).weight.untyped_storage().data_ptr() for n in names} == {fused.untyped_storage().data_ptr()}
+    assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up.data_ptr()
+    model.fuse_projections()  # fusing again reuses the matrices
+    assert (attn.qkv if name == "tiny_ckpt" else attn.kv) is fused
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)  # the ordinary forward is unchanged
+    # training still reaches every projection (the ordinary forward uses the parameters)
+    model(ids).logits.sum().backward()
+    assert all(getattr(attn, n).weight.grad is not None for n in names)
+    # a fused model saves as separate tensors and loads back equal
+    from melt_core.checkpoints.io import save_checkpoint
+
+    out = save_checkpoint(model, tmp_path / "saved")
+    for n, p in load_model(out).named_parameters():
+        assert torch.equal(p, before[n]), n
+    # a weight replaced after fusing is fused again, not read stale
+    with torch.no_grad():
+        attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight * 2)
+    model.fuse_projections()
+    assert (attn.qkv if name == "tiny_ckpt" else attn.kv) is not fused
+    assert attn.k_proj.weight.data_ptr() != fused.data_ptr()

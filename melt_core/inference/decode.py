@@ -37,6 +37,7 @@ def prefill(
     align: ChunkAlign = "start",
     last_only: bool = False,
     per_loop: bool = False,
+    static: StaticDecoder | None = None,
     **forward_kwargs: object,
 ) -> Tensor | list[Tensor]:
     """Feed ``input_ids`` (B, S) through ``cache`` chunk by chunk; return the logits of every
@@ -45,15 +46,25 @@ def prefill(
     position, T x (B, V).
 
     ``chunk_size`` None means ``default_chunk_size(model)``. Each chunk is one forward call; a MELT
-    model is told that the slice is a single chunk.
+    model is told that the slice is a single chunk. ``static`` (with ``last_only``, over ``cache``):
+    the chunks of exactly ``chunk_size`` tokens run as its fixed-shape steps (one shape for any
+    prompt length); the rest, and a whole prompt taken as one chunk, as ordinary forwards.
     """
     if per_loop and not last_only:
         raise InvalidArgumentError("prefill returns per-loop logits of the last position only (last_only=True)")
+    if static is not None and (per_loop or not last_only):
+        raise InvalidArgumentError("a static prefill returns the last position's logits only (last_only=True)")
     chunk_size = default_chunk_size(model) if chunk_size is None else chunk_size
     outputs, start = [], 0
-    for size in chunk_lengths(input_ids.shape[1], chunk_size, align):
+    sizes = chunk_lengths(input_ids.shape[1], chunk_size, align)
+    for size in sizes:
         end = start + size
         mask = None if attention_mask is None else attention_mask[:, start:end]
+        if static is not None and len(sizes) > 1 and size == chunk_size:
+            logits = static(input_ids[:, start:end], mask)
+            start = end
+            continue
+        logits = None
         kwargs = dict(forward_kwargs)
         if is_melt(model):
             kwargs["chunk_size"] = size
@@ -63,8 +74,10 @@ def prefill(
             kwargs["return_loop_logits"] = True
         outputs.append(model(input_ids[:, start:end], mask, cache=cache, **kwargs))
         start = end
+    if logits is not None:  # the last chunk ran as a static step
+        return logits
     if per_loop:
-        return [logits[:, -1] for logits in outputs[-1].loop_logits]
+        return [loop_logits[:, -1] for loop_logits in outputs[-1].loop_logits]
     return outputs[-1].logits[:, -1] if last_only else torch.cat([o.logits for o in outputs], dim=1)
 
 
@@ -79,7 +92,7 @@ def decode(
     max_new_tokens: int,
     chunk_size: int | None = None,
     align: ChunkAlign = "end",
-    static: bool = False,
+    static: bool | StaticDecoder = False,
     compile: bool = False,
     **forward_kwargs: Any,
 ) -> Iterator[Tensor]:
@@ -87,23 +100,25 @@ def decode(
     step; each yielded token is fed back as a one-token forward before the next is yielded.
 
     ``forward_kwargs`` (``loops``, ``exit_at_step``, ``exit_threshold``, ``depth``) go to every
-    forward. ``static``: decode steps at fixed shapes (``StaticDecoder``; float-row caches, no
-    adaptive depth), ``compile``: compiled too. Stop early by closing the generator (``break``);
-    rows that are finished keep being fed their own tokens, which never affects the other rows.
+    forward. ``static``: decode steps and full prefill chunks at fixed shapes (a ``StaticDecoder``
+    over ``cache``, or True to build one; float-row caches, no adaptive depth), ``compile``:
+    compiled too. Stop early by closing the generator (``break``); rows that are finished keep
+    being fed their own tokens, which never affects the other rows.
     """
-    logits = prefill(model, input_ids, attention_mask, cache, chunk_size, align=align, last_only=True, **forward_kwargs)
-    fixed_shapes = static or compile
-    if fixed_shapes and forward_kwargs.get("depth") is not None:
+    if (static is not False or compile) and forward_kwargs.get("depth") is not None:
         raise InvalidArgumentError("adaptive depth changes the work per row: it runs without --static / --compile")
-    step_logits = None
+    if static is True or (static is False and compile):
+        kwargs = {k: v for k, v in forward_kwargs.items() if k != "depth"}
+        static = StaticDecoder(model, cache, compile=compile, **kwargs)
+    fixed = static if isinstance(static, StaticDecoder) else None
+    logits = prefill(
+        model, input_ids, attention_mask, cache, chunk_size, align=align, last_only=True, static=fixed, **forward_kwargs
+    )
     for step in range(max_new_tokens):
         next_ids = sampler(logits, input_ids)  # (B,)
         yield next_ids
         if step + 1 < max_new_tokens:
-            if fixed_shapes:
-                if step_logits is None:  # built after the first token: its set-up is decode time, not prefill
-                    kwargs = {k: v for k, v in forward_kwargs.items() if k != "depth"}
-                    step_logits = StaticDecoder(model, cache, compile=compile, **kwargs)
-                logits = step_logits(next_ids[:, None])
+            if fixed is not None:
+                logits = fixed(next_ids[:, None])
             else:
                 logits = model(next_ids[:, None], cache=cache, **forward_kwargs).logits[:, -1]

@@ -30,6 +30,7 @@ from ..runtime import peak_memory_so_far, reset_peak_memory, resolve_device
 from ..words import plural
 from .decode import decode
 from .sampling import Sampler, SamplingSettings
+from .static_decode import StaticDecoder
 from .text import TextStream, default_stop_token_ids, encode_prompt
 
 
@@ -49,9 +50,9 @@ class GenerationSettings:
       token; all loops run, because a later token's loop t reads every earlier token's loop-t row.
     chunk_size: prefill chunk size (None: MELT's trained chunk size; Ouro's whole prompt).
     batch_size: prompts decoded together (left-padded) in batch mode.
-    compile: decode through a fixed-shape, ``torch.compile``d step (``inference.static_decode``):
-      the same tokens, about 2.4x faster on the example model once compiled (~1 min on a CPU, once
-      per cache shape); it does not pay on bandwidth-bound models on a CPU (README, Benchmarks).
+    compile: decode (and prefill MELT's full chunks) through a fixed-shape, ``torch.compile``d step
+      (``inference.static_decode``): the same tokens, about 2.4x faster on the example model once
+      compiled (~1 min on a CPU, once per shape); less on bandwidth-bound models (README, Benchmarks).
     """
 
     max_new_tokens: int = 256
@@ -144,7 +145,8 @@ class GenerationStats:
 
     Throughput counts positions fed to the model: prefill = rows x padded prompt length per second
     of prefill; decode = rows x one-token steps per second of decoding. With ``compile`` the first
-    decode step of each batch compiles the step: its time is ``compile_seconds``, not decoding.
+    call of each shape of the step compiles it: its time is ``compile_seconds``, not prefill or
+    decoding.
     kv_cache_bytes: exact K/V storage of the (largest) preallocated cache (prompt + max new tokens).
     kv_cache_bytes_per_loop: the storage each loop adds — Ouro: its own (loop, layer) slots, equal
       for every loop; MELT: loop 1 holds the one shared row per token and layer, later loops add 0.
@@ -261,6 +263,10 @@ def generate_text(
             kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), cache.nbytes_per_loop(), S + steps
         streams = [TextStream(tokenizer, settings.stop) for _ in rows]
         counts, reasons = [0] * B, [""] * B
+        # --compile: the fixed-shape step (decoding, full prefill chunks); the first call of each of
+        # its shapes compiles (or loads) it, which is timed apart, as compile_seconds
+        static = StaticDecoder(model, cache, compile=True, **forward_kwargs) if settings.compile else None
+        compiled_so_far = 0.0
 
         start = time.perf_counter()
         last = start
@@ -274,20 +280,20 @@ def generate_text(
                 sampler,
                 max_new_tokens=steps,
                 chunk_size=settings.chunk_size,
-                compile=settings.compile,
+                static=static or False,
                 **forward_kwargs,
             )
         ) as tokens:
             for next_ids in tokens:
                 next_list = next_ids.tolist()  # waits for the device: the timings below are honest
                 now = time.perf_counter()
+                compiled = 0.0 if static is None else static.compile_seconds - compiled_so_far
+                compiled_so_far, compile_s = compiled_so_far + compiled, compile_s + compiled
                 if yielded == 0:
-                    prefill_s += now - start
+                    prefill_s += now - start - compiled
                     prefill_positions += B * S
                     after_prefill = replace(depth.stats) if depth is not None else None
-                elif yielded == 1 and settings.compile:  # the first compiled step compiles (or loads) it
-                    compile_s += now - last
-                else:
+                elif compiled == 0.0:  # a step that compiled is not decoding time
                     decode_s += now - last
                     decode_positions += B
                 last, yielded = now, yielded + 1

@@ -1,25 +1,32 @@
-"""A decode step at fixed shapes: the same model code, no per-step shape logic, optionally compiled.
+"""Decode steps (and prefill chunks) at fixed shapes: the same model code, no per-step shape logic,
+optionally compiled.
 
 The ordinary decode step (``model(ids, cache=cache)``) rebuilds RoPE tables, positions and masks
 from the ledger and slices the cache to the positions written so far, so every step has new
 shapes. ``StaticDecoder`` runs the same blocks (``loop_stack``, the same KV policies) with
-everything fixed for the cache's lifetime:
+everything fixed for the cache's lifetime, for one token (a decode step) or a chunk of C tokens
+(MELT's prefill chunks: every full chunk has the same shape):
 
 - RoPE: one table for positions [0, max_len), computed as ``rope_cos_sin`` computes it, gathered
   by each row's position (bit-identical values);
 - keys: attention always covers the cache's ``max_len`` positions, masked by the ledger's validity
-  (unwritten positions and padding are invalid), so the shapes never change;
-- writes: rows go to the store at a position held in a tensor (``index_copy_``), not a Python int;
+  (unwritten positions and padding are invalid) and causally, so the shapes never change;
+- writes: rows go to the store at positions held in a tensor (``index_copy_``), not Python ints;
+- projections that read the same input run as one matrix product (``fuse_projections``: q/k/v
+  for Ouro, k/v for MELT, gate/up), the weights stored once;
 - the exit gate picks each token's loop by a gather, with no host sync.
 
 With ``compile=True`` the step (embedding, loops, head) is ``torch.compile``d
-(``mode="reduce-overhead"`` on CUDA: CUDA graphs); it compiles once per cache shape (batch x
-positions), which torch's caches then reuse. Greedy tokens equal the ordinary step's;
-logits agree to float rounding (attention over masked zeros runs another kernel).
+(``mode="reduce-overhead"`` on CUDA: CUDA graphs; a C++ kernel wrapper on CPU); it compiles once
+per shape (batch x tokens x positions), which torch's caches then reuse; ``compile_seconds`` is
+the time of those first calls.
+Greedy tokens equal the ordinary step's; logits agree to float rounding (attention over masked
+zeros runs another kernel; the fused projections sum in another order).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -31,21 +38,22 @@ from ..models.kv import PerLoopKV, SharedKV
 from ..models.layers import BlockInputs, rope_cos_sin
 from ..models.ouro import exit_pdf, exit_step, hidden_at
 from ..models.rows import PreallocatedRows
+from ..runtime import synchronize
 
 
 class StaticRows:
-    """A ``PreallocatedRows`` written at ``position`` (a 1-element tensor); ``write`` returns every
-    slot's ``max_len`` rows (the mask hides those not written yet)."""
+    """A ``PreallocatedRows`` written at ``positions`` (a tensor, one per new token); ``write``
+    returns every slot's ``max_len`` rows (the mask hides those not written yet)."""
 
-    def __init__(self, rows: PreallocatedRows, position: Tensor) -> None:
-        self.rows, self.position = rows, position
+    def __init__(self, rows: PreallocatedRows, positions: Tensor) -> None:
+        self.rows, self.positions = rows, positions
 
     def write(
         self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         keys, values = self.rows.keys[slot], self.rows.values[slot]
-        keys.index_copy_(2, self.position, k.to(keys.dtype))
-        values.index_copy_(2, self.position, v.to(values.dtype))
+        keys.index_copy_(2, self.positions, k.to(keys.dtype))
+        values.index_copy_(2, self.positions, v.to(values.dtype))
         dtype = self.rows.compute_dtype
         return keys.to(dtype), values.to(dtype)
 
@@ -54,10 +62,11 @@ class StaticRows:
 
 
 class StaticDecoder:
-    """One-token steps for a batch through ``cache`` (float rows, already prefilled), at fixed shapes.
+    """Steps for a batch through ``cache`` (float rows) at fixed shapes: one token (decoding, after
+    a prefill) or a chunk of tokens (prefill chunks of one size).
 
     ``exit_at_step`` / ``exit_threshold`` as in ``OuroForCausalLM.forward`` (``"config"``: the
-    config's threshold).
+    config's threshold). ``fuse``: fused projections (``fuse_projections``; off only to measure them).
     """
 
     def __init__(
@@ -69,47 +78,66 @@ class StaticDecoder:
         exit_at_step: int | None = None,
         exit_threshold: float | None | str = "config",
         compile: bool = False,
+        fuse: bool = True,
     ) -> None:
         if not isinstance(cache.store, PreallocatedRows):
             raise InvalidArgumentError("the static decode step needs a float-row cache (not int8 / int4)")
         self.model, self.cache = model, cache
+        if fuse:
+            model.fuse_projections()
+        self.fused = fuse
         self.loops = model.config.resolve_loops(loops)
         model.check_cache(cache, self.loops)
         self.exit_at_step = exit_at_step
         self.exit_threshold = model.config.early_exit_threshold if exit_threshold == "config" else exit_threshold
         device, L = model.device, cache.max_len
-        self.index = torch.zeros(1, dtype=torch.long, device=device)
-        self.store = StaticRows(cache.store, self.index)
-        positions = torch.arange(L, device=device)[None]
-        cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta, model.dtype)
+        self.key_positions = torch.arange(L, device=device)
+        cos, sin = rope_cos_sin(self.key_positions[None], model.config.head_dim, model.config.rope_theta, model.dtype)
         self.cos, self.sin = cos[0, 0], sin[0, 0]  # (max_len, d)
-        self.mask = cache.ledger.valid[:, None, None, :]  # (B, 1, 1, max_len), a view: updated by begin()
         self.rule = model.update_rule() if is_melt(model) else None
         step = self._step
         if compile:
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            step = torch.compile(step, mode=mode, fullgraph=False, dynamic=False)
+            # CUDA: CUDA graphs replay the step without launch overhead. CPU: a C++ wrapper calls the
+            # kernels (a Python one costs microseconds per kernel: 1.35x on the example model's step)
+            if device.type == "cuda":
+                step = torch.compile(step, mode="reduce-overhead", dynamic=False)
+            else:
+                step = torch.compile(step, options={"cpp_wrapper": True}, dynamic=False)
         self._compiled = step
+        self.compiling = compile
+        self.compile_seconds = 0.0  # the first call of each shape: compilation (or a cache load)
+        self._shapes: set[tuple[int, ...]] = set()
 
-    def __call__(self, ids: Tensor) -> Tensor:
-        """Next-token logits (B, V) after feeding ``ids`` (B, 1)."""
-        start, _ = self.cache.begin(1, None)
-        self.index.fill_(start)
-        real = self.cache.ledger.valid[:, : start + 1]
-        positions = real.long().sum(-1) - 1  # real tokens before this one: the same as left-padded alone
-        return self._compiled(ids, positions)
+    def __call__(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Last-position logits (B, V) after feeding ``ids`` (B, C) (``attention_mask``: their
+        real tokens, as for ``model(ids, attention_mask, cache=cache)``)."""
+        C = ids.shape[1]
+        start, _ = self.cache.begin(C, attention_mask)
+        index = torch.arange(start, start + C, device=ids.device)
+        # real tokens before each one: the same positions as left-padded alone (``position_ids_for``)
+        real_before = self.cache.ledger.valid[:, : start + C].long().cumsum(-1)
+        positions = (real_before[:, start:] - 1).clamp(min=0)  # contiguous: a strided view would recompile
+        if not self.compiling or tuple(ids.shape) in self._shapes:
+            return self._compiled(ids, positions, index)
+        began = time.perf_counter()
+        logits = self._compiled(ids, positions, index)
+        synchronize(ids.device)
+        self.compile_seconds += time.perf_counter() - began
+        self._shapes.add(tuple(ids.shape))
+        return logits
 
-    def _step(self, ids: Tensor, positions: Tensor) -> Tensor:
+    def _step(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
         model = self.model
-        rope = (self.cos[positions][:, None, None], self.sin[positions][:, None, None])  # (B, 1, 1, d)
-        N = model.config.num_hidden_layers
-        start = 0  # the static store writes at self.index
-        kv: Any = (
-            SharedKV(self.rule, self.store, N, start) if self.rule is not None else PerLoopKV(self.store, N, start)
-        )
-        inputs = BlockInputs(rope=rope, mask=self.mask, kv=kv)
+        rope = (self.cos[positions][:, None], self.sin[positions][:, None])  # (B, 1, C, d)
+        keys, queries = self.key_positions[None], index[:, None]  # (1, max_len), (C, 1)
+        valid = self.cache.ledger.valid[:, None, None, :]  # (B, 1, 1, max_len): real, written tokens
+        mask = (valid & (keys <= queries)) | (keys == queries)  # causal; a padding query sees itself
+        N, store = model.config.num_hidden_layers, StaticRows(self.cache.store, index)
+        start = 0  # the static store writes at ``index``
+        kv: Any = SharedKV(self.rule, store, N, start) if self.rule is not None else PerLoopKV(store, N, start)
+        inputs = BlockInputs(rope=rope, mask=mask, kv=kv, fused=self.fused)
         hidden = model.loop_stack(model.model.embed_tokens(ids), inputs, self.loops)
-        return self._logits(hidden)[:, -1]
+        return self._logits([h[:, -1:] for h in hidden])[:, -1]
 
     def _logits(self, hidden: list[Tensor]) -> Tensor:
         """The exit gate's choice of loop per token without a host sync: one gather, one lm_head."""

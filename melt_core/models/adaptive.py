@@ -134,7 +134,7 @@ def adaptive_loop_stack(
         inputs.loop = loop
         inputs.rope = rope if rows is None else (rope[0][rows], rope[1][rows])
         inputs.mask = mask if rows is None or mask is None or mask.shape[0] == 1 else mask[rows]
-        kv.rows, kv.keep = rows, (None if loop == 0 else ~run)
+        kv.batch_rows, kv.keep = rows, (None if loop == 0 else ~run)
         before = _pick(x, rows)
         y = before
         for i, layer in enumerate(model.model.layers):
@@ -149,7 +149,7 @@ def adaptive_loop_stack(
             leaving = criterion.exits(h, rows) & run
             exit_loop = _put(exit_loop, rows, torch.where(leaving, loop, _pick(exit_loop, rows)))
             running = _put(running, rows, run & ~leaving)
-    kv.rows = kv.keep = None
+    kv.batch_rows = kv.keep = None
     inputs.rope, inputs.mask = rope, mask
     hidden += [x] * (loops - len(hidden))
     stats = depth.stats

@@ -1,8 +1,9 @@
 """KV policies: which keys and values layer l attends over at loop t, and where its rows go.
 
-A policy gets the layer's normalised attention input ``u`` and returns the keys/values to attend
-over; it writes the new rows into a row store (``models.rows``). The block code is the same for
-every policy (``layers.DecoderLayer``).
+A policy gets the layer's normalised attention input ``u`` and says what the new keys/values are
+projected from (``source``); it writes the new rows into a row store (``models.rows``) and returns
+the keys/values to attend over (``rows``). The block code is the same for every policy
+(``layers.DecoderLayer``).
 
 - ``FullSequenceKV``: no store; a forward sees only its own tokens (Ouro's parallel forward).
 - ``PerLoopKV``: Ouro. One slot per (loop, layer) (``slot``), rows = k/v projections of u.
@@ -35,10 +36,11 @@ Rope = tuple[Tensor, Tensor]
 class FullSequenceKV:
     """No cache: every forward sees only its own tokens (training, scoring a whole sequence)."""
 
-    def keys_values(
-        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope
-    ) -> tuple[Tensor, Tensor]:
-        return layer.self_attn.project_kv(u, rope)
+    def source(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope) -> Tensor:
+        return u
+
+    def rows(self, layer_idx: int, loop: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return k, v
 
 
 @dataclass
@@ -54,24 +56,25 @@ class PerLoopKV:
         """The slot of (loop, layer): loops are the outer dimension."""
         return loop * self.num_layers + layer
 
-    def keys_values(
-        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope
-    ) -> tuple[Tensor, Tensor]:
-        return self.store.write(self.slot(loop, layer_idx), self.start, *layer.self_attn.project_kv(u, rope))
+    def source(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope) -> Tensor:
+        return u
+
+    def rows(self, layer_idx: int, loop: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.store.write(self.slot(loop, layer_idx), self.start, k, v)
 
 
 class SharedKV:
     """MELT's rows for the tokens of one chunk: slot ``layer`` holds every token's current row; each
     loop overwrites the chunk's rows with k/v of the latent state ``h`` (queries still come from u).
 
-    Adaptive depth (``models.adaptive``) sets ``rows``, the batch rows computed at this loop, and
+    Adaptive depth (``models.adaptive``) sets ``batch_rows``, the batch rows computed at this loop, and
     ``keep``, the tokens of those rows that have exited: their rows stay those of their exit loop.
     """
 
     def __init__(self, rule: UpdateRule, store: RowStore, num_layers: int, start: int) -> None:
         self.rule, self.store, self.start = rule, store, start
         self.latent: list[Tensor | None] = [None] * num_layers  # h of the chunk's tokens, per layer
-        self.rows: Tensor | None = None
+        self.batch_rows: Tensor | None = None
         self.keep: Tensor | None = None
 
     def slot(self, loop: int, layer: int) -> int:
@@ -83,19 +86,18 @@ class SharedKV:
             h = self.latent[layer_idx] = self.rule.first(u, gate)
             return h
         previous = self.latent[layer_idx]
-        if self.rows is None:
+        if self.batch_rows is None:
             h = self.latent[layer_idx] = self.rule.next(loop, u, previous, gate)
             return h
-        h = self.rule.next(loop, u, previous[self.rows], gate)
-        self.latent[layer_idx] = previous.index_copy(0, self.rows, h)
+        h = self.rule.next(loop, u, previous[self.batch_rows], gate)
+        self.latent[layer_idx] = previous.index_copy(0, self.batch_rows, h)
         return h
 
-    def keys_values(
-        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope
-    ) -> tuple[Tensor, Tensor]:
-        h = self.update_latent(layer, layer_idx, loop, u)
-        k, v = layer.self_attn.project_kv(h, rope)  # (B, kv_heads, C, d)
-        return self.store.write(self.slot(loop, layer_idx), self.start, k, v, self.rows, self.keep)
+    def source(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope) -> Tensor:
+        return self.update_latent(layer, layer_idx, loop, u)
+
+    def rows(self, layer_idx: int, loop: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.store.write(self.slot(loop, layer_idx), self.start, k, v, self.batch_rows, self.keep)
 
 
 @dataclass
@@ -106,13 +108,15 @@ class InterpolatedKV:
     melt: SharedKV
     base: PerLoopKV
     alpha: float
+    _base_rows: tuple[Tensor, Tensor] | None = None  # the base rows of the layer being run
 
-    def keys_values(
-        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope
-    ) -> tuple[Tensor, Tensor]:
-        keys, values = self.melt.keys_values(layer, layer_idx, loop, u, rope)
-        base_keys, base_values = self.base.keys_values(layer, layer_idx, loop, u, rope)
-        a = self.alpha
+    def source(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: Rope) -> Tensor:
+        self._base_rows = self.base.rows(layer_idx, loop, *layer.self_attn.project_kv(u, rope))
+        return self.melt.source(layer, layer_idx, loop, u, rope)
+
+    def rows(self, layer_idx: int, loop: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = self.melt.rows(layer_idx, loop, k, v)
+        (base_keys, base_values), a = self._base_rows, self.alpha
         return a * keys + (1.0 - a) * base_keys, a * values + (1.0 - a) * base_values
 
 

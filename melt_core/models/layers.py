@@ -1,8 +1,13 @@
 """The transformer block shared by Ouro and MELT (OURO.md §4).
 
-The block does not know where its keys and values come from: a KV policy (``models.kv``)
-receives the normalised attention input ``u`` and returns the keys/values to attend over. Ouro's
+The block does not know where its keys and values come from: a KV policy (``models.kv``) says
+what they are projected from (the normalised attention input ``u`` itself for Ouro, MELT's
+latent state h) and stores the new rows, returning the keys/values to attend over. Ouro's
 per-loop rows and MELT's gated shared rows are two such policies; the block code is the same.
+
+Inference can fuse projections that read the same input into one matrix product (``fuse``: q/k/v
+for Ouro, k/v for MELT, gate/up for the MLP); the parameters become slices of the fused matrix,
+so no weight is stored twice, and a forward uses it only when its ``BlockInputs.fused`` says so.
 """
 
 from __future__ import annotations
@@ -52,6 +57,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
+def fused_weight(current: Tensor | None, linears: list[nn.Linear]) -> Tensor:
+    """One (sum of out_features, in_features) matrix whose row blocks are the weights of
+    ``linears``, which become views of it (no copy is kept). ``current``, a matrix fused earlier,
+    is returned as it is while the weights are still its views (a ``.to()`` or an assignment
+    replaces them: then they are fused again)."""
+    weights = [linear.weight for linear in linears]
+    if current is not None and _views_of(current, weights):
+        return current
+    with torch.no_grad():
+        fused = torch.cat([w.detach() for w in weights])
+    offset = 0
+    for linear, w in zip(linears, weights, strict=True):
+        linear.weight = nn.Parameter(fused[offset : offset + w.shape[0]], requires_grad=w.requires_grad)
+        offset += w.shape[0]
+    return fused
+
+
+def _views_of(fused: Tensor, weights: list[Tensor]) -> bool:
+    offset = 0
+    for w in weights:
+        if w.data_ptr() != fused[offset].data_ptr() or w.shape[1:] != fused.shape[1:]:
+            return False
+        offset += w.shape[0]
+    return offset == fused.shape[0]
+
+
 class MLP(nn.Module):
     """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
 
@@ -60,14 +91,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up: Tensor | None = None  # fused [gate_proj; up_proj] (``fuse``), inference only
 
-    def forward(self, x: Tensor) -> Tensor:
+    def fuse(self) -> None:
+        self.gate_up = fused_weight(self.gate_up, [self.gate_proj, self.up_proj])
+
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if fused:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Attention(nn.Module):
-    """Multi-head attention with GQA; queries and keys/values are projected separately so that
-    a KV policy can feed the K/V projections with something other than the query input."""
+    """Multi-head attention with GQA; keys/values may be projected from another input than the
+    queries (MELT's latent state)."""
 
     def __init__(self, config: OuroConfig) -> None:
         super().__init__()
@@ -79,15 +117,40 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        # fused projections (``fuse``), inference only: [q; k; v] when keys/values come from the
+        # query input (Ouro), else [k; v]
+        self.qkv: Tensor | None = None
+        self.kv: Tensor | None = None
 
-    def project_q(self, u: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """(B, S, H) -> rotated queries (B, heads, S, d)."""
+    def fuse(self, queries: bool) -> None:
+        """Fuse q/k/v (``queries``: keys/values are projected from the query input) or k/v."""
+        if queries:
+            self.qkv = fused_weight(self.qkv, [self.q_proj, self.k_proj, self.v_proj])
+        else:
+            self.kv = fused_weight(self.kv, [self.k_proj, self.v_proj])
+
+    def project(
+        self, u: Tensor, source: Tensor, rope: tuple[Tensor, Tensor], fused: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries (B, heads, S, d) of ``u`` (B, S, H) and rotated keys and values (B,
+        kv_heads, S, d each: the rows a cache stores) of ``source``; ``fused``: one matrix product
+        for q/k/v when ``source`` is ``u``, else for k/v (the fused matrix ``fuse`` made)."""
         B, S, _ = u.shape
-        q = self.q_proj(u).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, *rope)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if fused and source is u and self.qkv is not None:
+            q, k, v = F.linear(u, self.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        elif fused:
+            q = self.q_proj(u)
+            k, v = F.linear(source, self.kv).split([kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(u), self.k_proj(source), self.v_proj(source)
+        q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def project_kv(self, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """(B, S, H) -> rotated keys and values, each (B, kv_heads, S, d): the rows a cache stores."""
+        """(B, S, H) -> rotated keys and values, each (B, kv_heads, S, d)."""
         B, S, _ = h.shape
         k = self.k_proj(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -112,21 +175,28 @@ class Attention(nn.Module):
 class KVPolicy(Protocol):
     """Decides which keys/values layer ``layer_idx`` attends over at loop ``loop``."""
 
-    def keys_values(
-        self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: tuple[Tensor, Tensor]
-    ) -> tuple[Tensor, Tensor]: ...
+    def source(self, layer: DecoderLayer, layer_idx: int, loop: int, u: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """What the new keys/values are projected from, given the attention input ``u``: ``u``
+        itself (the same tensor) or another (B, S, H) state."""
+        ...
+
+    def rows(self, layer_idx: int, loop: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new rows k, v (B, kv_heads, S, d); return the keys/values to attend over."""
+        ...
 
 
 @dataclass
 class BlockInputs:
     """What every layer of one forward shares: RoPE tables, the attention mask, the KV policy,
-    and an optional list collecting each attention sub-block output (distillation taps)."""
+    an optional list collecting each attention sub-block output (distillation taps), and whether
+    to use the fused projections (the model's ``fuse_projections`` made them)."""
 
     rope: tuple[Tensor, Tensor]
     mask: Tensor | None
     kv: KVPolicy
     loop: int = 0
     attn_taps: list[Tensor] | None = None
+    fused: bool = False
 
 
 class DecoderLayer(nn.Module):
@@ -143,10 +213,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, layer_idx: int, inputs: BlockInputs) -> Tensor:
         u = self.input_layernorm(x)  # (B, S, H)
-        q = self.self_attn.project_q(u, inputs.rope)
-        k, v = inputs.kv.keys_values(self, layer_idx, inputs.loop, u, inputs.rope)
-        attn = self.input_layernorm_2(self.self_attn.attend(q, k, v, inputs.mask))
+        kv, loop = inputs.kv, inputs.loop
+        q, k, v = self.self_attn.project(u, kv.source(self, layer_idx, loop, u, inputs.rope), inputs.rope, inputs.fused)
+        keys, values = kv.rows(layer_idx, loop, k, v)
+        attn = self.input_layernorm_2(self.self_attn.attend(q, keys, values, inputs.mask))
         if inputs.attn_taps is not None:
             inputs.attn_taps.append(attn)
         x = x + attn
-        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
+        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x), inputs.fused))
+
+    def fuse(self, queries: bool) -> None:
+        """Fused projections for inference (``Attention.fuse``, ``MLP.fuse``)."""
+        self.self_attn.fuse(queries)
+        self.mlp.fuse()

@@ -50,6 +50,11 @@ class MeltForCausalLM(OuroForCausalLM):
     def gate_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if is_gate_parameter(name)]
 
+    def fuse_projections(self) -> None:
+        """As Ouro's, but keys/values come from the latent state: k/v are fused, q stays apart."""
+        for layer in self.model.layers:
+            layer.fuse(queries=False)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> LoopLMOutput:
         """Ouro's forward (``OuroForCausalLM.forward``); with ``depth`` (adaptive depth, inference
         with a cache) the returned logits are each token's exit loop's, which the last loop's

@@ -134,6 +134,13 @@ class OuroForCausalLM(nn.Module):
         """The KV-gate parameters (MELT's); Ouro has none."""
         return []
 
+    def fuse_projections(self) -> None:
+        """Fuse each layer's projections that read the same input (q/k/v: Ouro's keys and values
+        come from the query input; the MLP's gate/up) for forwards with ``BlockInputs.fused``; the
+        parameters become slices of the fused matrices (``layers.fused_weight``). Inference only."""
+        for layer in self.model.layers:
+            layer.fuse(queries=True)
+
     def forward(
         self,
         input_ids: Tensor,
