@@ -6,8 +6,10 @@ greedy decoding at batch 1 after a short prompt, the variants interleaved round 
 ``--rounds``):
 
 - ``eager``: the ordinary step (``model(ids, cache=cache)``);
-- ``compiled``: ``melt generate --compile``'s fixed-shape, ``torch.compile``d step (fused
-  projections); ``unfused`` (the example model only): the same without fusing them.
+- ``compiled``: ``melt generate --compile``'s fixed-shape, ``torch.compile``d step; ``fused`` (the
+  example model only): the same with fused projections (the default on CUDA only);
+- ``matvecs``: the step's matrix-vector products alone, each weight matrix as the model stores it
+  (what the step would cost with no other work, at this machine's speed on these matrix sizes).
 
 The floor of one decode step is the bytes it must read: the layer stack's weights once per loop,
 the final norm, exit gate and LM head once, one embedding row, and the KV rows attended to, divided
@@ -19,7 +21,7 @@ minutes); "x floor" is the median over rounds of step / floor. The reference Our
 ``modeling_ouro.py`` (never part of melt): the checkpoint is copied next to them and loaded with
 ``trust_remote_code``. Without them that row is skipped.
 
-Usage: python benchmarks/bench_decode.py [--medium] [--new-tokens 32] [--rounds 3]
+Usage: python benchmarks/bench_decode.py [--medium] [--no-example] [--new-tokens 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import time
 from pathlib import Path
 
 import torch
-from timing import decode_step_seconds
+import torch.nn.functional as F
+from timing import decode_step_seconds, step_weight_bytes
+from torch import nn
 
 from melt_core import load_model
 from melt_core.checkpoints import melt_from_ouro
@@ -67,13 +71,22 @@ def gemv_bandwidth(size: int = 8192, repeats: int = 20) -> float:
     return w.nbytes / statistics.median(times)
 
 
-def step_weight_bytes(model, loops: int) -> int:
-    """Weight bytes one decode step reads: the layers once per loop, the rest (norm, exit gate, LM
-    head) once, of the embedding one row."""
-    layers = sum(p.nbytes for name, p in model.named_parameters() if name.startswith("model.layers."))
-    embedding = model.model.embed_tokens.weight
-    rest = sum(p.nbytes for p in model.parameters()) - layers - embedding.nbytes
-    return layers * loops + rest + embedding[0].nbytes
+@torch.no_grad()
+def matvec_seconds(model, loops: int, repeats: int = 3) -> float:
+    """The matrix-vector products of one decode step alone (best of ``repeats``): every weight
+    matrix of the layer stack once per loop, then the LM head, at batch 1 — what a step costs with
+    no other work, on this machine's own matrix sizes."""
+    matrices = [m.weight for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    x = {n: torch.randn(1, n) for n in {w.shape[1] for w in matrices + [model.lm_head.weight]}}
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(loops):
+            for w in matrices:
+                F.linear(x[w.shape[1]], w)
+        F.linear(x[model.lm_head.weight.shape[1]], model.lm_head.weight)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def reference_checkpoint(checkpoint: Path, into: Path) -> Path | None:
@@ -120,7 +133,8 @@ print((time.perf_counter() - start) / {new_tokens - 1})
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--medium", action="store_true", help="also a random 186M-parameter model")
+    p.add_argument("--medium", action="store_true", help="also a random 157M-parameter model")
+    p.add_argument("--no-example", action="store_true", help="skip the example model")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
@@ -130,7 +144,7 @@ def main() -> None:
         f"prompt, {args.new_tokens} new tokens, median of {args.rounds} interleaved rounds"
     )
     tmp = tempfile.TemporaryDirectory()
-    checkpoints = {"example": resolve_checkpoint("example")}
+    checkpoints = {} if args.no_example else {"example": resolve_checkpoint("example")}
     if args.medium:
         checkpoints["medium"] = write_random_ouro(Path(tmp.name) / "medium", seed=0, **MEDIUM)
     for label, checkpoint in checkpoints.items():
@@ -140,9 +154,9 @@ def main() -> None:
             3, ouro.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
         )
         ref_dir = reference_checkpoint(Path(checkpoint), Path(tmp.name))
-        modes = [("eager", False, True), ("compiled", True, True)]
+        modes = [("eager", False, None), ("compiled", True, None)]
         if label == "example":
-            modes.append(("unfused", True, False))
+            modes.append(("fused", True, True))
         variants = [(kind, model, *mode) for kind, model in (("ouro", ouro), ("melt", melt)) for mode in modes]
         for _, model, _, compiled, fuse in variants:  # warm-up and compilation, at the measured shapes
             decode_step_seconds(model, prompt, args.new_tokens, compile=compiled, fuse=fuse)
@@ -154,10 +168,13 @@ def main() -> None:
         }
         times: dict[tuple[str, str], list[float]] = {(v[0], v[2]): [] for v in variants}
         ratios: dict[tuple[str, str], list[float]] = {(v[0], v[2]): [] for v in variants}
+        matvec: dict[str, list[float]] = {"ouro": [], "melt": []}
         bandwidths: list[float] = []
         reference: list[float] = []
         for r in range(args.rounds):
             bandwidth = gemv_bandwidth()
+            for kind, model in (("ouro", ouro), ("melt", melt)):
+                matvec[kind].append(matvec_seconds(model, loops))
             for kind, model, mode, compiled, fuse in variants[r % len(variants) :] + variants[: r % len(variants)]:
                 seconds = decode_step_seconds(model, prompt, args.new_tokens, compile=compiled, fuse=fuse)
                 times[kind, mode].append(seconds)
@@ -176,6 +193,13 @@ def main() -> None:
             f"{'model':8} {'kind':5} {'variant':9} {'ms/step':>8} {'tok/s':>7} {'floor ms':>8} {'x floor':>7} "
             f"{'vs eager':>8}"
         )
+        for kind in ("ouro", "melt"):
+            seconds, floor_ms = statistics.median(matvec[kind]), floors[kind] / bandwidth * 1e3
+            x_floor = statistics.median([m * b / floors[kind] for m, b in zip(matvec[kind], bandwidths, strict=True)])
+            print(
+                f"{label:8} {kind:5} {'matvecs':9} {seconds * 1e3:8.2f} {'':7} {floor_ms:8.2f} {x_floor:7.2f}"
+                "   (the step's matrix-vector products alone)"
+            )
         for kind, _, mode, _, _ in variants:
             step = statistics.median(times[kind, mode])
             eager = statistics.median(times[kind, "eager"])

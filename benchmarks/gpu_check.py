@@ -8,8 +8,8 @@ next one runs.
 1. correctness: the example LoopLM and its MELT conversion, CUDA bf16 and fp32 vs CPU fp32 logits
    (max error, top-1 agreement), and greedy decoding on CUDA == on CPU (fp32);
 2. decode speed of an Ouro-1.4B-shaped model with random weights (bf16): eager and compiled (CUDA
-   graphs) at batch 1 and batched, against the HBM floor (weights x loops + KV read, over the
-   bandwidth of a large on-device copy);
+   graphs; MELT's full prefill chunks too) at batch 1 and batched, against the HBM floor (the
+   layers' weights x loops, the head once, + KV read, over the bandwidth of a large on-device copy);
 3. CUDA peak memory of prefill + decode vs the analytic KV bytes, Ouro vs MELT, 1 and 4 loops;
 4. a few training steps under accelerate in bf16 (``melt transition`` on the example's MELT).
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timing import decode_step_seconds
+from timing import decode_step_seconds, step_weight_bytes
 
 from melt_core import load_model
 from melt_core.checkpoints import build_model, melt_from_ouro
@@ -134,14 +134,14 @@ def speed(device: torch.device, quick: bool) -> None:
     prompt, steps = (64, 16) if quick else (512, 64)
     for melt in (False, True):
         model = random_model(device, quick, melt)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
         loops = model.config.total_ut_steps
+        weights = step_weight_bytes(model, loops)
         for batch in (1, 8) if quick else (1, 32):
             for compile in (False, True):
                 step_seconds(model, batch, prompt, steps, compile, device)  # warm-up / compile (same shapes)
                 step = step_seconds(model, batch, prompt, steps, compile, device)
                 kv = batch * (prompt + steps // 2) * model.config.kv_bytes_per_token(model.dtype, loops)
-                floor = (weights * loops + kv) / bandwidth
+                floor = (weights + kv) / bandwidth
                 print(
                     f"   {'melt' if melt else 'ouro'} batch {batch:3} {'compiled' if compile else 'eager':8}: "
                     f"{step * 1e3:7.2f} ms/step, {batch / step:8.1f} tok/s, floor {floor * 1e3:6.2f} ms "

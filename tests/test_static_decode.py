@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from greedy import greedy_tokens
 
 from melt_core import load_model
 from melt_core.errors import InvalidArgumentError
-from melt_core.inference import GenerationSettings, generate_text
-from melt_core.inference.decode import prefill
+from melt_core.inference import GenerationSettings, Sampler, SamplingSettings, generate_text
+from melt_core.inference.decode import decode, prefill
 from melt_core.inference.static_decode import StaticDecoder
 from melt_core.models.adaptive import AdaptiveDepth
 
@@ -36,6 +38,24 @@ def test_static_step_matches_the_ordinary_step(name, request):
     prefill(model, ids, mask, static_cache, last_only=True)
     plain = model(last, cache=cache).logits[:, -1]
     torch.testing.assert_close(StaticDecoder(model, static_cache)(last), plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
+def test_fused_static_step_matches_the_ordinary_step(name, request):
+    """Fused projections (the default on CUDA), forced on here: the same greedy tokens, prefill
+    chunks and decode steps, and logits equal to float rounding."""
+    model = load_model(request.getfixturevalue(name))
+    ids, mask = padded_batch(model.config.vocab_size)
+    expected = greedy_tokens(model, ids, mask, max_new_tokens=8, chunk_size=3)
+    cache = model.new_cache(3, 18)
+    fused = StaticDecoder(model, cache, fuse=True)
+    steps = decode(model, ids, mask, cache, Sampler(SamplingSettings()), max_new_tokens=8, chunk_size=3, static=fused)
+    assert torch.equal(torch.stack(list(steps), dim=1), expected)
+    cache, fused_cache = model.new_cache(3, 12), model.new_cache(3, 12)
+    last = prefill(model, ids, mask, cache, last_only=True).argmax(-1)[:, None]
+    prefill(model, ids, mask, fused_cache, last_only=True)
+    plain = model(last, cache=cache).logits[:, -1]
+    torch.testing.assert_close(StaticDecoder(model, fused_cache, fuse=True)(last), plain, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
@@ -101,14 +121,16 @@ def test_compiled_decoding_gives_the_same_text(melt_ckpt):
     from melt_core import load_tokenizer
 
     tokenizer = load_tokenizer(melt_ckpt)
-    prompts = ["Once upon a time there was a", "The capital of France is a city"]
+    prompts = ["Once upon a time there was a", "The capital of France is a city", "Paris is a city by the river"]
     assert all(len(tokenizer(p)["input_ids"]) > 8 for p in prompts)
-    plain = generate_text(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, stop_token_ids=()))
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1
+    settings = GenerationSettings(max_new_tokens=6, stop_token_ids=(), batch_size=1)
+    plain = generate_text(model, tokenizer, prompts, settings)
     graphs = counters["stats"]["unique_graphs"]
-    compiled = generate_text(
-        model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, stop_token_ids=(), compile=True)
-    )
-    assert counters["stats"]["unique_graphs"] - graphs == 2  # a prefill chunk (2 x 4) and a decode step (2 x 1)
+    compiled = generate_text(model, tokenizer, prompts, replace(settings, compile=True))
+    # one prefill chunk and one decode step for prompts of several lengths (caches rounded up to
+    # the same length, chunks passed contiguous)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
     assert [r.token_ids for r in compiled.results] == [r.token_ids for r in plain.results]
     # the first compiled step compiles: timed apart, not as decoding
     assert compiled.stats.compile_seconds > 0 and plain.stats.compile_seconds == 0
@@ -149,3 +171,15 @@ def test_fused_projections_store_each_weight_once(name, request, tmp_path):
     model.fuse_projections()
     assert (attn.qkv if name == "tiny_ckpt" else attn.kv) is not fused
     assert attn.k_proj.weight.data_ptr() != fused.data_ptr()
+
+
+@pytest.mark.slow
+def test_compiled_fused_step_gives_the_same_tokens(tiny_ckpt):
+    """The compiled step with fused q/k/v (the CUDA default), on Ouro: the same greedy tokens."""
+    model = load_model(tiny_ckpt)
+    ids, mask = padded_batch(model.config.vocab_size)
+    expected = greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3)
+    cache = model.new_cache(3, 16)
+    step = StaticDecoder(model, cache, compile=True, fuse=True)
+    steps = decode(model, ids, mask, cache, Sampler(SamplingSettings()), max_new_tokens=6, chunk_size=3, static=step)
+    assert torch.equal(torch.stack(list(steps), dim=1), expected)

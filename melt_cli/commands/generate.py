@@ -66,7 +66,7 @@ def _print_stats(report: GenerationReport) -> None:
     err(
         f"prefill: {s.prefill_tokens_per_s:,.1f} tokens/s ({s.prefill_seconds:.3f} s) | "
         f"decode: {s.decode_tokens_per_s:,.1f} tokens/s ({s.decode_seconds:.3f} s)"
-        + (f" | compile: {s.compile_seconds:.1f} s (first decode step)" if s.compile_seconds else "")
+        + (f" | compile: {s.compile_seconds:.1f} s (first call of each step shape)" if s.compile_seconds else "")
     )
     if is_melt(s):
         err(
@@ -136,8 +136,9 @@ def generate(
         bool,
         typer.Option(
             "--compile",
-            help="torch.compile a fixed-shape decode step: the same tokens, ~2x faster decoding of small models "
-            "once compiled (about a minute on a CPU; CUDA graphs on CUDA). Float KV rows, no adaptive depth.",
+            help="torch.compile a fixed-shape step for decoding and MELT's full prefill chunks: the same tokens, "
+            "~2x faster decoding of small models once compiled (1-2 minutes per shape on a CPU; CUDA graphs on "
+            "CUDA). Float KV rows, no adaptive depth.",
         ),
     ] = G.compile,
     kv_dtype: KvDtype = G.kv_dtype,

@@ -33,6 +33,8 @@ from .sampling import Sampler, SamplingSettings
 from .static_decode import StaticDecoder
 from .text import TextStream, default_stop_token_ids, encode_prompt
 
+COMPILE_LENGTH_STEP = 256  # --compile rounds a batch's cache length up to a multiple of this
+
 
 @dataclass
 class GenerationSettings:
@@ -52,7 +54,9 @@ class GenerationSettings:
     batch_size: prompts decoded together (left-padded) in batch mode.
     compile: decode (and prefill MELT's full chunks) through a fixed-shape, ``torch.compile``d step
       (``inference.static_decode``): the same tokens, about 2.4x faster on the example model once
-      compiled (~1 min on a CPU, once per shape); less on bandwidth-bound models (README, Benchmarks).
+      compiled (1-2 min on a CPU, once per shape); less on bandwidth-bound models (README,
+      Benchmarks). The cache length is rounded up to a multiple of ``COMPILE_LENGTH_STEP`` (one
+      compiled step for many prompt lengths); ``kv_cache_bytes`` counts those positions.
     """
 
     max_new_tokens: int = 256
@@ -258,9 +262,12 @@ def generate_text(
             mask[b, S - len(encoded[i]) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         mask_arg = None if bool(mask.all()) else mask
-        cache = model.new_cache(B, S + steps, loops, kv_dtype=settings.kv_format())
+        positions = S + steps
+        if settings.compile:  # the compiled step is specialised to the cache length: few lengths, few compiles
+            positions = -(-positions // COMPILE_LENGTH_STEP) * COMPILE_LENGTH_STEP
+        cache = model.new_cache(B, positions, loops, kv_dtype=settings.kv_format())
         if cache.nbytes() > kv_bytes:
-            kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), cache.nbytes_per_loop(), S + steps
+            kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), cache.nbytes_per_loop(), positions
         streams = [TextStream(tokenizer, settings.stop) for _ in rows]
         counts, reasons = [0] * B, [""] * B
         # --compile: the fixed-shape step (decoding, full prefill chunks); the first call of each of

@@ -12,8 +12,9 @@ everything fixed for the cache's lifetime, for one token (a decode step) or a ch
 - keys: attention always covers the cache's ``max_len`` positions, masked by the ledger's validity
   (unwritten positions and padding are invalid) and causally, so the shapes never change;
 - writes: rows go to the store at positions held in a tensor (``index_copy_``), not Python ints;
-- projections that read the same input run as one matrix product (``fuse_projections``: q/k/v
-  for Ouro, k/v for MELT, gate/up), the weights stored once;
+- on CUDA, projections that read the same input run as one matrix product (``fuse_projections``:
+  q/k/v for Ouro, k/v for MELT, gate/up), the weights stored once (fewer, larger kernels; on this
+  project's 2-core CPU it measured within noise, three runs: off there);
 - the exit gate picks each token's loop by a gather, with no host sync.
 
 With ``compile=True`` the step (embedding, loops, head) is ``torch.compile``d
@@ -66,7 +67,7 @@ class StaticDecoder:
     a prefill) or a chunk of tokens (prefill chunks of one size).
 
     ``exit_at_step`` / ``exit_threshold`` as in ``OuroForCausalLM.forward`` (``"config"``: the
-    config's threshold). ``fuse``: fused projections (``fuse_projections``; off only to measure them).
+    config's threshold). ``fuse``: fused projections (``fuse_projections``); None: on CUDA only.
     """
 
     def __init__(
@@ -78,14 +79,14 @@ class StaticDecoder:
         exit_at_step: int | None = None,
         exit_threshold: float | None | str = "config",
         compile: bool = False,
-        fuse: bool = True,
+        fuse: bool | None = None,
     ) -> None:
         if not isinstance(cache.store, PreallocatedRows):
             raise InvalidArgumentError("the static decode step needs a float-row cache (not int8 / int4)")
         self.model, self.cache = model, cache
-        if fuse:
+        self.fused = model.device.type == "cuda" if fuse is None else fuse
+        if self.fused:
             model.fuse_projections()
-        self.fused = fuse
         self.loops = model.config.resolve_loops(loops)
         model.check_cache(cache, self.loops)
         self.exit_at_step = exit_at_step
@@ -111,12 +112,14 @@ class StaticDecoder:
     def __call__(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Last-position logits (B, V) after feeding ``ids`` (B, C) (``attention_mask``: their
         real tokens, as for ``model(ids, attention_mask, cache=cache)``)."""
-        C = ids.shape[1]
+        # a chunk sliced from a prompt has the prompt's row stride (kept by .contiguous() for one row)
+        ids, C = ids.clone(memory_format=torch.contiguous_format), ids.shape[1]
         start, _ = self.cache.begin(C, attention_mask)
         index = torch.arange(start, start + C, device=ids.device)
         # real tokens before each one: the same positions as left-padded alone (``position_ids_for``)
         real_before = self.cache.ledger.valid[:, : start + C].long().cumsum(-1)
-        positions = (real_before[:, start:] - 1).clamp(min=0)  # contiguous: a strided view would recompile
+        positions = (real_before[:, start:] - 1).clamp(min=0)  # contiguous too
+        # the compiled step is specialised to shapes and strides: every input is contiguous
         if not self.compiling or tuple(ids.shape) in self._shapes:
             return self._compiled(ids, positions, index)
         began = time.perf_counter()
