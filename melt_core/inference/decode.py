@@ -92,7 +92,7 @@ def decode(
     max_new_tokens: int,
     chunk_size: int | None = None,
     align: ChunkAlign = "end",
-    static: bool | StaticDecoder = False,
+    static: bool | StaticDecoder | None = False,
     compile: bool = False,
     **forward_kwargs: Any,
 ) -> Iterator[Tensor]:
@@ -101,16 +101,17 @@ def decode(
 
     ``forward_kwargs`` (``loops``, ``exit_at_step``, ``exit_threshold``, ``depth``) go to every
     forward. ``static``: decode steps and full prefill chunks at fixed shapes (a ``StaticDecoder``
-    over ``cache``, or True to build one; float-row caches, no adaptive depth), ``compile``:
-    compiled too. Stop early by closing the generator (``break``); rows that are finished keep
-    being fed their own tokens, which never affects the other rows.
+    over ``cache``, or True to build one; float-row caches, no adaptive depth; None / False:
+    ordinary forwards), ``compile``: compiled too. Stop early by closing the generator
+    (``break``); rows that are finished keep being fed their own tokens, which never affects the
+    other rows.
     """
-    if (static is not False or compile) and forward_kwargs.get("depth") is not None:
+    if (static or compile) and forward_kwargs.get("depth") is not None:
         raise InvalidArgumentError("adaptive depth changes the work per row: it runs without --static / --compile")
-    if static is True or (static is False and compile):
-        kwargs = {k: v for k, v in forward_kwargs.items() if k != "depth"}
-        static = StaticDecoder(model, cache, compile=compile, **kwargs)
     fixed = static if isinstance(static, StaticDecoder) else None
+    if fixed is None and (static or compile):
+        kwargs = {k: v for k, v in forward_kwargs.items() if k != "depth"}
+        fixed = StaticDecoder(model, cache, compile=compile, **kwargs)
     logits = prefill(
         model, input_ids, attention_mask, cache, chunk_size, align=align, last_only=True, static=fixed, **forward_kwargs
     )

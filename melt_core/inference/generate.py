@@ -287,7 +287,7 @@ def generate_text(
                 sampler,
                 max_new_tokens=steps,
                 chunk_size=settings.chunk_size,
-                static=static or False,
+                static=static,
                 **forward_kwargs,
             )
         ) as tokens:
