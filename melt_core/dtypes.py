@@ -34,6 +34,12 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in a dtype of at least fp32 precision: half types are computed in fp32, fp64 stays fp64
+    (``.float()`` would round a float64 model down, which the CPU-independent float64 tests rely on not doing)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling HF configs use)."""
     return str(dtype).removeprefix("torch.")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dtypes import upcast
 from .config import OuroConfig
 
 
@@ -33,17 +34,18 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # F.rms_norm is one fused op for x * rsqrt(mean(x^2) + eps) (bit-identical here to the
         # unfused fp32 formula); a decode step runs 4 norms per layer and loop, so ops count
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(upcast(x), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Default (rotate-half) RoPE tables for ``positions`` [B, S] -> cos, sin [B, 1, S, head_dim].
 
-    Computed in fp32 once per forward and shared by every layer and every loop.
+    Computed in fp32 (fp64 for a float64 model) once per forward and shared by every layer and every loop.
     """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    work = torch.promote_types(dtype, torch.float32)
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).to(work) / head_dim
     inv_freq = 1.0 / (theta**exponent)  # (d/2,)
-    freqs = positions.float()[..., None] * inv_freq  # (B, S, d/2)
+    freqs = positions.to(work)[..., None] * inv_freq  # (B, S, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, d)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 

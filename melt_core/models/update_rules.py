@@ -18,6 +18,8 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..dtypes import upcast
+
 GATE_MODULE = "kv_gate"  # a rule's parameters live at model.layers.{i}.kv_gate.*
 
 
@@ -55,12 +57,12 @@ class KVGate(nn.Module):
 
     def forward(self, u: Tensor, h_prev: Tensor) -> Tensor:
         """z in fp32, (..., width)."""
-        return torch.sigmoid(self.input_proj(u).float() + self.state_proj(h_prev).float() + self.bias.float())
+        return torch.sigmoid(upcast(self.input_proj(u)) + upcast(self.state_proj(h_prev)) + upcast(self.bias))
 
 
 def mix(z: Tensor | float, h_prev: Tensor, u: Tensor) -> Tensor:
     """``z * h_prev + (1 - z) * u`` in fp32, cast back to u's dtype."""
-    return (z * h_prev.float() + (1.0 - z) * u.float()).to(u.dtype)
+    return (z * upcast(h_prev) + (1.0 - z) * upcast(u)).to(u.dtype)
 
 
 class UpdateRule:

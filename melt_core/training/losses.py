@@ -12,25 +12,27 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..dtypes import upcast
+
 TOKEN_CHUNK = 2048
 
 
 def _kl_sum(h_student: Tensor, h_teacher: Tensor, w_student: Tensor, w_teacher: Tensor) -> Tensor:
     """Sum over tokens of KL(teacher || student) at temperature 1."""
-    log_s = F.linear(h_student, w_student).float().log_softmax(-1)
+    log_s = upcast(F.linear(h_student, w_student)).log_softmax(-1)
     with torch.no_grad():
-        log_t = F.linear(h_teacher, w_teacher).float().log_softmax(-1)
+        log_t = upcast(F.linear(h_teacher, w_teacher)).log_softmax(-1)
     return (log_t.exp() * (log_t - log_s)).sum()
 
 
 def _ce_sum(h: Tensor, w: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(F.linear(h, w).float(), labels, reduction="sum")
+    return F.cross_entropy(upcast(F.linear(h, w)), labels, reduction="sum")
 
 
 def _chunked(fn, tensors: list[Tensor], token_chunk: int) -> Tensor:
     """``fn`` over token chunks of the flattened (N, ...) tensors, summed; checkpointed with grad."""
     n = tensors[0].shape[0]
-    total = tensors[0].new_zeros((), dtype=torch.float32)
+    total = tensors[0].new_zeros((), dtype=torch.promote_types(tensors[0].dtype, torch.float32))
     for s in range(0, n, token_chunk):
         parts = [t[s : s + token_chunk] for t in tensors]
         chunk = checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled() else fn(*parts)
@@ -81,7 +83,7 @@ def per_token_cross_entropy(h: Tensor, w: Tensor, input_ids: Tensor, token_chunk
     """Next-token cross-entropy of every position but the last, (B, S - 1), chunked and checkpointed."""
     B, S, H = h.shape
     hs, labels = h[:, :-1].reshape(-1, H), input_ids[:, 1:].reshape(-1)
-    fn = lambda a, y: F.cross_entropy(F.linear(a, w).float(), y, reduction="none")
+    fn = lambda a, y: F.cross_entropy(upcast(F.linear(a, w)), y, reduction="none")
     parts = []
     for s in range(0, hs.shape[0], token_chunk):
         a, y = hs[s : s + token_chunk], labels[s : s + token_chunk]
@@ -94,5 +96,5 @@ def attention_alignment(student_taps: list[Tensor], teacher_taps: list[Tensor]) 
     stop-gradient teacher attention sub-block outputs."""
     if len(student_taps) != len(teacher_taps):
         raise ValueError(f"{len(student_taps)} student taps vs {len(teacher_taps)} teacher taps")
-    losses = [F.mse_loss(s.float(), t.detach().float()) for s, t in zip(student_taps, teacher_taps, strict=True)]
+    losses = [F.mse_loss(upcast(s), upcast(t.detach())) for s, t in zip(student_taps, teacher_taps, strict=True)]
     return torch.stack(losses).mean()

@@ -34,7 +34,7 @@ from ..checkpoints import fresh_output_dir, save_checkpoint
 from ..checkpoints.files import CONFIG_NAME
 from ..checkpoints.outputs import check_output
 from ..data import PackedSequences
-from ..dtypes import parse_dtype
+from ..dtypes import parse_dtype, upcast
 from ..errors import InvalidArgumentError, MeltError, MissingDependencyError
 from ..runtime import peak_memory_so_far
 
@@ -440,7 +440,7 @@ class _Run:
                     with nullcontext() if sync else acc.no_sync(wrapped), acc.autocast():
                         loss, parts = objective.loss(wrapped, ids, step, targets)
                         acc.backward(loss / self.accum)
-                    total += loss.detach().float() / self.accum
+                    total += upcast(loss.detach()) / self.accum
                     for k, v in parts.items():
                         parts_sum[k] = parts_sum.get(k, 0.0) + v / self.accum
                 mean_loss = acc.reduce(torch.as_tensor(total, device=acc.device), "mean").item()
