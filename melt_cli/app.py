@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from melt_core import __version__
-from melt_core.errors import MeltError
+from melt_core.errors import MeltError, MeltWarning
 
 from . import console
 
@@ -40,9 +43,26 @@ def _hide_flag_types(command: Any, ctx: typer.Context) -> None:
         _hide_flag_types(sub, ctx)
 
 
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """melt's warnings (NaN weights, ...) as one yellow ``warning:`` line each on stderr."""
+
+    def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        if issubclass(category, MeltWarning):
+            console.err.print(Text.assemble(("warning:", "bold yellow"), " ", str(message)), soft_wrap=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.simplefilter("always", MeltWarning)
+        warnings.showwarning = show
+        yield
+
+
 class MeltGroup(TyperGroup):
-    """Turns melt's typed errors, file-system errors and Ctrl-C into one red line, once for every
-    subcommand (CliRunner tests included)."""
+    """Turns melt's typed errors, file-system errors and Ctrl-C into one red line, and melt's warnings
+    into one yellow line, once for every subcommand (CliRunner tests included)."""
 
     def get_command(self, ctx: typer.Context, name: str) -> Any:
         command = super().get_command(ctx, name)
@@ -52,7 +72,8 @@ class MeltGroup(TyperGroup):
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _warnings_as_lines():
+                return super().invoke(ctx)
         except BrokenPipeError:  # the reader went away (``melt ... | head``): stop quietly, as cat does
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             raise typer.Exit(141) from None
@@ -61,7 +82,7 @@ class MeltGroup(TyperGroup):
                 raise
             if isinstance(e, KeyboardInterrupt):
                 raise _fail("interrupted (Ctrl-C); nothing was left half-written", 130) from None
-            raise _fail(_os_error(e) if isinstance(e, OSError) else str(e), 1) from None
+            raise _fail(_os_error(e) if isinstance(e, OSError) else str(e), getattr(e, "exit_code", 1)) from None
 
 
 app = typer.Typer(

@@ -34,7 +34,25 @@ SaveEvery = Annotated[int, typer.Option(help="Save a resumable checkpoint every 
 KeepLast = Annotated[int, typer.Option(help="Checkpoints kept on disk (0: all).")]
 EvalEvery = Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end only).")]
 EvalBatches = Annotated[int, typer.Option(help="Held-out sequences per evaluation.")]
-Seed = Annotated[int, typer.Option(help="Seed of the data order and of every RNG.")]
+
+
+def int_parser(flag: str) -> Callable[[str], int]:
+    """A parser of an integer option whose bad value (``--seed 1e20``) is one ``error:`` line, not a usage box."""
+
+    def parse(text: str | int) -> int:
+        if isinstance(text, int):  # a default value
+            return text
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise InvalidArgumentError(f"{flag} takes an integer, got {text!r}") from None
+
+    return parse
+
+
+Seed = Annotated[
+    int, typer.Option(parser=int_parser("--seed"), metavar="INTEGER", help="Seed of the data order and of every RNG.")
+]
 DataOrder = Annotated[
     str, typer.Option(help="shuffle (seeded), or file: the data's own order, e.g. a curriculum (data reasoning).")
 ]

@@ -12,6 +12,7 @@ the answer's tokens are training targets (``PackedSequences.targets``).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from .errors import InvalidArgumentError, MeltError
+from .errors import InvalidArgumentError, MeltError, OutputNotWritableError
+from .outputs import remove_stale_siblings, writing
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 
@@ -164,7 +166,8 @@ def tokenize_documents(
 def load_token_stream(
     path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, text_field: str = "text"
 ) -> torch.Tensor:
-    """``tokenize_documents``, cached on disk by data files (path, size, mtime) and tokenizer."""
+    """``tokenize_documents``, cached on disk by data files (path, size, mtime) and tokenizer. The
+    cache is an optimisation: where it cannot be written (a full disk) the stream is not cached."""
     file = cache_dir() / f"{_cache_key(path, tokenizer, text_field)}.pt"
     if file.is_file():
         try:
@@ -172,10 +175,15 @@ def load_token_stream(
         except Exception:  # a corrupt cache entry is rebuilt, never trusted
             file.unlink(missing_ok=True)
     stream = tokenize_documents(path, tokenizer, text_field)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".tmp-{os.getpid()}")
-    torch.save(stream, tmp)
-    os.replace(tmp, file)
+    tmp = file.parent / f".{file.name}.tmp-{os.getpid()}"
+    with contextlib.suppress(OutputNotWritableError), writing(file):
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_siblings(file)  # what killed runs left
+            torch.save(stream, tmp)
+            os.replace(tmp, file)
+        finally:
+            tmp.unlink(missing_ok=True)
     return stream
 
 

@@ -8,6 +8,8 @@ catches ``MeltError`` once, prints the message in red on stderr and exits with s
 class MeltError(Exception):
     """Base class of every error melt reports as a one-line message."""
 
+    exit_code = 1  # the CLI's exit status (an interrupted run: 130 for Ctrl-C, 143 for SIGTERM)
+
 
 class CheckpointNotFoundError(MeltError):
     """A checkpoint directory or one of its files does not exist."""
@@ -47,3 +49,11 @@ class DeviceNotAvailableError(MeltError):
 
 class MissingDependencyError(MeltError):
     """An optional dependency (e.g. matplotlib for plots) is not installed."""
+
+
+class NotEnoughMemoryError(MeltError):
+    """An allocation melt can size in advance would not fit in the device's free memory."""
+
+
+class MeltWarning(UserWarning):
+    """Something melt reports as one ``warning:`` line and goes on (NaN weights, ...)."""

@@ -15,11 +15,12 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 
 import torch
 
-from .errors import DeviceNotAvailableError, InvalidArgumentError
+from .errors import DeviceNotAvailableError, InvalidArgumentError, NotEnoughMemoryError
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -124,6 +125,68 @@ def peak_memory_so_far(device: torch.device) -> tuple[int | None, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_allocator_peak"
     return peak_rss_bytes(), "process_peak_rss"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB' (binary units), for messages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _meminfo_available() -> int | None:
+    """MemAvailable (free RAM plus what the kernel can reclaim), else free pages; None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _cgroup_available() -> int | None:
+    """What a cgroup v2 memory limit leaves this process's group (a container's limit); None: no limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        return None if limit == "max" else max(0, int(limit) - int(used))
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes a new allocation on ``device`` can use now: free CUDA memory, or the RAM the kernel
+    reports as available (within a container's limit); None where melt cannot tell (mps)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    known = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
+    return min(known) if known else None
+
+
+def check_fits(nbytes: int, device: torch.device | str, what: str, lower: str = "") -> None:
+    """Refuse an allocation of ``nbytes`` that cannot fit in ``device``'s available memory, before
+    it is made: the kernel would otherwise kill the process, or swap it to a standstill. ``what``
+    names the allocation; ``lower``: the flags that size it (``--loops, --batch-size``)."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return
+    available = available_memory(device)
+    if available is not None and nbytes > available:
+        hint = f"; lower {lower}" if lower else ""
+        raise NotEnoughMemoryError(
+            f"{what} needs {human_bytes(nbytes)}, but only {human_bytes(available)} of memory is available "
+            f"on {device}{hint}"
+        )
 
 
 def reset_peak_memory(device: torch.device) -> None:

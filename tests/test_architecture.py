@@ -13,18 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "errors": 0,
     "words": 0,
-    "dtypes": 1,
-    "runtime": 1,
-    "data": 1,
-    "tasks": 1,
-    "models": 2,
-    "checkpoints": 3,
-    "inference": 4,
-    "evaluation": 5,  # scores as the model decodes (inference.decode.prefill)
-    "training": 6,
-    "profiling": 6,
-    "integrations": 6,
-    "quickstart": 7,
+    "outputs": 1,  # files written whole or not at all (token caches, problem files, checkpoints, runs)
+    "dtypes": 2,
+    "runtime": 2,
+    "data": 2,
+    "tasks": 2,
+    "models": 3,
+    "checkpoints": 4,
+    "inference": 5,
+    "evaluation": 6,  # scores as the model decodes (inference.decode.prefill)
+    "training": 7,
+    "profiling": 7,
+    "integrations": 7,
+    "quickstart": 8,
 }
 
 

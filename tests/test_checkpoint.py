@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 from melt_core import load_model, save_checkpoint
 from melt_core.checkpoints.io import INDEX_NAME, WEIGHTS_NAME, load_config, read_config_dict
-from melt_core.checkpoints.outputs import atomic_directory
 from melt_core.checkpoints.tokenizer import load_tokenizer
 from melt_core.errors import (
     CheckpointNotFoundError,
@@ -22,6 +21,7 @@ from melt_core.errors import (
     UnsupportedModelError,
     WeightsMismatchError,
 )
+from melt_core.outputs import atomic_directory
 
 
 def _copy(src, dst):

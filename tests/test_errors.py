@@ -164,6 +164,24 @@ CASES = [
         ["transition", "{tiny}", "--data", "{text}", "--out", "{tmp}/o", *TRAIN],
         "melt convert",
     ),
+    # hostile values (issue 21)
+    (
+        "generate --seed 1e20",
+        ["generate", "{tiny}", "-p", "hi", "--seed", "1e20"],
+        "--seed takes an integer, got '1e20'",
+    ),
+    (
+        "generate --seed beyond torch's range",
+        ["generate", "{tiny}", "-p", "hi", "--temperature", "1", "--seed", "100000000000000000000"],
+        "seed must be in 0..18446744073709551615",
+    ),
+    ("pretrain --seed 1e20", ["pretrain", "--data", "{text}", "--out", "{tmp}/o", "--seed", "1e20"], "--seed takes"),
+    ("Hub revision with ..", ["info", "owner/name@../../x"], "revision '../../x' is not a branch, tag or commit"),
+    (
+        "generate: a KV cache larger than any memory",
+        ["generate", "{tiny}", "-p", "hi", "--loops", "1000000", "--max-new-tokens", "2046"],
+        "lower --loops, --max-new-tokens or --batch-size",
+    ),
 ]
 
 
@@ -202,3 +220,211 @@ def test_messages_are_text_not_markup(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     result = runner.invoke(app, ["profile", "memory", "--preset", "ouro-1.4b", "--loops", "1", "--plot", "m.png"])
     assert "pip install 'melt[plot]'" in one_red_line(result)
+
+
+# --- hostile configs and inputs (issue 21) ---
+
+
+def _hand_made(src, tmp_path, config: dict | None = None):
+    """A copy of checkpoint ``src`` in ``tmp_path/ckpt`` with ``config`` merged into its config.json."""
+    import json
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(src, out)
+    if config:
+        raw = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**raw, **config}))
+    return out
+
+
+def _refused(args, tmp_path, **kwargs) -> str:
+    """The one red line of ``melt args``, which must leave ``tmp_path`` as it was."""
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    line = one_red_line(runner.invoke(app, [str(a) for a in args], **kwargs))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    return line
+
+
+@pytest.mark.parametrize(
+    ("base", "config", "expected"),
+    [
+        ("melt_ckpt", {"melt": [1, 2]}, "config field melt must be a JSON object"),
+        ("melt_ckpt", {"melt": "gate"}, "config field melt must be a JSON object"),
+        ("melt_ckpt", {"melt": {"z0": "0.1"}}, "melt.z0 must be a number, got '0.1'"),
+        ("tiny_ckpt", {"rope_scaling": "linear"}, "config field rope_scaling must be a JSON object or null"),
+        ("tiny_ckpt", {"hidden_size": "48", "head_dim": None}, "config field hidden_size must be an integer"),
+        ("tiny_ckpt", {"max_position_embeddings": "2048"}, "config field max_position_embeddings must be an integer"),
+        ("tiny_ckpt", {"rope_theta": "1e6"}, "config field rope_theta must be a positive number, got '1e6'"),
+        ("tiny_ckpt", {"rope_theta": 0}, "config field rope_theta must be a positive number, got 0"),
+        ("tiny_ckpt", {"rope_theta": -10000.0}, "config field rope_theta must be a positive number"),
+        ("tiny_ckpt", {"rms_norm_eps": 0}, "config field rms_norm_eps must be a positive number, got 0"),
+        ("tiny_ckpt", {"rms_norm_eps": -1e-6}, "config field rms_norm_eps must be a positive number"),
+        ("tiny_ckpt", {"eos_token_id": "0"}, "config field eos_token_id must be a token id"),
+        ("tiny_ckpt", {"pad_token_id": 100000}, "pad_token_id 100000 is not in the vocabulary"),
+        ("tiny_ckpt", {"model_type": ["ouro"]}, "has model_type ['ouro']"),
+    ],
+)
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_hostile_config_is_one_line(base, config, expected, command, request, tmp_path):
+    ckpt = _hand_made(request.getfixturevalue(base), tmp_path, config)
+    args = ["info", ckpt] if command == "info" else ["generate", ckpt, "-p", "hi", "--max-new-tokens", "1"]
+    line = _refused(args, tmp_path)
+    assert expected in line and str(ckpt / "config.json") in line
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"vocab_size": ' + "1" * 5000 + "}"])
+def test_config_json_python_cannot_parse_is_one_line(text, tiny_ckpt, tmp_path):
+    ckpt = _hand_made(tiny_ckpt, tmp_path)
+    (ckpt / "config.json").write_text(text)
+    assert f"{ckpt / 'config.json'} is not valid JSON" in _refused(["info", ckpt], tmp_path)
+
+
+def _sharded(tiny_ckpt, tmp_path, shard_name):
+    """The tiny checkpoint as one shard ``part.safetensors`` whose index maps every tensor to ``shard_name``."""
+    import json
+
+    from safetensors import safe_open
+
+    ckpt = _hand_made(tiny_ckpt, tmp_path)
+    (ckpt / "model.safetensors").rename(ckpt / "part.safetensors")
+    with safe_open(str(ckpt / "part.safetensors"), "pt") as f:
+        weight_map = {name: shard_name for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    "shard", [1, None, "../tiny-ouro/model.safetensors", "{tiny}/model.safetensors", "sub/../../ckpt/part.safetensors"]
+)
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_index_shards_live_in_the_checkpoint(shard, command, tiny_ckpt, tmp_path):
+    shard = shard.format(tiny=tiny_ckpt) if isinstance(shard, str) else shard
+    ckpt = _sharded(tiny_ckpt, tmp_path, shard)
+    args = ["info", ckpt] if command == "info" else ["generate", ckpt, "-p", "hi", "--max-new-tokens", "1"]
+    line = _refused(args, tmp_path)
+    assert f"is mapped to {shard!r}; a shard must be a file name in the checkpoint directory" in line
+
+
+def test_a_plain_shard_name_still_loads(tiny_ckpt, tmp_path):
+    ckpt = _sharded(tiny_ckpt, tmp_path, "part.safetensors")
+    result = runner.invoke(app, ["info", str(ckpt), "--json"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{{ messages.__class__.__mro__ }}", "SecurityError"),
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),
+        ("{% for m in %}", "TemplateSyntaxError"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ],
+)
+def test_chat_template_jinja_refuses_is_one_line(template, expected, tiny_ckpt, tmp_path):
+    ckpt = _hand_made(tiny_ckpt, tmp_path)
+    (ckpt / "chat_template.jinja").write_text(template)
+    line = _refused(["generate", ckpt, "-p", "hi", "--chat", "--max-new-tokens", "1"], tmp_path)
+    assert f"{ckpt / 'chat_template.jinja'}: the chat template cannot be applied: {expected}" in line
+
+
+@pytest.mark.parametrize(("data", "expected"), [(LATIN1, "is not UTF-8 (byte 3: b'\\xe9')"), (BINARY, "binary")])
+def test_stdin_that_is_not_utf8_is_one_line(data, expected, tiny_ckpt, tmp_path):
+    line = _refused(["generate", tiny_ckpt, "--max-new-tokens", "1"], tmp_path, input=data)
+    assert "the text on stdin" in line and expected in line
+
+
+def test_prompt_that_is_not_utf8_is_one_line(tiny_ckpt, tmp_path):
+    """A command-line argument that is not UTF-8 reaches Python as surrogate characters."""
+    line = _refused(["generate", tiny_ckpt, "-p", "caf\udce9", "--max-new-tokens", "1"], tmp_path)
+    assert "the prompt is not UTF-8 text" in line
+
+
+def test_info_reads_safetensors_headers_only(tiny_ckpt, monkeypatch):
+    """``melt info`` neither reads nor maps tensor data: a huge checkpoint is sized instantly."""
+    import melt_core.checkpoints.io as io
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("melt info opened the tensor data")
+
+    monkeypatch.setattr(io, "safe_open", no_data)
+    result = runner.invoke(app, ["info", str(tiny_ckpt), "--json"])
+    assert result.exit_code == 0, result.output
+
+
+def test_tensor_outside_the_file_is_one_line(tiny_ckpt, tmp_path):
+    """A header whose tensor lies past the end of the data (the data cut, the header intact)."""
+    ckpt = _hand_made(tiny_ckpt, tmp_path)
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[:-4])
+    line = _refused(["info", ckpt], tmp_path)
+    assert f"{ckpt / 'model.safetensors'} is not a valid safetensors file (truncated or corrupt)" in line
+
+
+def _count_layers(monkeypatch, limit: int = 100) -> None:
+    """Fail fast when more than ``limit`` decoder layers are built (a model as deep as its config)."""
+    from melt_core.models import layers
+
+    built, init = [0], layers.DecoderLayer.__init__
+
+    def counted(self, *args, **kwargs):
+        built[0] += 1
+        assert built[0] <= limit, "a model was built layer by layer"
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(layers.DecoderLayer, "__init__", counted)
+
+
+def test_info_of_a_very_deep_config_is_bounded(tiny_ckpt, tmp_path, monkeypatch):
+    import json
+
+    def parameters(layers: int) -> int:
+        ckpt = _hand_made(tiny_ckpt, tmp_path / str(layers), {"num_hidden_layers": layers})
+        (ckpt / "model.safetensors").unlink()  # config only
+        result = runner.invoke(app, ["info", str(ckpt), "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["num_parameters"]
+
+    _count_layers(monkeypatch)
+    one, two = parameters(1), parameters(2)
+    assert parameters(10_000_000) == one + (10_000_000 - 1) * (two - one)
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["info"], "is missing 109999967 tensor(s) the config needs: model.layers.3."),
+        (["generate", "-p", "hi"], "the KV cache (4 loops, 1 row of 257 positions) needs"),  # before the weights
+    ],
+)
+def test_very_deep_config_with_small_weights_is_one_line(command, expected, tiny_ckpt, tmp_path, monkeypatch):
+    _count_layers(monkeypatch)
+    ckpt = _hand_made(tiny_ckpt, tmp_path, {"num_hidden_layers": 10_000_000})
+    assert expected in _refused([command[0], ckpt, *command[1:]], tmp_path)
+
+
+def test_nan_weights_are_one_warning_line(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _hand_made(tiny_ckpt, tmp_path)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["model.norm.weight"][0] = float("nan")
+    weights["lm_head.weight"][1, 1] = float("inf")
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    result = runner.invoke(app, ["generate", str(ckpt), "-p", "hi", "--max-new-tokens", "1"])
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in result.stderr.splitlines() if "NaN" in ln or "warn" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), result.stderr
+    assert "2 tensor(s) hold NaN or infinite values" in warnings[0]
+    assert "lm_head.weight, model.norm.weight" in warnings[0]
+
+
+def test_hub_revision_with_dots_never_reaches_the_hub(monkeypatch, tmp_path):
+    import melt_core.checkpoints.hub as hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("snapshot_download was called")
+
+    monkeypatch.setattr(hub, "snapshot_download", no_download)
+    for revision in ("../../../tmp", "main/../..", "v1..v2", "/etc"):
+        line = _refused(["info", f"owner/name@{revision}"], tmp_path)
+        assert f"revision {revision!r} is not a branch, tag or commit hash" in line

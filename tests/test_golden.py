@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import melt_core.training.distill as distill
 import melt_core.training.pretrain as pretrain

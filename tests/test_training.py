@@ -489,3 +489,21 @@ def test_presets_apply_to_the_options_left_at_their_defaults(melt_ckpt, text_fil
     quick += ["--chunk-size", "128"]  # the tiny model's chunks of 4 make 512 tokens slow
     assert runner.invoke(app, quick).exit_code == 0
     assert json.loads((tmp_path / "c" / "run_config.json").read_text())["seq_len"] == 512
+
+
+def test_two_process_ddp_checkpoint_and_resume(text_file, tmp_path):
+    """Real DDP (torchrun, 2 CPU processes, gloo): every process saves its RNG state, and both
+    resume from the checkpoint and go on."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "melt_cli", "pretrain"]
+    cmd += ["--cpu", "--preset", "tiny", "--loops", "2", "--vocab-size", "300", "--seq-len", "32"]
+    cmd += ["--micro-batch", "1", "--batch-tokens", "128", "--eval-every", "0", "--data", str(text_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MELT_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for extra in (["--out", str(out), "--steps", "2", "--save-every", "1"], ["--resume", str(out), "--steps", "3"]):
+        proc = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000002").glob("rng-*")) == [
+        "rng-0.safetensors",
+        "rng-1.safetensors",
+    ]

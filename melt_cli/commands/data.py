@@ -8,13 +8,14 @@ from typing import Annotated
 
 import typer
 
-from melt_core.checkpoints.outputs import check_output
 from melt_core.checkpoints.tokenizer import save_tokenizer, word_level_tokenizer
 from melt_core.errors import InvalidArgumentError
+from melt_core.outputs import atomic_directory, check_output, writing
 from melt_core.tasks import ChainTask, make_problems, write_problems
 from melt_core.tasks.chains import parse_hops
 
 from .. import console
+from ..options import int_parser
 
 EPILOG = """Examples:
 
@@ -34,7 +35,10 @@ def reasoning(
     out: Annotated[Path, typer.Option("--out", help="Output .jsonl file (one problem per line).")],
     hops: Annotated[str, typer.Option(help="Hop counts: 4, a range 1-5, or a list 1,2,6 (equal shares).")] = "1-5",
     n: Annotated[int, typer.Option("--n", help="Number of problems.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same file.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(parser=int_parser("--seed"), metavar="INTEGER", help="Seed: the same seed writes the same file."),
+    ] = 0,
     curriculum: Annotated[
         bool,
         typer.Option(
@@ -64,14 +68,16 @@ def reasoning(
         raise InvalidArgumentError(f"{out} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise InvalidArgumentError(f"cannot write {out}: {out.parent} is not a folder")
+    check_output(out, force)
     if tokenizer_out is not None:
         check_output(tokenizer_out, force)
     task = ChainTask(statements=statements, chains=chains, names=names)
     problems = make_problems(task, parse_hops(hops), n, seed, curriculum=curriculum)
-    write_problems(problems, out)
-    if tokenizer_out is not None:
-        save_tokenizer(word_level_tokenizer(task.vocabulary()), tokenizer_out)
+    if tokenizer_out is not None:  # first: replacing it must not delete an OUT written inside it
+        with atomic_directory(tokenizer_out, force) as tmp, writing(tokenizer_out):
+            save_tokenizer(word_level_tokenizer(task.vocabulary()), tmp)
         console.err.print(f"wrote the task's tokenizer ({len(task.vocabulary())} words) to {tokenizer_out}")
+    write_problems(problems, out)
     shares = Counter(p.hops for p in problems)
     spread = ", ".join(f"{k} hops: {shares[k]}" for k in sorted(shares))
     example = problems[0]

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from melt_core.errors import InvalidArgumentError
 from melt_core.inference import (
     GenerateArgs,
     GenerationReport,
@@ -22,7 +23,7 @@ from melt_core.models import is_melt
 from melt_core.words import plural
 
 from .. import console
-from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, KvResidual
+from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, KvResidual, int_parser
 
 EPILOG = """Examples:
 
@@ -44,6 +45,22 @@ def _write(text: str) -> None:
     """Raw text on stdout (no rich markup or emoji processing of generated text)."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _read_stdin() -> str:
+    """Prompt text piped on stdin: UTF-8, else one error line (not a decoding traceback)."""
+    stream = getattr(sys.stdin, "buffer", None)  # a text-only stdin (an embedding host) is already decoded
+    if stream is None:
+        return sys.stdin.read()
+    data = stream.read()
+    if b"\x00" in data:
+        raise InvalidArgumentError("the text on stdin is binary data, not a prompt")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(
+            f"the text on stdin is not UTF-8 (byte {e.start}: {data[e.start : e.start + 1]!r})"
+        ) from None
 
 
 def _print_stats(report: GenerationReport) -> None:
@@ -106,7 +123,14 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 = greedy; above 0, sample.")] = S.temperature,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off; needs --temperature > 0).")] = S.top_p,
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = S.top_k,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampling generator (reproducible samples).")] = S.seed,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            parser=int_parser("--seed"),
+            metavar="INTEGER",
+            help="Seed of the sampling generator (reproducible samples).",
+        ),
+    ] = S.seed,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
     device: Device = GenerateArgs.device,
     dtype: Annotated[
@@ -165,7 +189,7 @@ def generate(
     )
     stdin_text = None
     if prompt is None and prompt_file is None and prompts_file is None and not sys.stdin.isatty():
-        stdin_text = sys.stdin.read()
+        stdin_text = _read_stdin()
     args = GenerateArgs(
         checkpoint=checkpoint,
         prompt=prompt,

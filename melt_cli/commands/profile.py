@@ -22,7 +22,7 @@ from melt_core.profiling import (
 )
 
 from .. import console
-from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, KvResidual, int_list
+from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, KvResidual, int_list, int_parser
 
 MEMORY_EPILOG = """Examples:
 
@@ -226,7 +226,9 @@ def speed(
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = SP.dtype,
     device: Device = SP.device,
     chunk_size: ChunkSize = SP.chunk_size,
-    seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = SP.seed,
+    seed: Annotated[
+        int, typer.Option(parser=int_parser("--seed"), metavar="INTEGER", help="Seed of the random prompt.")
+    ] = SP.seed,
     rounds: Annotated[
         int, typer.Option(help="Timed rounds; Ouro and MELT alternate every round, the median round is shown.")
     ] = SP.rounds,

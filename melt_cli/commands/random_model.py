@@ -10,6 +10,7 @@ import typer
 from melt_core.checkpoints.random_model import TINY_SHAPE, write_random_ouro
 
 from .. import console
+from ..options import int_parser
 
 EPILOG = """Examples:
 
@@ -31,7 +32,7 @@ def random_model(
     loops: Annotated[int, typer.Option(help="Loops (total_ut_steps).")] = TINY_SHAPE["total_ut_steps"],
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (trained on melt's sample text).")] = 512,
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(parser=int_parser("--seed"), metavar="INTEGER", help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
 ) -> None:
     """Write a small random Ouro checkpoint (weights, config, tokenizer) for trying melt out."""

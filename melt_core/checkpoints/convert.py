@@ -18,6 +18,7 @@ from ..dtypes import dtype_name, parse_dtype
 from ..errors import CheckpointNotFoundError, InvalidArgumentError, UnsupportedModelError
 from ..models import MeltConfig, MeltForCausalLM, MeltSettings, OuroForCausalLM, config_from_dict, is_melt, is_ouro
 from ..models.update_rules import GATE_MODULE, UPDATE_RULES
+from ..outputs import atomic_directory, check_output, writing
 from .io import (
     DEFAULT_MAX_SHARD_SIZE,
     _open_safetensors,
@@ -32,7 +33,6 @@ from .io import (
     write_config,
     write_weights,
 )
-from .outputs import atomic_directory, check_output
 
 # (done_bytes, total_bytes, phase) with phase in {"read", "write", "verify"}
 ConvertProgress = Callable[[int, int, str], None]
@@ -99,12 +99,13 @@ def convert_ouro_to_melt(
                     tensors[name] = f.get_tensor(name).to(target)
                     report(infos[name].nbytes, "read")
         tensors.update(gates)
-        write_weights(tensors, tmp, max_shard_size, progress=lambda n: report(n, "write"))
-        del tensors
-        config_dict = config.to_dict()
-        config_dict["torch_dtype"] = dtype_name(target)
-        write_config(config_dict, tmp)
-        copy_tokenizer_files(root, tmp)
+        with writing(out):  # only the writes: an error reading the source is the source's
+            write_weights(tensors, tmp, max_shard_size, progress=lambda n: report(n, "write"))
+            del tensors
+            config_dict = config.to_dict()
+            config_dict["torch_dtype"] = dtype_name(target)
+            write_config(config_dict, tmp)
+            copy_tokenizer_files(root, tmp)
         # the check: melt's own loader must read back every tensor of the new model
         load_model(tmp, device="cpu")
         report(out_bytes, "verify")

@@ -43,9 +43,19 @@ def is_hub_id(text: str | os.PathLike) -> bool:
     return True
 
 
+def check_revision(revision: str, text: str) -> None:
+    """A revision is a branch, tag or commit hash: one with ``..`` (or an empty path segment) could
+    name a folder outside the Hub cache, so it is refused before huggingface_hub sees it."""
+    if ".." in revision or revision.startswith("/") or revision.endswith("/") or "//" in revision:
+        raise CheckpointNotFoundError(
+            f"{text}: revision {revision!r} is not a branch, tag or commit hash (no '..' or empty path segments)"
+        )
+
+
 def resolve_hub_id(text: str) -> Path:
     """The local snapshot folder of Hub model ``text``, downloaded into the Hub cache if missing."""
     repo, _, revision = text.partition("@")
+    check_revision(revision, text)
     try:
         return Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(CHECKPOINT_FILES)))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:

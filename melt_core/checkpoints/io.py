@@ -1,16 +1,19 @@
 """Reading and writing Hugging Face checkpoint directories (config.json + safetensors).
 
-Loading is lazy and strict: the model is built on the ``meta`` device from config.json, every
-tensor header is checked against it (names and shapes) before any weight is read, then tensors
-are read one at a time straight into the requested dtype and device.
+Loading is lazy and strict: every tensor header is checked against config.json (names and
+shapes) before the model is built on the ``meta`` device or any weight is read, then tensors are
+read one at a time straight into the requested dtype and device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,19 +31,26 @@ from ..errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    MeltWarning,
     UnsupportedModelError,
     WeightsMismatchError,
 )
 from ..models import OuroConfig
 from ..models.registry import config_from_dict, model_class
+from ..models.update_rules import is_gate_parameter
+from ..outputs import atomic_directory, writing
+from ..runtime import check_fits
 from . import builtin
 from .files import CONFIG_NAME, INDEX_NAME, TOKENIZER_FILES, WEIGHTS_NAME
-from .outputs import atomic_directory
 from .tokenizer import save_tokenizer
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 ALIGNMENT = 64  # bytes: tensors read from a safetensors file can start at any offset; kernels want aligned data
+MAX_JSON_BYTES = 100_000_000  # the largest config, index or safetensors header read (safetensors' own limit)
+# A generous bound on the Python objects of one decoder layer built on ``meta``: a model of absurd
+# depth is refused before it is built instead of filling the memory with modules.
+LAYER_OBJECT_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -71,13 +81,25 @@ def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     file = checkpoint_dir(path) / CONFIG_NAME
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file} not found: {file.parent} is not a Hugging Face checkpoint directory")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from e
+    raw = _read_json(file, ConfigError, "valid JSON")
     if not isinstance(raw, dict):
         raise ConfigError(f"{file} must hold a JSON object, found {type(raw).__name__}")
     return raw
+
+
+def _read_json(file: Path, error: type[Exception], what: str, data: bytes | None = None) -> Any:
+    """The JSON of ``file`` (or its bytes ``data``); anything unreadable, huge or nested too
+    deeply for Python's parser is ``error`` naming the file, not a traceback."""
+    if data is None:
+        if file.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{file} is not {what}: it is larger than {MAX_JSON_BYTES:,} bytes")
+        data = file.read_bytes()
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise error(f"{file} is not {what}: its JSON is nested too deeply") from None
+    except ValueError as e:  # bad JSON or UTF-8, or an integer too long to convert
+        raise error(f"{file} is not {what}: {e}") from e
 
 
 def load_config(path: str | os.PathLike) -> OuroConfig:
@@ -85,10 +107,81 @@ def load_config(path: str | os.PathLike) -> OuroConfig:
     return config_from_dict(read_config_dict(path), source=str(checkpoint_dir(path) / CONFIG_NAME))
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """A model's tensors without building it: those outside the layer stack, and those of one decoder
+    layer (all layers are alike), read from a one-layer model on ``meta``. Sizing and checking a
+    checkpoint this way costs the same whatever its depth."""
+
+    outer: dict[str, tuple[int, ...]]
+    layer: dict[str, tuple[int, ...]]  # names after ``model.layers.{i}.``
+    num_layers: int
+    num_parameters: int
+    gate_parameters: int
+
+    PREFIX = "model.layers."
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.outer) + self.num_layers * len(self.layer)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of tensor ``name``; None: the model has no such tensor."""
+        if name in self.outer:
+            return self.outer[name]
+        index, _, rest = name.removeprefix(self.PREFIX).partition(".")
+        if name.startswith(self.PREFIX) and index.isdigit() and str(int(index)) == index:
+            return self.layer.get(rest) if int(index) < self.num_layers else None
+        return None
+
+    def names(self) -> Iterator[str]:
+        yield from self.outer
+        for i in range(self.num_layers):
+            for rest in self.layer:
+                yield f"{self.PREFIX}{i}.{rest}"
+
+
+def model_layout(config: OuroConfig, source: str | os.PathLike = CONFIG_NAME) -> ModelLayout:
+    """The ``ModelLayout`` of ``config``'s model; ``source``: where the config came from, for messages."""
+    try:
+        with torch.device("meta"):
+            model = model_class(config)(dataclasses.replace(config, num_hidden_layers=1))
+    except RuntimeError as e:  # e.g. "Storage size calculation overflowed"
+        raise ConfigError(f"{source}: the sizes are too large for any model: {e}") from e
+    return _layout(model, config.num_hidden_layers)
+
+
+def _layout(model: nn.Module, num_layers: int) -> ModelLayout:
+    """``model`` (built with one decoder layer; ``num_layers`` 0: the whole model as ``outer``) as a layout."""
+    prefix = ModelLayout.PREFIX + "0."
+
+    def in_layer(name: str) -> bool:
+        return num_layers > 0 and name.startswith(prefix)
+
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    params, gates = {False: 0, True: 0}, {False: 0, True: 0}  # outside / in the one layer
+    for name, p in model.named_parameters():
+        params[in_layer(name)] += p.numel()
+        if is_gate_parameter(name):
+            gates[in_layer(name)] += p.numel()
+    return ModelLayout(
+        outer={n: s for n, s in shapes.items() if not in_layer(n)},
+        layer={n.removeprefix(prefix): s for n, s in shapes.items() if in_layer(n)},
+        num_layers=num_layers,
+        num_parameters=params[False] + num_layers * params[True],
+        gate_parameters=gates[False] + num_layers * gates[True],
+    )
+
+
 def build_model(
     config: OuroConfig, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """An un-loaded model for ``config``: on ``meta`` it allocates nothing (for sizing)."""
+    """An un-loaded model for ``config``: on ``meta`` it allocates nothing (for sizing). Even there
+    each layer costs Python objects, so a depth that cannot fit in memory is refused first."""
+    layers = config.num_hidden_layers
+    check_fits(layers * LAYER_OBJECT_BYTES, "cpu", f"building a model of {layers:,} layers")
+    if str(device) != "meta":
+        check_fits(model_layout(config).num_parameters * 4, device, "the model's float32 weights")
     with torch.device(device):
         model = model_class(config)(config)
     return model.to(dtype)
@@ -108,15 +201,78 @@ def _open_safetensors(file: Path) -> Any:
         raise CorruptCheckpointError(f"{file} is not a valid safetensors file (truncated or corrupt): {e}") from e
 
 
+def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of a safetensors file, from its header alone (8 bytes: the header's length,
+    little-endian; then that much JSON): no tensor data is read or mapped, so sizing a huge
+    checkpoint is instant. The header must fit in the file, and every tensor's bytes in its data."""
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"weights file {file} not found")
+    bad = f"{file} is not a valid safetensors file (truncated or corrupt)"
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else None
+        if length is None or length > size - 8:
+            found = f"{size:,} bytes" if length is None else f"a {length:,}-byte header in {size:,} bytes"
+            raise CorruptCheckpointError(f"{bad}: found {found}")
+        if length > MAX_JSON_BYTES:
+            raise CorruptCheckpointError(f"{bad}: its header is larger than {MAX_JSON_BYTES:,} bytes")
+        header = _read_json(
+            file, CorruptCheckpointError, "a valid safetensors file (truncated or corrupt)", f.read(length)
+        )
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{bad}: its header is not a JSON object")
+    data_bytes = size - 8 - length
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not (
+            isinstance(code, str)
+            and isinstance(shape, list)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in [*shape, *offsets])
+        ):
+            raise CorruptCheckpointError(f"{bad}: the header entry of tensor {name} is malformed")
+        if code not in SAFETENSORS_DTYPES:
+            raise UnsupportedModelError(f"{file}: tensor {name} has dtype {code}; melt reads F32, BF16, F16")
+        info = TensorInfo(file, SAFETENSORS_DTYPES[code], tuple(shape))
+        begin, end = offsets
+        if end > data_bytes or end - begin != info.nbytes:
+            raise CorruptCheckpointError(
+                f"{bad}: tensor {name} ({info.nbytes:,} bytes) is said to lie at bytes {begin:,}..{end:,} "
+                f"of {data_bytes:,} bytes of data"
+            )
+        infos[name] = info
+    return infos
+
+
+def _shard_files(root: Path, index_file: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a sharded checkpoint's index. A shard
+    is a file of the checkpoint directory: any other path (``../x``, ``/etc/x``, ``sub/x``) is refused."""
+    index = _read_json(index_file, CorruptCheckpointError, "a valid safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(f"{index_file} is not a valid safetensors index: it has no weight_map object")
+    for name, shard in weight_map.items():
+        plain = isinstance(shard, str) and shard not in ("", ".", "..") and Path(shard).name == shard
+        if not plain or "\x00" in shard or "\\" in shard:
+            raise CorruptCheckpointError(
+                f"{index_file}: tensor {name} is mapped to {shard!r}; "
+                f"a shard must be a file name in the checkpoint directory {root}"
+            )
+    return weight_map
+
+
 def read_weight_headers(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Name -> header info of every stored tensor (single file or sharded). Empty: no weights."""
+    """Name -> header info of every stored tensor (single file or sharded). Empty: no weights.
+    Only the headers are read: the tensor data is neither read nor mapped."""
     root = checkpoint_dir(path)
     index_file = root / INDEX_NAME
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"{index_file} is not a valid safetensors index: {e}") from e
+        weight_map = _shard_files(root, index_file)
         files = sorted({root / f for f in weight_map.values()})
     elif (root / WEIGHTS_NAME).is_file():
         weight_map, files = None, [root / WEIGHTS_NAME]
@@ -124,13 +280,7 @@ def read_weight_headers(path: str | os.PathLike) -> dict[str, TensorInfo]:
         return {}
     infos: dict[str, TensorInfo] = {}
     for file in files:
-        with _open_safetensors(file) as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                sl = f.get_slice(name)
-                code = sl.get_dtype()
-                if code not in SAFETENSORS_DTYPES:
-                    raise UnsupportedModelError(f"{file}: tensor {name} has dtype {code}; melt reads F32, BF16, F16")
-                infos[name] = TensorInfo(file, SAFETENSORS_DTYPES[code], tuple(sl.get_shape()))
+        infos.update(_read_header(file))
     if weight_map is not None:
         listed_elsewhere = {n for n, f in weight_map.items() if n not in infos or infos[n].file != root / f}
         if listed_elsewhere:
@@ -140,19 +290,30 @@ def read_weight_headers(path: str | os.PathLike) -> dict[str, TensorInfo]:
     return infos
 
 
-def _names(names: set[str] | list[str], limit: int = 5) -> str:
+def _names(names: set[str] | list[str], limit: int = 5, total: int | None = None) -> str:
     names = sorted(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    total = len(names) if total is None else total
+    more = f" (+{total - limit} more)" if total > limit else ""
     return ", ".join(names[:limit]) + more
 
 
-def check_weights(model: nn.Module, infos: dict[str, TensorInfo], where: Path) -> None:
-    """Strict check: the stored tensors are exactly the model's, with the model's shapes."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = expected.keys() - infos.keys()
-    unexpected = infos.keys() - expected.keys()
-    if missing:
-        raise WeightsMismatchError(f"{where} is missing {len(missing)} tensor(s) the config needs: {_names(missing)}")
+def check_weights(model: nn.Module | OuroConfig, infos: dict[str, TensorInfo], where: Path) -> None:
+    """Strict check: the stored tensors are exactly the model's, with the model's shapes. ``model``:
+    a built model, or a config (checked through its ``ModelLayout``, whatever its depth)."""
+    layout = _layout(model, 0) if isinstance(model, nn.Module) else model_layout(model, where / CONFIG_NAME)
+    expected = {name: layout.shape(name) for name in infos}
+    unexpected = {name for name, shape in expected.items() if shape is None}
+    missing_count = layout.num_tensors - (len(infos) - len(unexpected))
+    if missing_count:
+        missing = []
+        for name in layout.names():  # stops at the first few: the rest are counted, not listed
+            if name not in infos:
+                missing.append(name)
+                if len(missing) == 5:
+                    break
+        raise WeightsMismatchError(
+            f"{where} is missing {missing_count} tensor(s) the config needs: {_names(missing, total=missing_count)}"
+        )
     if unexpected:
         raise WeightsMismatchError(f"{where} has {len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
     for name, shape in expected.items():
@@ -181,19 +342,27 @@ def load_model(
     ``dtype``: fp32 / bf16 / fp16, or None for the dtype the weights are stored in.
     ``device="meta"`` builds the model from config.json alone (no weights needed), for sizing.
     ``progress(done_bytes, total_bytes)`` is called after each tensor.
+    Weights that do not fit in the device's free memory are refused before any is read; tensors
+    holding NaN or infinity are named in one ``MeltWarning``.
     """
     root = checkpoint_dir(path)
     config = load_config(root)
     infos = read_weight_headers(root)
     target = parse_dtype(dtype) if dtype is not None else stored_dtype(infos, config)
+    if str(device) != "meta":
+        if not infos:
+            raise CheckpointNotFoundError(f"{root} has no weights ({WEIGHTS_NAME} or {INDEX_NAME})")
+        check_weights(config, infos, root)  # before the model is built: its depth is then known to be real
+        count = sum(math.prod(i.shape) for i in infos.values())
+        check_fits(
+            count * target.itemsize, device, f"the weights of {root} ({count:,} parameters in {dtype_name(target)})"
+        )
     model = build_model(config, "meta", target)
     model.name_or_path = str(root)
     if str(device) == "meta":
         return model.eval()
-    if not infos:
-        raise CheckpointNotFoundError(f"{root} has no weights ({WEIGHTS_NAME} or {INDEX_NAME})")
-    check_weights(model, infos, root)
     total, done = sum(i.nbytes for i in infos.values()), 0
+    non_finite: list[str] = []
     by_file: dict[Path, list[str]] = {}
     for name, info in infos.items():
         by_file.setdefault(info.file, []).append(name)
@@ -204,10 +373,21 @@ def load_model(
                     tensor = f.get_tensor(name)
                 except SafetensorError as e:
                     raise CorruptCheckpointError(f"{file}: cannot read tensor {name}: {e}") from e
-                set_module_tensor_to_device(model, name, device, value=aligned(tensor.to(target)))
+                value = aligned(tensor.to(target))
+                if not bool(torch.isfinite(value).all()):
+                    non_finite.append(name)
+                set_module_tensor_to_device(model, name, device, value=value)
                 done += infos[name].nbytes
                 if progress is not None:
                     progress(done, total)
+    if non_finite:
+        warnings.warn(
+            MeltWarning(
+                f"{root}: {len(non_finite)} tensor(s) hold NaN or infinite values in {dtype_name(target)}: "
+                f"{_names(non_finite)}; the model's outputs may be NaN"
+            ),
+            stacklevel=2,
+        )
     return model.eval()
 
 
@@ -273,7 +453,7 @@ def save_checkpoint(
         target = parse_dtype(dtype)
         state_dict = {k: v.to(target) for k, v in state_dict.items()}
     keep = [tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None, getattr(model, "name_or_path", None)]
-    with atomic_directory(out, force=force, keep=keep) as tmp:
+    with atomic_directory(out, force=force, keep=keep) as tmp, writing(out):
         write_weights(state_dict, tmp, max_shard_size)
         config_dict = config.to_dict()
         config_dict["torch_dtype"] = dtype_name(next(iter(state_dict.values())).dtype)

@@ -8,7 +8,8 @@ from typing import Any
 
 from ..dtypes import dtype_bytes, dtype_name
 from ..models import is_melt
-from .io import build_model, check_weights, checkpoint_dir, load_config, read_weight_headers, stored_dtype
+from .files import CONFIG_NAME
+from .io import check_weights, checkpoint_dir, load_config, model_layout, read_weight_headers, stored_dtype
 
 
 @dataclass
@@ -36,7 +37,9 @@ class ModelSummary:
 
 
 def summarize_checkpoint(path: str | os.PathLike) -> ModelSummary:
-    """Summary of a checkpoint directory; works with config.json alone (meta device).
+    """Summary of a checkpoint directory; works with config.json alone. Nothing but headers is read
+    and no model is built (counts come from one layer on the meta device), so it is instant and
+    small however large the checkpoint or deep its config.
 
     ``weights_bytes`` is the stored tensor bytes when weights exist, else parameters x dtype size.
     ``kv_bytes_per_token`` is the whole KV cache per token at the configured loop count, in ``dtype``
@@ -46,10 +49,10 @@ def summarize_checkpoint(path: str | os.PathLike) -> ModelSummary:
     config = load_config(root)
     infos = read_weight_headers(root)
     dtype = stored_dtype(infos, config)
-    model = build_model(config, "meta")
+    layout = model_layout(config, root / CONFIG_NAME)
     if infos:
-        check_weights(model, infos, root)
-    num_parameters = sum(p.numel() for p in model.parameters())
+        check_weights(config, infos, root)
+    num_parameters = layout.num_parameters
     weights_bytes = sum(i.nbytes for i in infos.values()) if infos else num_parameters * dtype_bytes(dtype)
     return ModelSummary(
         path=str(root),
@@ -63,7 +66,7 @@ def summarize_checkpoint(path: str | os.PathLike) -> ModelSummary:
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
         num_parameters=num_parameters,
-        gate_parameters=sum(p.numel() for p in model.gate_parameters()),
+        gate_parameters=layout.gate_parameters,
         dtype=dtype_name(dtype),
         has_weights=bool(infos),
         weights_bytes=weights_bytes,

@@ -20,13 +20,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints import load_config, load_model, load_tokenizer
+from ..checkpoints.io import read_weight_headers, stored_dtype
 from ..data import read_jsonl_field, read_text_file
+from ..dtypes import parse_dtype
 from ..errors import InvalidArgumentError
-from ..models import is_melt
+from ..models import OuroConfig, is_melt
 from ..models.adaptive import AdaptiveDepth, ExitStats
 from ..models.config import validate_loops
 from ..models.quantized import KVFormat, kv_format
-from ..runtime import peak_memory_so_far, reset_peak_memory, resolve_device
+from ..runtime import check_fits, peak_memory_so_far, reset_peak_memory, resolve_device
 from ..words import plural
 from .decode import decode
 from .sampling import Sampler, SamplingSettings
@@ -265,6 +267,7 @@ def generate_text(
         positions = S + steps
         if settings.compile:  # the compiled step is specialised to the cache length: few lengths, few compiles
             positions = -(-positions // COMPILE_LENGTH_STEP) * COMPILE_LENGTH_STEP
+        check_kv_fits(config, model.dtype, settings, loops, B, positions, device)
         cache = model.new_cache(B, positions, loops, kv_dtype=settings.kv_format())
         if cache.nbytes() > kv_bytes:
             kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), cache.nbytes_per_loop(), positions
@@ -372,6 +375,23 @@ def generate_text(
     return GenerationReport(results, stats)
 
 
+def check_kv_fits(
+    config: OuroConfig,
+    dtype: torch.dtype,
+    settings: GenerationSettings,
+    loops: int,
+    batch: int,
+    positions: int,
+    device: torch.device,
+) -> None:
+    """Refuse a KV cache the device cannot hold before it is allocated (sized by the config's exact
+    formula), naming the options that size it; MELT's cache does not grow with the loops."""
+    nbytes = sum(config.kv_cache_bytes_per_loop(dtype, loops, settings.kv_format(), positions, batch))
+    flags = "--max-new-tokens or --batch-size" if is_melt(config) else "--loops, --max-new-tokens or --batch-size"
+    what = f"the KV cache ({plural(loops, 'loop')}, {plural(batch, 'row')} of {positions:,} positions)"
+    check_fits(nbytes, device, what, flags)
+
+
 @dataclass
 class GenerateArgs:
     """``melt generate``'s inputs. Exactly one prompt source: ``prompt``, ``prompt_file`` (a text
@@ -434,9 +454,13 @@ def run_generate(
     Options are checked before the weights are read."""
     prompts = collect_prompts(args)
     for i, prompt in enumerate(prompts):
+        where = f"prompt {i} of {args.prompts_file}" if args.batch_mode else "the prompt"
         if not prompt.strip():
-            where = f"prompt {i} of {args.prompts_file}" if args.batch_mode else "the prompt"
             raise InvalidArgumentError(f"{where} is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that were not UTF-8, kept as surrogates (a command-line argument)
+            raise InvalidArgumentError(f"{where} is not UTF-8 text (character {e.start})") from None
     device = resolve_device(args.device)
     config = load_config(args.checkpoint)
     loops = config.resolve_loops(args.settings.loops)
@@ -444,6 +468,10 @@ def run_generate(
         raise InvalidArgumentError(
             f"exit-at-step must be in [0, {loops - 1}] with {plural(loops, 'loop')}, got {args.settings.exit_at_step}"
         )
+    # the smallest cache this run can need (one prompt token per row): refused before the weights are read
+    dtype = parse_dtype(args.dtype) if args.dtype else stored_dtype(read_weight_headers(args.checkpoint), config)
+    steps = min(args.settings.max_new_tokens, config.max_position_embeddings - 1)
+    check_kv_fits(config, dtype, args.settings, loops, min(args.settings.batch_size, len(prompts)), 1 + steps, device)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, dtype=args.dtype, device=device)
     return generate_text(model, tokenizer, prompts, args.settings, on_text=on_text, on_result=on_result)

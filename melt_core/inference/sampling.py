@@ -12,6 +12,8 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from ..errors import InvalidArgumentError
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64 - 1
+
 
 @dataclass
 class SamplingSettings:
@@ -35,6 +37,8 @@ class SamplingSettings:
             raise InvalidArgumentError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidArgumentError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidArgumentError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
         if self.temperature == 0 and (self.top_k > 0 or self.top_p < 1.0):
             raise InvalidArgumentError("top-k / top-p apply to sampling: set a temperature > 0 (0 is greedy)")
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints.tokenizer import SPECIAL_TOKENS
-from ..errors import InvalidArgumentError
+from ..errors import CorruptCheckpointError, InvalidArgumentError
 
 IM_END = SPECIAL_TOKENS[2]  # "<|im_end|>": ChatML's end of turn
 
@@ -83,6 +84,16 @@ def default_stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase)
     return tuple(sorted(ids))
 
 
+def _template_file(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Where a loaded tokenizer's chat template came from: chat_template.jinja, else tokenizer_config.json."""
+    if not getattr(tokenizer, "name_or_path", None):
+        return "the tokenizer"
+    root = Path(tokenizer.name_or_path)
+    return str(
+        root / "chat_template.jinja" if (root / "chat_template.jinja").is_file() else root / "tokenizer_config.json"
+    )
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
     """Token ids of a prompt; with ``chat`` as one user turn plus the assistant generation prompt."""
     if not prompt.strip():
@@ -90,8 +101,14 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidArgumentError("--chat needs a chat template, and this tokenizer has none")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # a template is a program: jinja's sandbox refusals, syntax or runtime errors
+            raise CorruptCheckpointError(
+                f"{_template_file(tokenizer)}: the chat template cannot be applied: "
+                f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')[:200]}"
+            ) from e
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(prompt)

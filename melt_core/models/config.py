@@ -7,6 +7,7 @@ kept in ``extra`` and written back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,25 @@ from .update_rules import UPDATE_RULES
 
 # Keys melt writes itself and does not keep in ``extra``.
 _DERIVED_KEYS = {"model_type", "architectures"}
+MAX_SIZE = 2**31 - 1  # the largest size field (layers, widths, vocabulary, positions) melt accepts
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (not a bool, a string or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _kind(value: Any) -> str:
+    """How a wrong value reads in a message: ``'32'`` (a string), ``a JSON array``."""
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    return repr(value)
 
 
 def validate_loops(loops: int, name: str = "loops") -> int:
@@ -56,11 +76,9 @@ class OuroConfig:
     architectures = ["OuroForCausalLM"]
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in (
+        """Every field is checked for type and range here, so that a hand-edited config.json fails
+        as one message naming the field, never deep in model code."""
+        sizes = (
             "vocab_size",
             "hidden_size",
             "intermediate_size",
@@ -69,10 +87,59 @@ class OuroConfig:
             "num_key_value_heads",
             "head_dim",
             "total_ut_steps",
-        ):
+            "max_position_embeddings",
+        )
+        for name in sizes:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+            if value is None and name in ("num_key_value_heads", "head_dim"):
+                continue  # derived below
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE:
+                raise ConfigError(f"config field {name} must be an integer in 1..{MAX_SIZE}, got {_kind(value)}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 1:
+                raise ConfigError(
+                    f"config field hidden_size ({self.hidden_size}) must be at least num_attention_heads "
+                    f"({self.num_attention_heads}), or set head_dim"
+                )
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"config field {name} must be a positive number, got {_kind(value)}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(
+                f"config field rope_scaling must be a JSON object or null, got {_kind(self.rope_scaling)}"
+            )
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(
+                f"config field tie_word_embeddings must be true or false, got {_kind(self.tie_word_embeddings)}"
+            )
+        threshold = self.early_exit_threshold
+        if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
+            raise ConfigError(
+                f"config field early_exit_threshold must be a number in [0, 1] or null, got {_kind(threshold)}"
+            )
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_token_id(value):
+                raise ConfigError(
+                    f"config field {name} must be a token id (an integer >= 0) or null, got {_kind(value)}"
+                )
+        eos = self.eos_token_id
+        if eos is not None and not (_is_token_id(eos) or (isinstance(eos, list) and all(map(_is_token_id, eos)))):
+            raise ConfigError(
+                f"config field eos_token_id must be a token id, a list of them, or null, got {_kind(eos)}"
+            )
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ConfigError(
+                f"config field pad_token_id {self.pad_token_id} is not in the vocabulary (vocab_size {self.vocab_size})"
+            )
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            raise ConfigError(
+                f'config field torch_dtype must be a string such as "bfloat16", got {_kind(self.torch_dtype)}'
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -187,9 +254,12 @@ class MeltSettings:
     source: str | None = None
 
     def __post_init__(self) -> None:
-        if self.policy not in MELT_POLICIES:
+        for name in ("z0", "ema_factor"):
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"melt.{name} must be a number, got {_kind(getattr(self, name))}")
+        if not isinstance(self.policy, str) or self.policy not in MELT_POLICIES:
             raise ConfigError(f"melt.policy must be one of {', '.join(MELT_POLICIES)}, got {self.policy!r}")
-        if self.h0 not in MELT_H0:
+        if not isinstance(self.h0, str) or self.h0 not in MELT_H0:
             raise ConfigError(f"melt.h0 must be one of {', '.join(MELT_H0)}, got {self.h0!r}")
         if self.h0 != "first_input" and not self.learned:
             raise ConfigError(
@@ -198,10 +268,12 @@ class MeltSettings:
             )
         if not 0.0 < self.z0 < 1.0:
             raise ConfigError(f"melt.z0 must be strictly between 0 and 1, got {self.z0}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ConfigError(f"melt.chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
+            raise ConfigError(f"melt.chunk_size must be a positive integer, got {_kind(self.chunk_size)}")
         if not 0.0 < self.ema_factor <= 1.0:
             raise ConfigError(f"melt.ema_factor must be in (0, 1], got {self.ema_factor}")
+        if self.source is not None and not isinstance(self.source, str):
+            raise ConfigError(f"melt.source must be a path (a string) or null, got {_kind(self.source)}")
 
     @property
     def learned(self) -> bool:
@@ -220,6 +292,11 @@ class MeltConfig(OuroConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.melt, (dict, MeltSettings)):
+            raise ConfigError(
+                f'config field melt must be a JSON object of MELT settings ({{"policy": "gate", ...}}), '
+                f"got {_kind(self.melt)}"
+            )
         if isinstance(self.melt, dict):
             unknown = set(self.melt) - {f.name for f in dataclasses.fields(MeltSettings)}
             if unknown:

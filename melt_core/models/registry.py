@@ -41,7 +41,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> OuroConfig:
     model_type = raw.get("model_type")
     if model_type is None:
         raise ConfigError(f"{source} has no model_type; expected one of {sorted(MODEL_TYPES)}")
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise UnsupportedModelError(
             f"{source} has model_type {model_type!r}; "
             f"melt reads {' and '.join(repr(t) for t in MODEL_TYPES)} checkpoints"

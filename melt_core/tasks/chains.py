@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
+from ..outputs import writing
 
 NAMES = string.ascii_lowercase
 STATEMENT_SEP, QUERY_MARK = " ", "?"
@@ -151,10 +152,15 @@ def make_problems(task: ChainTask, hops: Iterable[int], n: int, seed: int, curri
 
 
 def write_problems(problems: list[Problem], out: str | os.PathLike) -> None:
-    """One JSON object per line (``prompt``, ``answer``, ``hops``), written atomically."""
+    """One JSON object per line (``prompt``, ``answer``, ``hops``), written atomically: a failed write
+    (a full disk) is one error naming ``out`` and leaves no temporary file."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for p in problems:
-            f.write(json.dumps(p.to_json()) + "\n")
-    os.replace(tmp, out)
+    with writing(out):
+        try:
+            with open(tmp, "w") as f:
+                for p in problems:
+                    f.write(json.dumps(p.to_json()) + "\n")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from ..checkpoints import load_config, load_model, load_tokenizer
-from ..checkpoints.outputs import check_output
 from ..data import training_sequences
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..evaluation.heldout import finish, score_batch
@@ -31,9 +30,9 @@ from ..models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, i
 from ..models.update_rules import is_gate_parameter
 from .losses import attention_alignment, kl_divergence, next_token_cross_entropy, predicting
 from .trainer import (
-    RESUME_HINT,
     TrainingArgs,
     TrainResult,
+    check_run_output,
     check_seq_len,
     fit_to_rows,
     resume_checkpoint,
@@ -265,9 +264,8 @@ def run_phase(
         resume_checkpoint(args, objective_name(settings))
     teacher_path = teacher_path or default_teacher(student_path)
     check_seq_len(args.seq_len, load_config(student_path).max_position_embeddings)
-    if args.resume is None:  # before anything is loaded; --force must spare the inputs
-        inputs = [student_path, teacher_path, data_args.data, data_args.eval_data]
-        check_output(args.out, args.force, keep=inputs, hint=RESUME_HINT)
+    inputs = [student_path, teacher_path, data_args.data, data_args.eval_data]
+    check_run_output(args, inputs)  # before anything is loaded
     teacher_dtype = teacher_dtype or default_teacher_dtype(args)
     objective = DistillObjective(student_path, teacher_path, settings, args.steps, teacher_dtype)
     tokenizer = load_tokenizer(student_path)
@@ -281,7 +279,7 @@ def run_phase(
             f"phase {settings.phase}: student {student_path}, teacher {teacher_path}, "
             f"{len(data)} sequences of {args.seq_len} tokens"
         )
-    return train(objective, data, args, eval_data=eval_data, on_step=on_step, on_event=on_event)
+    return train(objective, data, args, eval_data=eval_data, on_step=on_step, on_event=on_event, inputs=inputs)
 
 
 def run_both_phases(

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
 from ..checkpoints import load_config, load_model, load_tokenizer, save_checkpoint
-from ..checkpoints.outputs import check_output
 from ..checkpoints.random_model import init_weights, ouro_config_for
 from ..checkpoints.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_bpe_tokenizer
 from ..data import iter_documents, training_sequences
@@ -36,7 +35,15 @@ from ..models.config import validate_loops
 from ..models.ouro import exit_pdf
 from ..words import plural
 from .losses import next_token_cross_entropy, per_token_cross_entropy
-from .trainer import RESUME_HINT, TrainingArgs, TrainResult, check_seq_len, fit_to_rows, resume_checkpoint, train
+from .trainer import (
+    TrainingArgs,
+    TrainResult,
+    check_run_output,
+    check_seq_len,
+    fit_to_rows,
+    resume_checkpoint,
+    train,
+)
 
 # Model shapes of `melt pretrain --preset` (the loop count and vocabulary are set separately).
 PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
@@ -206,9 +213,8 @@ def run_pretrain(
     check_seq_len(args.seq_len, limit.max_position_embeddings if limit else settings.max_position_embeddings)
     if args.resume is not None:
         resume_checkpoint(args, OBJECTIVE_NAME)
-    else:  # before anything is read; --force must spare the inputs
-        inputs = [data, eval_data, settings.tokenizer, settings.init_from]
-        check_output(args.out, args.force, keep=inputs, hint=RESUME_HINT)
+    inputs = [data, eval_data, settings.tokenizer, settings.init_from]
+    check_run_output(args, inputs)  # before anything is read
     if settings.init_from is not None:
         model, tokenizer = initial_checkpoint(settings.init_from)
     else:
@@ -242,4 +248,5 @@ def run_pretrain(
         eval_data=held_out,
         on_step=on_step,
         on_event=on_event,
+        inputs=inputs,
     )

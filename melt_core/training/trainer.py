@@ -1,23 +1,27 @@
 """The training loop shared by every melt training command, on accelerate.
 
-accelerate does device placement, mixed precision, DDP/FSDP and the state of a checkpoint
-(model, optimizer, RNG of every process, registered objects); this module adds what melt's runs
-need around it: a step-indexed data order (so the data position is the step), gradient
-accumulation up to a token budget, warm-up + cosine/constant schedules, atomic checkpoints,
-exact resume, NaN/inf detection, Ctrl-C -> resumable checkpoint, metrics.jsonl, and periodic
-held-out evaluation. What is trained and how the loss is computed is an ``Objective``.
+accelerate does device placement, mixed precision and DDP; this module adds what melt's runs need
+around it: a step-indexed data order (so the data position is the step), gradient accumulation up
+to a token budget, warm-up + cosine/constant schedules, atomic checkpoints of tensors and JSON only
+(``state.py``: nothing a run directory holds is unpickled), exact resume from the newest intact
+checkpoint, a lock on the run directory, NaN/inf detection, Ctrl-C or SIGTERM -> resumable
+checkpoint, metrics.jsonl, and periodic held-out evaluation. What is trained and how the loss is
+computed is an ``Objective``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,24 +29,25 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, get_available_trackers
-from accelerate.utils import LoggerType, set_seed
-from safetensors.torch import load_file
+from accelerate.utils import DistributedType, LoggerType, set_seed
 from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from ..checkpoints import fresh_output_dir, save_checkpoint
+from ..checkpoints import save_checkpoint
 from ..checkpoints.files import CONFIG_NAME
-from ..checkpoints.outputs import check_output
 from ..data import PackedSequences
 from ..dtypes import parse_dtype, upcast
 from ..errors import InvalidArgumentError, MeltError, MissingDependencyError
+from ..outputs import check_output, writing
 from ..runtime import peak_memory_so_far
+from . import state as files
+from .run_lock import LOCK_NAME, check_unlocked, run_lock
+from .state import CHECKPOINTS, RUN_STATE, UnreadableCheckpoint
 
 RESUME_HINT = "pass --force to replace it or --resume to continue its run"
-CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"
-# Arguments that must not change when a run is resumed.
+PathLike = str | os.PathLike
 # Arguments that must not change when a run is resumed (``steps`` may grow: the run goes on longer).
 RESUME_INVARIANTS = ("seq_len", "batch_tokens", "micro_batch", "seed", "schedule", "warmup_steps", "data_order")
 DATA_ORDERS = ("shuffle", "file")
@@ -53,7 +58,11 @@ class TrainingDivergedError(MeltError):
 
 
 class TrainingInterruptedError(MeltError):
-    """The run was interrupted (Ctrl-C); a resumable checkpoint was saved."""
+    """The run was stopped by Ctrl-C (exit status 130) or SIGTERM (143); a resumable checkpoint was saved."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -111,6 +120,15 @@ class TrainingArgs:
                 f"--batch-tokens {self.batch_tokens} must be a multiple of seq_len x micro_batch "
                 f"= {self.seq_len} x {self.micro_batch} (x the processes of a launch)"
             )
+        for flag, value in {"--lr": self.lr, "--gate-lr": self.gate_lr, "--weight-decay": self.weight_decay}.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidArgumentError(f"{flag} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise InvalidArgumentError(f"--clip must be a finite number >= 0 (0: no clipping), got {self.clip}")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise InvalidArgumentError(f"--betas must lie in [0, 1), got {self.betas}")
+        if not 0 <= self.seed < 2**32:  # numpy's generators take 32-bit seeds
+            raise InvalidArgumentError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         for name in self.log_with or []:
             check_tracker(name)
         if self.save_dtype is not None:
@@ -155,19 +173,6 @@ class Objective(Protocol):
 
 
 @dataclass
-class RunState:
-    """Registered with accelerate so that a checkpoint records the step (= the data position)."""
-
-    step: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
-
-
-@dataclass
 class TrainResult:
     out: Path
     steps: int
@@ -199,63 +204,148 @@ def check_tracker(name: str) -> None:
 
 
 def checkpoint_is_finite(ckpt: Path) -> bool:
-    """Whether every model weight saved in a training checkpoint is finite."""
-    files = sorted(ckpt.glob("model*.safetensors"))
-    return bool(files) and all(bool(t.isfinite().all()) for f in files for t in load_file(str(f)).values())
+    """Whether a training checkpoint's weights read completely and are all finite."""
+    try:
+        files.read_model_state(ckpt)
+    except UnreadableCheckpoint:
+        return False
+    return True
 
 
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or the latest checkpoint of a run directory."""
+def data_fingerprint(data: PackedSequences) -> dict[str, Any]:
+    """What identifies a run's training data: the sequences' count and a hash of their tokens (and
+    targets), so a resume on changed data is refused whatever the files are called."""
+    h = hashlib.sha256(data.sequences.contiguous().numpy().tobytes())
+    if data.targets is not None:
+        h.update(data.targets.contiguous().numpy().tobytes())
+    return {"sequences": len(data), "seq_len": data.seq_len, "sha256": h.hexdigest()}
+
+
+def resume_candidates(path: Path) -> list[Path]:
+    """The checkpoints ``--resume`` may continue from, oldest first: the one it names, or every
+    checkpoint of the run directory it names."""
     if not path.exists():
         raise InvalidArgumentError(f"--resume {path} does not exist")
-    if (path / "run_state.json").is_file():
-        return path
-    candidates = sorted((path / CHECKPOINTS).glob("step-*")) if (path / CHECKPOINTS).is_dir() else []
-    candidates = [c for c in candidates if (c / "run_state.json").is_file()]
+    if (path / RUN_STATE).is_file():
+        return [path]
+    candidates = files.checkpoints_of(path)
     if not candidates:
         raise InvalidArgumentError(f"{path} holds no training checkpoint to resume from")
-    return candidates[-1]
+    return candidates
 
 
 def resume_checkpoint(args: TrainingArgs, objective: str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint ``args.resume`` names and its run_state.json, if it is a checkpoint of an
-    ``objective`` run (cheap: run before any model is loaded)."""
-    ckpt = find_checkpoint(Path(args.resume))
-    saved = json.loads((ckpt / "run_state.json").read_text())
-    name = saved.get("objective", {}).get("name", objective)
-    if name != objective:
-        raise InvalidArgumentError(f"{ckpt} is a checkpoint of a {name} run; it cannot resume {objective}")
-    if args.steps < saved["step"]:
-        raise InvalidArgumentError(f"{ckpt} is at step {saved['step']}; --steps {args.steps} is behind it")
-    return ckpt, saved
+    """The newest checkpoint of ``args.resume`` with a readable run_state.json and that file, if it is
+    a checkpoint of an ``objective`` run (cheap: run before any model is loaded; the weights are
+    verified when they are loaded)."""
+    reasons = []
+    for ckpt in reversed(resume_candidates(Path(args.resume))):
+        try:
+            saved = files.read_run_state(ckpt)
+        except UnreadableCheckpoint as e:
+            reasons.append(str(e))
+            continue
+        name = saved.get("objective", {}).get("name", objective)
+        if name != objective:
+            raise InvalidArgumentError(f"{ckpt} is a checkpoint of a {name} run; it cannot resume {objective}")
+        if args.steps < saved["step"]:
+            raise InvalidArgumentError(f"{ckpt} is at step {saved['step']}; --steps {args.steps} is behind it")
+        return ckpt, saved
+    raise InvalidArgumentError(f"--resume {args.resume}: no checkpoint can be read: " + "; ".join(reasons))
 
 
-def saved_run_config(resume: str | os.PathLike) -> dict[str, Any]:
+def saved_run_config(resume: PathLike) -> dict[str, Any]:
     """``run_config.json`` of the run ``resume`` names (its run directory or one of its checkpoints)."""
     if not Path(resume).exists():
         raise InvalidArgumentError(f"--resume {resume} does not exist")
-    run = run_directory(None, Path(resume))
+    run = resumed_run(Path(resume))
     file = run / RUN_CONFIG
     if not file.is_file():
         raise InvalidArgumentError(f"--resume {resume}: {run} is not a melt run directory (it has no {RUN_CONFIG})")
-    return json.loads(file.read_text())
+    try:
+        config = files.read_json(file)
+    except UnreadableCheckpoint as e:
+        raise InvalidArgumentError(f"--resume {resume}: {e}; the run's settings are lost, start a new run") from None
+    if not isinstance(config, dict):
+        raise InvalidArgumentError(f"--resume {resume}: {file} is corrupt (not a JSON object)")
+    return config
+
+
+def resumed_run(resume: Path) -> Path:
+    """The run directory ``--resume`` names, by itself or by one of its checkpoints."""
+    return resume.parent.parent if (resume / RUN_STATE).is_file() else resume
 
 
 def run_directory(out: Path | None, resume: Path | None) -> Path:
-    """``--out``, or when only ``--resume`` is given, the run it continues (named by its run
-    directory or by one of its checkpoints)."""
-    if out is not None:
-        return Path(out)
+    """``--out``, or when only ``--resume`` is given, the run it continues. A resumed run goes on in
+    its own directory: an ``--out`` naming another folder is refused (it would be written over)."""
     if resume is None:
-        raise InvalidArgumentError("--out is required (unless --resume names the run to continue)")
-    resume = Path(resume)
-    return find_checkpoint(resume).parent.parent if (resume / "run_state.json").is_file() else resume
+        if out is None:
+            raise InvalidArgumentError("--out is required (unless --resume names the run to continue)")
+        return Path(out)
+    run = resumed_run(Path(resume))
+    if out is not None and Path(out).resolve() != run.resolve():
+        raise InvalidArgumentError(
+            f"--resume continues {run} in place; --out {out} names another folder: drop --out (or give --out {run})"
+        )
+    return run
+
+
+def check_run_output(args: TrainingArgs, inputs: Sequence[PathLike | None]) -> None:
+    """The run directory may be written: a fresh one like any output (empty, or ``--force``d and not
+    holding an input); a resumed one is the run ``--resume`` names, a melt run, and holds no input
+    either. Cheap: callers run it before loading anything, the trainer again before writing."""
+    if int(os.environ.get("RANK", "0")) != 0:  # in a launch, the main process checks and creates the run
+        return
+    out = Path(args.out)
+    check_unlocked(out)
+    if args.resume is None:
+        check_output(out, args.force, keep=inputs, hint=RESUME_HINT)
+        return
+    run_directory(out, args.resume)
+    if not (out / RUN_CONFIG).is_file():
+        raise InvalidArgumentError(f"--resume {args.resume}: {out} is not a melt run (it has no {RUN_CONFIG})")
+    check_output(out, True, keep=inputs)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, args: TrainingArgs):
     if args.schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
     return get_constant_schedule_with_warmup(optimizer, args.warmup)
+
+
+class _StopNow(BaseException):
+    """A second Ctrl-C / SIGTERM: stop at once, without a checkpoint."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@contextmanager
+def stop_signals(on_event: Callable[[str], None]) -> Iterator[dict[str, int | None]]:
+    """Turn the first Ctrl-C or SIGTERM into a request to stop after the current step (the trainer
+    then saves a resumable checkpoint); a second one stops at once. Only the main thread can handle
+    signals: elsewhere this does nothing and Ctrl-C raises KeyboardInterrupt as usual."""
+    received: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if received["signum"] is not None:
+            raise _StopNow(signum)
+        received["signum"] = signum
+        on_event(f"{signal.Signals(signum).name} received: stopping after this step (again: stop now, unsaved)")
+
+    previous = {s: signal.signal(s, handler) for s in EXIT_CODES}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class _Run:
@@ -270,10 +360,12 @@ class _Run:
         on_step: Callable[[dict], None] | None,
         on_event: Callable[[str], None] | None,
         trackers: Sequence[GeneralTracker] = (),
+        inputs: Sequence[PathLike | None] = (),
     ) -> None:
         if args.data_order == "file":
             data = dataclasses.replace(data, ordered=True)
         self.objective, self.data, self.args, self.eval_data = objective, data, args, eval_data
+        self.inputs = list(inputs)
         self.on_step = on_step or (lambda m: None)
         self.on_event = on_event or (lambda m: None)
         mp = args.mixed_precision
@@ -283,6 +375,8 @@ class _Run:
         self.accelerator = Accelerator(
             mixed_precision=mp, cpu=args.cpu, log_with=log_with or None, project_dir=str(args.out / "logs")
         )
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise InvalidArgumentError("melt's trainer does not run FSDP yet; launch with DDP (multi_gpu) instead")
         world = self.accelerator.num_processes
         per_micro = args.micro_batch * world
         global_seqs = (args.batch_tokens // args.seq_len) if args.batch_tokens else per_micro
@@ -296,30 +390,35 @@ class _Run:
         # micro-step counter: that counter is saved with a checkpoint, and one saved in the middle of
         # a step made every later optimizer step a silent no-op after --resume.
         self.accum = global_seqs // per_micro
+        self.fingerprint = data_fingerprint(data)
         set_seed(args.seed)
 
     # --- files -------------------------------------------------------------------------------
     def prepare_out(self) -> Path | None:
-        """Create (or, resuming, check and tidy) the run directory; returns the checkpoint to resume."""
+        """The main process checks the run directory, then creates it or, resuming, tidies what a
+        killed run left half-written, and holds the run's lock from here on (``self.lock``); the other
+        processes wait. Returns the checkpoint to resume."""
         args, out = self.args, self.args.out
-        # every process checks (and fails) alike, before the main process changes anything
-        if args.resume is None:
-            check_output(out, args.force, hint=RESUME_HINT)
         ckpt = self.check_resume_args() if args.resume is not None else None
         if self.accelerator.is_main_process:
-            if args.resume is None:
-                fresh_output_dir(out, force=True)
-            else:  # what a killed run left half-written
+            check_run_output(args, self.inputs)
+            self.lock.enter_context(run_lock(out, self.on_event))
+            if args.resume is None:  # --force: empty the folder (check_run_output spared the inputs)
+                for old in out.iterdir():
+                    if old.name != LOCK_NAME:
+                        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            else:
                 for stale in [out / ".final.tmp", *(out / CHECKPOINTS).glob(".step-*.tmp")]:
                     shutil.rmtree(stale, ignore_errors=True)
-            config = {**args.to_json(), "objective": self.objective.describe()}
-            (out / RUN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            config = {**args.to_json(), "objective": self.objective.describe(), "data": self.fingerprint}
+            with writing(out / RUN_CONFIG):
+                (out / RUN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         return ckpt
 
     def check_resume_args(self) -> Path:
-        """The checkpoint ``--resume`` names, once its run is shown to be this one: the same objective
-        and settings (``RESUME_INVARIANTS``), and at least as many steps as it has done."""
+        """The checkpoint ``--resume`` names, once its run is shown to be this one: the same objective,
+        settings (``RESUME_INVARIANTS``) and data, and at least as many steps as it has done."""
         objective = self.objective.describe()
         ckpt, saved = resume_checkpoint(self.args, objective["name"])
         if self.args.warmup_steps is None:  # a longer run keeps the warm-up it started with
@@ -332,42 +431,99 @@ class _Run:
         if changed:
             diffs = ", ".join(f"{k}: {a} -> {b}" for k, a, b in changed)
             raise InvalidArgumentError(f"cannot resume {ckpt} with different settings ({diffs})")
+        then = saved.get("data")
+        if then is not None and then != self.fingerprint:
+            now = self.fingerprint
+            raise InvalidArgumentError(
+                f"the training data is not the data {ckpt} was trained on ({now['sequences']} sequences of "
+                f"{now['seq_len']} tokens now, {then.get('sequences')} of {then.get('seq_len')} then, other tokens); "
+                "resume with the run's own --data, or start a new run"
+            )
         return ckpt
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
-            with open(self.args.out / METRICS, "a") as f:
+            with writing(self.args.out / METRICS), open(self.args.out / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """On resume, drop records of steps after the checkpoint (they will be redone)."""
+        """On resume, drop records of steps after the checkpoint (they will be redone), and a torn
+        line that a kill during an append leaves (with a note)."""
         file = self.args.out / METRICS
-        if self.accelerator.is_main_process and file.is_file():
-            keep = [ln for ln in file.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        if not (self.accelerator.is_main_process and file.is_file()):
+            return
+        keep, torn = [], 0
+        for ln in file.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError:
+                torn += bool(ln.strip())
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(ln)
+        if torn:
+            self.on_event(f"dropped {torn} unreadable line(s) of {file} (a write cut short)")
+        with writing(file):
             file.write_text("".join(ln + "\n" for ln in keep))
 
-    def save(self, state: RunState) -> Path:
-        """An accelerate state (model, optimizer, RNG, registered objects) + run_state.json, atomically."""
+    def save(self, step: int) -> Path:
+        """A checkpoint (model, optimizer, RNG of every process, run_state.json last), written into a
+        temporary folder and renamed into place; a failed write leaves nothing behind."""
         acc = self.accelerator
-        final = self.args.out / CHECKPOINTS / f"step-{state.step:06d}"
+        final = self.args.out / CHECKPOINTS / f"step-{step:06d}"
         tmp = final.parent / f".{final.name}.tmp"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            run_state = {"step": state.step, "args": self.args.to_json(), "objective": self.objective.describe()}
-            (tmp / "run_state.json").write_text(json.dumps(run_state) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            if self.args.keep_last > 0:  # 0 keeps every checkpoint
-                for old in sorted(final.parent.glob("step-*"))[: -self.args.keep_last]:
-                    shutil.rmtree(old)
+        model_state = acc.get_state_dict(self.wrapped)
+        try:
+            with writing(tmp):
+                if acc.is_main_process:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    files.save_model_state(model_state, tmp)
+                    files.save_optimizer_state(self.optimizer.state_dict(), tmp)
+                files.save_rng_state(tmp, acc.process_index)
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    run_state = {
+                        "step": step,
+                        "args": self.args.to_json(),
+                        "objective": self.objective.describe(),
+                        "data": self.fingerprint,
+                        "scheduler": self.scheduler.state_dict(),
+                    }
+                    files.write_run_state(tmp, run_state)
+                    if final.exists():
+                        shutil.rmtree(final)
+                    tmp.rename(final)
+        except BaseException:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if acc.is_main_process and self.args.keep_last > 0:  # 0 keeps every checkpoint
+            for old in files.checkpoints_of(self.args.out)[: -self.args.keep_last]:
+                shutil.rmtree(old)
         acc.wait_for_everyone()
         return final
+
+    def restore(self, ckpt: Path) -> int:
+        """Load the newest intact checkpoint up to ``ckpt`` into the model, optimizer, schedule and
+        generators; returns its step."""
+        candidates = resume_candidates(Path(self.args.resume))
+        candidates = candidates[: candidates.index(ckpt) + 1]
+        try:
+            state = files.load_newest_intact(candidates, self.accelerator.process_index)
+        except UnreadableCheckpoint as e:
+            raise InvalidArgumentError(f"--resume {self.args.resume}: no intact checkpoint ({e})") from None
+        for skipped, reason in state.skipped:
+            self.on_event(f"skipped {skipped.name}: {reason}")
+        self.accelerator.unwrap_model(self.wrapped).load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        if "scheduler" in state.run_state:
+            self.scheduler.load_state_dict(state.run_state["scheduler"])
+        if state.rng is not None:
+            files.restore_rng_state(state.rng)
+        return state.step
 
     # --- the loop ------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[tuple[Tensor, Tensor | None]]:
@@ -398,111 +554,133 @@ class _Run:
 
     def run(self) -> TrainResult:
         args, acc, objective = self.args, self.accelerator, self.objective
-        resume_from = self.prepare_out()
-        if acc.log_with:
-            config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in args.to_json().items()}
-            acc.init_trackers(args.out.name, config={**config, "objective": objective.describe()["name"]})
-        try:
-            return self._train(resume_from)
-        finally:
-            acc.end_training()
+        with ExitStack() as self.lock:
+            resume_from = self.prepare_out()
+            if acc.log_with:
+                config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in args.to_json().items()}
+                acc.init_trackers(args.out.name, config={**config, "objective": objective.describe()["name"]})
+            try:
+                return self._train(resume_from)
+            finally:
+                acc.end_training()
 
     def _log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
         if self.accelerator.log_with:
             numbers = {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log(numbers, step=step)
 
+    def _stop_requested(self, received: dict[str, int | None]) -> int | None:
+        """The signal that asked this run to stop, agreed by every process (one stops, all stop)."""
+        signum = received["signum"] or 0
+        if self.accelerator.num_processes > 1:
+            signum = int(self.accelerator.reduce(torch.tensor(signum, device=self.accelerator.device), "max"))
+        return signum or None
+
     def _train(self, resume_from: Path | None) -> TrainResult:
         args, acc, objective = self.args, self.accelerator, self.objective
         groups = objective.param_groups(args)
         optimizer = torch.optim.AdamW(groups, betas=args.betas, weight_decay=args.weight_decay)
-        scheduler = _schedule(optimizer, args)
+        self.scheduler = scheduler = _schedule(optimizer, args)
         objective.prepare(acc)
-        wrapped, optimizer = acc.prepare(objective.model, optimizer)
-        state = RunState()
-        acc.register_for_checkpointing(scheduler, state)
+        self.wrapped, self.optimizer = wrapped, optimizer = acc.prepare(objective.model, optimizer)
+        step = 0
         if resume_from is not None:
-            acc.load_state(str(resume_from))
-            self.truncate_metrics(state.step)
-            self.on_event(f"resumed from {resume_from} at step {state.step}")
+            step = self.restore(resume_from)
+            self.truncate_metrics(step)
+            self.on_event(f"resumed from {resume_from.parent.parent} at step {step}")
         wrapped.train()
         last: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
         tokens_per_step = self.global_seqs * args.seq_len
         try:
-            while state.step < args.steps:
-                step = state.step
-                t0 = time.perf_counter()
-                total, parts_sum = 0.0, {}
-                batches = self.micro_batches(step)
-                for m, (ids, targets) in enumerate(batches):
-                    sync = m == len(batches) - 1  # gradients are all-reduced once, after the last micro-batch
-                    with nullcontext() if sync else acc.no_sync(wrapped), acc.autocast():
-                        loss, parts = objective.loss(wrapped, ids, step, targets)
-                        acc.backward(loss / self.accum)
-                    total += upcast(loss.detach()) / self.accum
-                    for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v / self.accum
-                mean_loss = acc.reduce(torch.as_tensor(total, device=acc.device), "mean").item()
-                if not math.isfinite(mean_loss):
+            with stop_signals(self.on_event) as received:
+                while step < args.steps:
+                    t0 = time.perf_counter()
+                    total, parts_sum = 0.0, {}
+                    batches = self.micro_batches(step)
+                    for m, (ids, targets) in enumerate(batches):
+                        sync = m == len(batches) - 1  # gradients are all-reduced once, after the last micro-batch
+                        with nullcontext() if sync else acc.no_sync(wrapped), acc.autocast():
+                            loss, parts = objective.loss(wrapped, ids, step, targets)
+                            acc.backward(loss / self.accum)
+                        total += upcast(loss.detach()) / self.accum
+                        for k, v in parts.items():
+                            parts_sum[k] = parts_sum.get(k, 0.0) + v / self.accum
+                    mean_loss = acc.reduce(torch.as_tensor(total, device=acc.device), "mean").item()
+                    if not math.isfinite(mean_loss):
+                        optimizer.zero_grad()
+                        raise TrainingDivergedError(
+                            f"the loss is {mean_loss} at step {step + 1}; stopped before applying it. "
+                            + self._last_good_hint()
+                        )
+                    # the total norm is non-finite as soon as any gradient element is (clip 0: measured, not clipped)
+                    grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.clip if args.clip > 0 else math.inf)
+                    if not torch.isfinite(grad_norm):
+                        optimizer.zero_grad()
+                        raise TrainingDivergedError(
+                            f"the gradient norm is {float(grad_norm)} at step {step + 1} (loss {mean_loss:.4g}); "
+                            "stopped before applying it. " + self._last_good_hint()
+                        )
+                    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                    optimizer.step()
+                    scheduler.step()
                     optimizer.zero_grad()
-                    raise TrainingDivergedError(
-                        f"the loss is {mean_loss} at step {step + 1}; stopped before applying it. "
-                        + self._last_good_hint()
-                    )
-                # the total norm is non-finite as soon as any gradient element is (clip 0: measured, not clipped)
-                grad_norm = acc.clip_grad_norm_(wrapped.parameters(), args.clip if args.clip > 0 else math.inf)
-                if not torch.isfinite(grad_norm):
-                    optimizer.zero_grad()
-                    raise TrainingDivergedError(
-                        f"the gradient norm is {float(grad_norm)} at step {step + 1} (loss {mean_loss:.4g}); "
-                        "stopped before applying it. " + self._last_good_hint()
-                    )
-                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                state.step += 1
-                elapsed = time.perf_counter() - t0
-                last = {
-                    "step": state.step,
-                    "loss": mean_loss,
-                    **parts_sum,
-                    **objective.step_metrics(step),
-                    **{f"lr_{k}": v for k, v in lrs.items()},
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": tokens_per_step / elapsed,
-                    "peak_memory_bytes": peak_memory_so_far(acc.device)[0],  # CUDA allocator / process RSS
-                }
-                self.log_metrics(last)
-                if acc.is_main_process:
-                    self.on_step(last)
-                at_end = state.step == args.steps
-                if state.step % args.log_every == 0 or at_end:
-                    self._log(state.step, last)
-                if self.eval_data is not None and ((args.eval_every and state.step % args.eval_every == 0) or at_end):
-                    eval_metrics = self.evaluate(wrapped)
-                    self.log_metrics({"step": state.step, "eval": eval_metrics})
-                    self._log(state.step, eval_metrics, prefix="eval/")
-                    self.on_event("eval " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-                if (args.save_every and state.step % args.save_every == 0) or at_end:
-                    self.save(state)
-        except KeyboardInterrupt:
+                    step += 1
+                    elapsed = time.perf_counter() - t0
+                    last = {
+                        "step": step,
+                        "loss": mean_loss,
+                        **parts_sum,
+                        **objective.step_metrics(step - 1),
+                        **{f"lr_{k}": v for k, v in lrs.items()},
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": tokens_per_step / elapsed,
+                        "peak_memory_bytes": peak_memory_so_far(acc.device)[0],  # CUDA allocator / process RSS
+                    }
+                    self.log_metrics(last)
+                    if acc.is_main_process:
+                        self.on_step(last)
+                    at_end = step == args.steps
+                    if step % args.log_every == 0 or at_end:
+                        self._log(step, last)
+                    if self.eval_data is not None and ((args.eval_every and step % args.eval_every == 0) or at_end):
+                        eval_metrics = self.evaluate(wrapped)
+                        self.log_metrics({"step": step, "eval": eval_metrics})
+                        self._log(step, eval_metrics, prefix="eval/")
+                        self.on_event("eval " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                    if (args.save_every and step % args.save_every == 0) or at_end:
+                        self.save(step)
+                    signum = self._stop_requested(received)
+                    if signum is not None and not at_end:
+                        raise self._interrupted(step, EXIT_CODES[signal.Signals(signum)], signal.Signals(signum).name)
+        except KeyboardInterrupt:  # raised by code, or Ctrl-C where no signal handler could be installed
             optimizer.zero_grad()
-            if state.step > 0:
-                ckpt = self.save(state)
-                raise TrainingInterruptedError(
-                    f"interrupted after step {state.step}; saved {ckpt}; continue with --resume {args.out}"
-                ) from None
-            raise TrainingInterruptedError("interrupted before the first step; nothing to save") from None
+            raise self._interrupted(step, 130, "interrupted") from None
+        except _StopNow as stop:
+            optimizer.zero_grad()
+            raise TrainingInterruptedError(
+                f"stopped at once by a second {signal.Signals(stop.signum).name} during step {step + 1}; not saved: "
+                f"continue from the last checkpoint with --resume {args.out}",
+                EXIT_CODES[signal.Signals(stop.signum)],
+            ) from None
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.write_final_model(acc.unwrap_model(wrapped))
         acc.wait_for_everyone()
-        return TrainResult(args.out, state.step, last, eval_metrics)
+        return TrainResult(args.out, step, last, eval_metrics)
+
+    def _interrupted(self, step: int, exit_code: int, why: str) -> TrainingInterruptedError:
+        """Save the completed steps (if any) and say how to go on."""
+        if step == 0:
+            return TrainingInterruptedError(f"{why} before the first step; nothing to save", exit_code)
+        saved = files.checkpoints_of(self.args.out)
+        ckpt = saved[-1] if saved and files.read_run_state(saved[-1])["step"] == step else self.save(step)
+        return TrainingInterruptedError(
+            f"{why} after step {step}; saved {ckpt}; continue with --resume {self.args.out}", exit_code
+        )
 
     def _last_good_hint(self) -> str:
-        for ckpt in sorted((self.args.out / CHECKPOINTS).glob("step-*"), reverse=True):
+        for ckpt in reversed(files.checkpoints_of(self.args.out)):
             if checkpoint_is_finite(ckpt):
                 return f"The last good checkpoint is {ckpt}; resume from it with --resume {ckpt} (e.g. a lower LR)."
         return "No checkpoint with finite weights was saved yet."
@@ -513,7 +691,12 @@ class _Run:
         out = self.args.out
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.objective.save_model(model, tmp, self.args.save_dtype)
+        try:
+            with writing(out):
+                self.objective.save_model(model, tmp, self.args.save_dtype)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         (out / CONFIG_NAME).unlink(missing_ok=True)
         for old in out.glob("model*.safetensors*"):
             old.unlink()
@@ -532,10 +715,12 @@ def train(
     on_step: Callable[[dict], None] | None = None,
     on_event: Callable[[str], None] | None = None,
     trackers: Sequence[GeneralTracker] = (),
+    inputs: Sequence[PathLike | None] = (),
 ) -> TrainResult:
     """Run ``objective`` for ``args.steps`` optimizer steps; returns the final metrics. ``trackers``:
-    accelerate tracker objects, next to the ones ``args.log_with`` names."""
-    return _Run(objective, data, args, eval_data, on_step, on_event, trackers).run()
+    accelerate tracker objects, next to the ones ``args.log_with`` names. ``inputs``: the files and
+    folders the run reads (checkpoints, data), which its directory must not hold or sit in."""
+    return _Run(objective, data, args, eval_data, on_step, on_event, trackers, inputs).run()
 
 
 def save_model_as(model: nn.Module, out: Path, tokenizer_from: str | os.PathLike, dtype: str | None) -> None:
