@@ -185,8 +185,7 @@ def training(device: torch.device) -> None:
             "--seq-len",
             "256",
         ]
-        if device.type != "cuda":
-            args.append("--cpu")
+        args += ["--device", device.type]
         start = time.perf_counter()
         result = subprocess.run(args, capture_output=True, text=True)
         print(f"   melt transition, 4 steps: exit {result.returncode} in {time.perf_counter() - start:.1f} s")

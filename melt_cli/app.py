@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,12 +20,16 @@ from melt_core.errors import MeltError, MeltWarning
 from . import console
 
 DEBUG_ENV = "MELT_DEBUG"
+# A ``[...]`` that rich (``rich_markup_mode="rich"``) would read as a markup tag and drop: ``melt[eval]``,
+# ``[default: 4]`` (rich's own tag pattern), unless already escaped (``\[``).
+_MARKUP_TAG = re.compile(r"(?<!\\)(\[[a-z#/@][^[]*?\])")
 
 
 def _fail(message: str, status: int) -> typer.Exit:
     """One red line on stderr (the message is printed as text, never as rich markup)."""
-    console.err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
-    console.err.print(f"[dim](set {DEBUG_ENV}=1 for the traceback)[/]")
+    where = f"[rank {console.RANK}] " if console.RANK else ""
+    console.rank_err.print(Text.assemble(("error:", "bold red"), " ", where, message), soft_wrap=True, highlight=False)
+    console.rank_err.print(f"[dim](set {DEBUG_ENV}=1 for the traceback)[/]")
     return typer.Exit(status)
 
 
@@ -41,6 +46,18 @@ def _hide_flag_types(command: Any, ctx: typer.Context) -> None:
             param.metavar = ""
     for sub in getattr(command, "commands", {}).values():
         _hide_flag_types(sub, ctx)
+
+
+def _escape_brackets(command: Any) -> None:
+    """Help texts (docstrings, epilogs, option help) print as written: their ``[...]`` are escaped
+    for rich, once, for the command, its parameters and its subcommands."""
+    for obj in [command, *command.params]:
+        for attr in ("help", "short_help", "epilog"):
+            text = getattr(obj, attr, None)
+            if isinstance(text, str):
+                setattr(obj, attr, _MARKUP_TAG.sub(r"\\\1", text))
+    for sub in getattr(command, "commands", {}).values():
+        _escape_brackets(sub)
 
 
 @contextmanager
@@ -63,6 +80,11 @@ def _warnings_as_lines() -> Iterator[None]:
 class MeltGroup(TyperGroup):
     """Turns melt's typed errors, file-system errors and Ctrl-C into one red line, and melt's warnings
     into one yellow line, once for every subcommand (CliRunner tests included)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.rich_markup_mode == "rich":
+            _escape_brackets(self)  # the whole tree: typer makes the subcommands first
 
     def get_command(self, ctx: typer.Context, name: str) -> Any:
         command = super().get_command(ctx, name)

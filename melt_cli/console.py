@@ -1,11 +1,17 @@
-"""Rich consoles: data goes to stdout, messages and progress to stderr."""
+"""Rich consoles: data goes to stdout, messages and progress to stderr. In a distributed launch only
+the main process prints (one header, one progress bar, one result); the others print only their
+errors (``rank_err``)."""
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+RANK = int(os.environ.get("RANK", "0") or 0)
+out = Console(highlight=False, quiet=RANK != 0)
+err = Console(stderr=True, highlight=False, quiet=RANK != 0)
+rank_err = err if RANK == 0 else Console(stderr=True, highlight=False)
 
 
 def human_bytes(n: float) -> str:

@@ -12,10 +12,17 @@ from typing import Annotated, Any
 import typer
 
 from melt_core.errors import InvalidArgumentError
+from melt_core.models.config import validate_loops
 from melt_core.training import TrainingArgs
 from melt_core.training.trainer import saved_run_config
 
-Data = Annotated[Path, typer.Option("--data", help="Training text: .txt, .jsonl(.gz), a folder, or a saved dataset.")]
+Data = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Training text: .txt, .jsonl(.gz), a folder, or a saved dataset (a DatasetDict: its train split).",
+    ),
+]
 EvalData = Annotated[Path | None, typer.Option("--eval-data", help="Held-out text for periodic evaluation.")]
 TextField = Annotated[str, typer.Option(help="JSON field holding the text.")]
 Out = Annotated[Path | None, typer.Option("--out", help="Run directory (the final model is written there).")]
@@ -57,7 +64,6 @@ DataOrder = Annotated[
     str, typer.Option(help="shuffle (seeded), or file: the data's own order, e.g. a curriculum (data reasoning).")
 ]
 MixedPrecision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, none on CPU), no, bf16 or fp16.")]
-Cpu = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is available.")]
 Resume = Annotated[Path | None, typer.Option(help="Continue a run: its directory or one of its checkpoints.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
 LogEvery = Annotated[int, typer.Option(help="Steps between tracker logs and plain progress lines (not a terminal).")]
@@ -84,7 +90,9 @@ TRAINING_OPTIONS: dict[str, Any] = {
     "seed": Seed,
     "data_order": DataOrder,
     "mixed_precision": MixedPrecision,
-    "cpu": Cpu,
+    "device": Annotated[
+        str, typer.Option(help="auto (the launcher's choice: CUDA when available, else CPU), cpu, cuda or mps.")
+    ],
     "resume": Resume,
     "force": Force,
     "save_dtype": SaveDtype,
@@ -143,19 +151,35 @@ def with_training_options(
     return decorate
 
 
-# generate / profile
+# generate / eval / profile: one device and one dtype vocabulary (melt_core.runtime, melt_core.dtypes)
 Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[
+    str, typer.Option(help="auto (the checkpoint's stored dtype), fp32, bf16 or fp16 (or float32, bfloat16, float16).")
+]
 ChunkSize = Annotated[
     int | None, typer.Option(help="Prefill chunk size (default: MELT's trained chunk size; Ouro: the whole prompt).")
 ]
 KvDtype = Annotated[
     str, typer.Option(help="How the KV cache stores rows: auto (the model's dtype), bf16, fp16, fp32, int8 or int4.")
 ]
-KvGroupSize = Annotated[int, typer.Option(help="int8 / int4: channels that share one fp16 scale.")]
+KvGroupSize = Annotated[
+    int | None,
+    typer.Option(
+        help="int8 / int4: channels that share one fp16 scale (default: the largest even divisor of the model's "
+        "head_dim up to 32, i.e. 32 for head_dim 64 or 128)."
+    ),
+]
 KvResidual = Annotated[
     int, typer.Option(help="int8 / int4: keep the most recent N positions of every slot in full precision.")
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables and text.")]
+
+
+def loop_list(text: str | None) -> list[int | None]:
+    """``--loops 1,2,4`` -> ``[1, 2, 4]``; not given -> ``[None]`` (the model's own loop count)."""
+    if not text:
+        return [None]
+    return [validate_loops(n, "--loops values") for n in int_list(text, "--loops")]
 
 
 def int_list(text: str, name: str) -> list[int]:

@@ -2,7 +2,8 @@
 
 Accepted sources: a ``.txt`` file (one document), a ``.jsonl`` / ``.jsonl.gz`` file (one JSON
 object per line, text under ``text_field``), a folder of those (recursively, sorted), or a
-dataset saved with ``datasets.Dataset.save_to_disk``. Documents are joined with EOS and packed
+dataset saved with ``datasets.Dataset.save_to_disk`` (a ``DatasetDict``'s folder: its ``train``
+split; ``DIR/SPLIT`` for another). Documents are joined with EOS and packed
 into sequences of ``seq_len`` tokens; the order is shuffled deterministically from a seed.
 
 A *problem file* is a ``.jsonl`` whose records hold a ``prompt`` and an ``answer`` (``melt data
@@ -20,12 +21,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from .errors import InvalidArgumentError, MeltError, OutputNotWritableError
 from .outputs import remove_stale_siblings, writing
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 
@@ -43,11 +47,29 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
 
 
+def _train_split(path: Path) -> Path:
+    """The ``train`` split of a saved ``DatasetDict`` (``DatasetDict.save_to_disk``: one saved
+    dataset per split, listed in ``dataset_dict.json``); without one, an error naming the splits."""
+    try:
+        splits = [str(s) for s in json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: the split folders it holds
+        splits = sorted(d.name for d in path.iterdir() if _is_saved_dataset(d))
+    if "train" not in splits or not _is_saved_dataset(path / "train"):
+        raise DataError(
+            f"{path} is a saved DatasetDict without a 'train' split (splits: {', '.join(splits) or 'none'}); "
+            f"pass one split's folder, e.g. --data {path / (splits[0] if splits else 'SPLIT')}"
+        )
+    return path / "train"
+
+
 def data_files(path: str | os.PathLike) -> list[Path]:
-    """The text files a data path stands for (a saved dataset counts as one entry)."""
+    """The text files a data path stands for (a saved dataset counts as one entry; a saved
+    ``DatasetDict`` is its ``train`` split)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {p} does not exist")
+    if p.is_dir() and (p / "dataset_dict.json").is_file():
+        p = _train_split(p)
     if _is_saved_dataset(p):
         return [p]
     if p.is_dir():

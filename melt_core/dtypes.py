@@ -22,6 +22,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+AUTO = "auto"  # the checkpoint's own (stored) dtype
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (and fp32, fp16)."""
     if isinstance(name, torch.dtype):
@@ -32,6 +35,12 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if key not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16")
     return DTYPES[key]
+
+
+def dtype_or_stored(name: str | torch.dtype | None, stored: torch.dtype) -> torch.dtype:
+    """The dtype a ``--dtype`` value asks for: ``auto`` (or None) is ``stored``, the checkpoint's own;
+    one vocabulary for every command."""
+    return stored if name is None or name == AUTO else parse_dtype(name)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

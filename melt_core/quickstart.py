@@ -26,6 +26,7 @@ from .models import KVCache, MeltSettings
 from .tasks import ChainTask, make_problems, write_problems
 from .tasks.chains import TRAINED_HOPS
 from .training import DataArgs, DistillSettings, TrainingArgs, run_phase
+from .words import plural
 
 TRAIN_TEXT = ASSETS / "quickstart" / "train.jsonl.gz"
 VALID_TEXT = ASSETS / "quickstart" / "valid.jsonl.gz"
@@ -96,10 +97,15 @@ def run_quickstart(
     on_stage: Callable[[str, int | None], None] | None = None,
     on_step=None,
     on_event=None,
+    on_progress: Callable[[int, int, str, str], None] | None = None,
 ) -> QuickstartReport:
-    """Run every stage; ``on_stage(message, training_steps or None)`` announces each one."""
+    """Run every stage; ``on_stage(message, training_steps or None)`` announces each one, then a
+    training stage reports each step (``on_step(metrics)``, ``on_event(message)``) and every other
+    long one its work as it goes: ``on_progress(done, total, unit, model)`` (e.g. 96, 144,
+    "sequences", "MELT (phase 1 + 2)")."""
     s = settings or QuickstartSettings()
     stage = on_stage or (lambda message, steps: None)
+    progress = on_progress or (lambda done, total, unit, model: None)
     out = fresh_output_dir(out, force, keep=[s.teacher, s.reasoning_teacher])
     total = 7 if s.reasoning else 6
     report = QuickstartReport(out)
@@ -133,19 +139,27 @@ def run_quickstart(
             on_event=on_event,
         ).out
 
-    stage(f"2/{total} phase 1: interpolated transition, {s.steps1} steps", s.steps1)
+    stage(f"2/{total} phase 1: interpolated transition, {plural(s.steps1, 'step')}", s.steps1)
     phase1 = train(melt0, 1, s.steps1, "phase1")
     lap("phase 1")
-    stage(f"3/{total} phase 2: attention-aligned distillation, {s.steps2} steps", s.steps2)
+    stage(f"3/{total} phase 2: attention-aligned distillation, {plural(s.steps2, 'step')}", s.steps2)
     melt = train(phase1, 2, s.steps2, "phase2")
     lap("phase 2")
 
-    stage(f"4/{total} evaluate on held-out text", None)
+    stage(f"4/{total} evaluate: held-out loss of the teacher, MELT and 'last'", None)
     models = {"Ouro teacher": s.teacher, "MELT (phase 1 + 2)": melt, "training-free last": last}
-    for name, path in models.items():
+    for i, (name, path) in enumerate(models.items()):
         teacher = None if name == "Ouro teacher" else s.teacher
         settings = EvalSettings(seq_len=s.seq_len, max_sequences=s.eval_sequences)
-        result = evaluate_checkpoint(path, VALID_TEXT, settings, teacher=teacher)
+        result = evaluate_checkpoint(
+            path,
+            VALID_TEXT,
+            settings,
+            teacher=teacher,
+            progress=lambda done, total, i=i, name=name: progress(
+                i * total + done, len(models) * total, "sequences", name
+            ),
+        )
         report.evaluation[name] = next(iter(result.results.values()))
     lap("evaluate")
 
@@ -154,9 +168,11 @@ def run_quickstart(
     generation = GenerationSettings(
         max_new_tokens=s.new_tokens, sampling=SamplingSettings(temperature=0.8, top_k=40, seed=0)
     )
-    for name, path in models.items():
+    for i, (name, path) in enumerate(models.items()):
+        progress(i, len(models), "samples", name)
         result = generate_text(load_model(path, dtype="fp32"), tokenizer, [s.prompt], generation).results[0]
         report.samples[name] = s.prompt + result.text
+    progress(len(models), len(models), "samples", "")
     lap("generate")
 
     stage(f"6/{total} KV-cache memory per loop count", None)
@@ -173,14 +189,15 @@ def run_quickstart(
         }
     lap("memory")
     if s.reasoning:
-        run_reasoning(s, out / "reasoning", report, stage, train)
+        run_reasoning(s, out / "reasoning", report, stage, train, progress)
         lap("reasoning")
     return report
 
 
-def run_reasoning(s: QuickstartSettings, out: Path, report: QuickstartReport, stage, train) -> None:
+def run_reasoning(s: QuickstartSettings, out: Path, report: QuickstartReport, stage, train, progress=None) -> None:
     """The recipe on the ``reasoning`` LoopLM: MELT after both phases and ``last``, against the
     teacher, by greedy-answer accuracy on held-out multi-hop problems."""
+    progress = progress or (lambda done, total, unit, model: None)
     stage(f"7/7 reasoning: {s.reasoning_teacher} -> MELT and 'last'; accuracy on multi-hop problems", None)
     out.mkdir()
     task = ChainTask()  # the reasoning model's task
@@ -193,17 +210,22 @@ def run_reasoning(s: QuickstartSettings, out: Path, report: QuickstartReport, st
     last = convert_ouro_to_melt(
         s.reasoning_teacher, out / "melt-last", MeltSettings(policy="last", chunk_size=s.reasoning_chunk_size)
     )
-    stage(f"7/7 reasoning, phase 1: {s.reasoning_steps1} steps", s.reasoning_steps1)
+    stage(f"7/7 reasoning, phase 1: {plural(s.reasoning_steps1, 'step')}", s.reasoning_steps1)
     phase1 = train(melt0, 1, s.reasoning_steps1, f"{out.name}/phase1", s.reasoning_teacher, train_data)
-    stage(f"7/7 reasoning, phase 2: {s.reasoning_steps2} steps", s.reasoning_steps2)
+    stage(f"7/7 reasoning, phase 2: {plural(s.reasoning_steps2, 'step')}", s.reasoning_steps2)
     melt = train(phase1, 2, s.reasoning_steps2, f"{out.name}/phase2", s.reasoning_teacher, train_data)
     bf16 = torch.bfloat16
-    for name, path in {
-        "Ouro teacher": s.reasoning_teacher,
-        "MELT (phase 1 + 2)": melt,
-        "training-free last": last,
-    }.items():
-        final = next(iter(evaluate_problems(path, test_data).results.values()))[-1]
+    models = {"Ouro teacher": s.reasoning_teacher, "MELT (phase 1 + 2)": melt, "training-free last": last}
+    stage("7/7 reasoning, evaluate: greedy-answer accuracy on held-out problems", None)
+    for i, (name, path) in enumerate(models.items()):
+        scores = evaluate_problems(
+            path,
+            test_data,
+            progress=lambda done, total, i=i, name=name: progress(
+                i * total + done, len(models) * total, "problems", name
+            ),
+        )
+        final = next(iter(scores.results.values()))[-1]
         report.reasoning[name] = {
             "accuracy": final.accuracy,
             "by_hops": final.accuracy_by_hops,

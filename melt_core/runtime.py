@@ -56,8 +56,8 @@ TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice (physical core
 def default_threads() -> int:
     """CPU threads for torch when none are asked for: ``$MELT_THREADS``, else the cores this process
     may use, shared among the processes of a distributed launch, less those other work keeps busy
-    (the 1-minute load average). torch's own default (every physical core) collapses 4-36x when
-    another job holds some of them."""
+    (the 1-minute load average). torch's own default (every physical core) collapses when another
+    job holds some of them: its threads then wait on each other."""
     if os.environ.get(THREADS_ENV):
         return validate_threads(int(os.environ[THREADS_ENV]), THREADS_ENV)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

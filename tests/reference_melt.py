@@ -1,4 +1,6 @@
-"""An independent, deliberately naive MELT forward written from MELT.md §2-§4 (phase 1) alone.
+"""An independent, deliberately naive MELT forward written from docs/melt-method.md alone ("The MELT
+layer", "Update rules", "Chunk-wise computation", phase 1 of "The two training
+phases").
 
 Functional over a raw state dict (Ouro's names plus ``model.layers.{i}.kv_gate.*``), eager attention
 with an explicit fp32 softmax, no caches, one sequence at a time, chunks processed sequentially with

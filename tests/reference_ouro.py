@@ -1,4 +1,5 @@
-"""An independent, deliberately naive Ouro forward written from OURO.md §4 alone.
+"""An independent, deliberately naive Ouro forward written from docs/ouro-format.md ("The forward pass",
+"The exit gate and the returned logits") alone.
 
 Functional over a raw state dict, eager attention with an explicit fp32 softmax, no caches, one
 prompt at a time. melt's model is checked against it; nothing here is shared with melt_core.

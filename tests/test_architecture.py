@@ -109,3 +109,24 @@ def test_core_never_imports_the_cli_libraries_and_the_cli_never_imports_torch():
         assert not {m for m in _imports(file) if m.split(".")[0] in ("rich", "typer", "click", "melt_cli")}, file
     for file in (ROOT / "melt_cli").rglob("*.py"):
         assert not {m for m in _imports(file) if m.split(".")[0] == "torch"}, file
+
+
+# What users of the package get does not point to the project's internal notes or its data folder
+# beside the checkout (they are not shipped): the method and the format are in docs/. The names are
+# built from pieces, so that this file does not name them itself.
+INTERNAL_NAMES = tuple(stem + ".md" for stem in ("OURO", "MELT", "STYLE")) + (".." + "/" + "shared",)
+TEXT_SUFFIXES = {".py", ".md", ".txt", ".json", ".jsonl", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".sh"}
+
+
+def test_nothing_shipped_names_the_internal_notes_or_the_shared_folder():
+    files = [ROOT / "README.md"]
+    for folder in ("melt_core", "melt_cli", "tests", "benchmarks", "docs"):
+        files += [f for f in (ROOT / folder).rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES]
+    found = [
+        f"{file.relative_to(ROOT)}:{number}: {name}"
+        for file in files
+        for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        for name in INTERNAL_NAMES
+        if name in line
+    ]
+    assert not found, "internal names users do not have:\n" + "\n".join(found)

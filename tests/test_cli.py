@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from cli_helpers import one_red_line
 from typer.testing import CliRunner
 
@@ -117,3 +118,33 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     assert runtime.default_threads() == 1
     monkeypatch.setenv("MELT_THREADS", "3")
     assert runtime.default_threads() == 3
+
+
+def _commands(group, path=()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_one_device_and_dtype_vocabulary():
+    """Every command that places or loads a model takes --device (default auto) and --dtype (default
+    auto: the stored dtype), and the same spellings are accepted everywhere (--kv-dtype too)."""
+    import typer.main
+
+    from melt_core.models.quantized import kv_format
+
+    root = typer.main.get_command(app)
+    devices, dtypes = {}, {}
+    for path, command in _commands(root):
+        for param in command.params:
+            if param.name == "device":
+                devices[" ".join(path)] = param.default
+            if param.name == "dtype" and path != ("random-model",):  # a new model has no stored dtype
+                dtypes[" ".join(path)] = param.default
+            assert param.name != "cpu", f"melt {' '.join(path)} still has --cpu"
+    assert {"generate", "eval text", "eval problems", "eval tasks", "transition", "distill", "pretrain"} <= set(devices)
+    assert set(devices.values()) == {"auto"}, devices
+    assert set(dtypes.values()) == {"auto"}, dtypes
+    assert kv_format("bfloat16").dtype == kv_format("bf16").dtype == torch.bfloat16

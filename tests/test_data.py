@@ -34,6 +34,23 @@ def test_saved_dataset(tmp_path):
         list(iter_documents(tmp_path / "ds", "body"))
 
 
+def test_saved_dataset_dict_reads_its_train_split(tmp_path, tokenizer):
+    datasets = pytest.importorskip("datasets")
+    splits = {"train": DOCS, "test": ["Held out."]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    assert list(iter_documents(tmp_path / "dd")) == DOCS
+    assert list(iter_documents(tmp_path / "dd" / "test")) == ["Held out."]  # another split: its own folder
+    assert torch.equal(load_token_stream(tmp_path / "dd", tokenizer), tokenize_documents(tmp_path / "dd", tokenizer))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": DOCS})}).save_to_disk(
+        str(tmp_path / "no-train")
+    )
+    with pytest.raises(DataError, match=r"without a 'train' split \(splits: validation\)") as error:
+        list(iter_documents(tmp_path / "no-train"))
+    assert "\n" not in str(error.value)
+
+
 def test_eos_between_documents(tmp_path, tokenizer):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     stream = tokenize_documents(tmp_path / "d.jsonl", tokenizer)

@@ -32,19 +32,23 @@ CASES = [
         ["pretrain", "--data", "{text}", "--out", "{tmp}/o", "--loops", "0"],
         "--loops must be >= 1, got 0",
     ),
-    ("eval --batch-size 0", ["eval", "{tiny}", "--data", "{text}", "--batch-size", "0"], "batch size must be >= 1"),
+    (
+        "eval --batch-size 0",
+        ["eval", "text", "{tiny}", "--data", "{text}", "--batch-size", "0"],
+        "batch size must be >= 1",
+    ),
     (
         "eval --seq-len too long",
-        ["eval", "{tiny}", "--data", "{text}", "--seq-len", "999999"],
+        ["eval", "text", "{tiny}", "--data", "{text}", "--seq-len", "999999"],
         "exceeds the model's maximum 2048",
     ),
-    ("eval --loops 0", ["eval", "{tiny}", "--data", "{text}", "--loops", "2,0"], "must be >= 1, got 0"),
+    ("eval --loops 0", ["eval", "text", "{tiny}", "--data", "{text}", "--loops", "2,0"], "must be >= 1, got 0"),
     (
         "transition --seq-len too long",
         ["transition", "{melt}", "--data", "{text}", "--out", "{tmp}/o", "--seq-len", "4096", "--steps", "1"],
         "exceeds the model's maximum 2048",
     ),
-    ("eval --device tpu", ["eval", "{tiny}", "--data", "{text}", "--device", "tpu"], "unknown device"),
+    ("eval --device tpu", ["eval", "text", "{tiny}", "--data", "{text}", "--device", "tpu"], "unknown device"),
     (
         "random-model --vocab-size 2",
         ["random-model", "{tmp}/o", "--vocab-size", "2"],
@@ -142,7 +146,7 @@ CASES = [
         "is a binary file",
     ),
     ("latin-1 .txt data", ["pretrain", "--data", "{tmp}/latin.txt", "--out", "{tmp}/o", *TRAIN], "is not UTF-8 text"),
-    ("binary .jsonl data", ["eval", "{tiny}", "--data", "{tmp}/bin.jsonl"], "not UTF-8 text"),
+    ("binary .jsonl data", ["eval", "text", "{tiny}", "--data", "{tmp}/bin.jsonl"], "not UTF-8 text"),
     ("binary prompt file", ["generate", "{tiny}", "--prompt-file", "{tmp}/bin.txt"], "is a binary file"),
     ("latin-1 prompt file", ["generate", "{tiny}", "--prompt-file", "{tmp}/latin.txt"], "is not UTF-8 text"),
     ("binary prompts file", ["generate", "{tiny}", "--prompts-file", "{tmp}/bin.jsonl"], "not UTF-8 text"),
@@ -156,7 +160,7 @@ CASES = [
     ),
     (
         "MELT checkpoint as eval's teacher",
-        ["eval", "{tiny}", "--data", "{text}", "--teacher", "{melt}"],
+        ["eval", "text", "{tiny}", "--data", "{text}", "--teacher", "{melt}"],
         "a teacher is an Ouro LoopLM",
     ),
     (

@@ -1,5 +1,6 @@
-"""MELT model invariants (MELT.md §6.3-6): chunk-wise forward, decoding, interpolation, policies,
-checked against each other and against an independent naive forward (``reference_melt``)."""
+"""MELT model invariants (docs/melt-method.md, "Invariants melt's tests hold"): chunk-wise forward,
+decoding, interpolation, policies, checked against each other and against an independent naive
+forward (``reference_melt``)."""
 
 from __future__ import annotations
 

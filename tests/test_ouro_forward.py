@@ -1,4 +1,8 @@
-"""Ouro forward semantics: reference parity, chunking, caching, padding, exit paths (MELT.md §6.1-2)."""
+"""Ouro forward semantics: reference parity, chunking, caching, padding, exit paths.
+
+The forward is described in docs/ouro-format.md; these are the Ouro rows of docs/melt-method.md,
+"Invariants melt's tests hold".
+"""
 
 from __future__ import annotations
 

@@ -139,6 +139,7 @@ def test_cli_eval_json_and_table(tiny_ckpt, text_file):
         app,
         [
             "eval",
+            "text",
             str(tiny_ckpt),
             "--data",
             str(text_file),
@@ -159,6 +160,7 @@ def test_cli_eval_json_and_table(tiny_ckpt, text_file):
         app,
         [
             "eval",
+            "text",
             str(tiny_ckpt),
             "--data",
             str(text_file),
@@ -171,5 +173,5 @@ def test_cli_eval_json_and_table(tiny_ckpt, text_file):
         ],
     )
     assert table.exit_code == 0 and "perplexity" in table.stdout and "100.00%" in table.stdout
-    bad = runner.invoke(app, ["eval", str(tiny_ckpt), "--data", str(text_file), "--loops", "0"])
+    bad = runner.invoke(app, ["eval", "text", str(tiny_ckpt), "--data", str(text_file), "--loops", "0"])
     assert bad.exit_code == 1 and "--loops" in bad.stderr

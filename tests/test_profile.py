@@ -213,6 +213,28 @@ def test_plot_memory(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_memory_tells_every_line_apart(tmp_path, monkeypatch):
+    """A log y axis; every legend entry names its sequence length in tokens and has a style (colour,
+    line style, marker) of its own: the plain and reference lines at 4,096 and 32,000 tokens too."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from melt_cli.plots import plot_memory
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    report = memory_profile(MemoryProfileArgs(preset="ouro-1.4b", loops=(1, 2, 4, 8, 16), seq_lens=(4096, 32000)))
+    plot_memory(report, tmp_path / "m.png")
+    (ax,) = figures[0].axes
+    assert ax.get_yscale() == "log"
+    handles, labels = ax.get_legend_handles_labels()
+    assert len(labels) == 8 and all(label.endswith((" 4,096 tokens", " 32,000 tokens")) for label in labels)
+    styles = {(h.get_color(), h.get_linestyle(), h.get_marker()) for h in handles}
+    assert len(styles) == len(handles)
+    close(figures[0])
+
+
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     from melt_cli.plots import plot_memory
 

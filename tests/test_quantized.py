@@ -183,3 +183,23 @@ def test_residual_window(tiny_ckpt, melt_ckpt, kind):
     assert with_ring - without == c.num_hidden_layers * ring
     with pytest.raises(InvalidArgumentError, match="residual window applies to int8 / int4"):
         kv_format("bf16", residual=8)
+
+
+def test_default_group_size_fits_every_head_dim(tmp_path):
+    """The default fits the model (the largest even divisor of head_dim up to 32); only a size given
+    explicitly can be refused."""
+    from typer.testing import CliRunner
+
+    from melt_cli.app import app
+    from melt_core.checkpoints.random_model import write_random_ouro
+    from melt_core.models.quantized import default_group_size
+
+    assert [default_group_size(d) for d in (128, 64, 48, 16, 12, 6, 2)] == [32, 32, 24, 16, 12, 6, 2]
+    with pytest.raises(InvalidArgumentError, match="even head_dim"):
+        default_group_size(15)
+    ckpt = write_random_ouro(tmp_path / "hd16", hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(ckpt), "-p", "hi", "--kv-dtype", "int8", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    explicit = runner.invoke(app, ["generate", str(ckpt), "-p", "hi", "--kv-dtype", "int8", "--kv-group-size", "32"])
+    assert explicit.exit_code == 1 and "must divide head_dim 16" in explicit.stderr

@@ -182,7 +182,7 @@ def test_melt_eval_on_a_problem_file_reports_accuracy_per_loop(tmp_path, melt_ck
     path = tmp_path / "p.jsonl"
     write_problems(make_problems(ChainTask(), [1, 3], 10, 0), path)
     model, tokenizer = load_model(melt_ckpt, dtype="fp32"), load_tokenizer(melt_ckpt)
-    result = runner.invoke(app, ["eval", str(melt_ckpt), "--data", str(path), "--loops", "2,4", "--json"])
+    result = runner.invoke(app, ["eval", "problems", str(melt_ckpt), "--data", str(path), "--loops", "2,4", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report["results"]) == {"2", "4"} and report["sequences"] == 10
@@ -193,11 +193,12 @@ def test_melt_eval_on_a_problem_file_reports_accuracy_per_loop(tmp_path, melt_ck
     pairs = [encode_problem(tokenizer, r["prompt"], r["answer"]) for r in records]
     flags = [f for f, _ in answer_scores(model, pairs, 4)]
     assert by_loop[-1]["accuracy"] == pytest.approx(sum(f[-1] for f in flags) / 10)
+    # the one-command spelling picks the problems subcommand from the file, with a note
     table = runner.invoke(app, ["eval", str(melt_ckpt), "--data", str(path), "--limit", "4"])
     assert table.exit_code == 0 and "accuracy" in table.stdout and "3 hops" in table.stdout
-    assert "--teacher" in one_red_line(
-        runner.invoke(app, ["eval", str(melt_ckpt), "--data", str(path), "--teacher", str(melt_ckpt)])
-    )
+    assert "melt eval problems" in table.stderr
+    teacher = runner.invoke(app, ["eval", "problems", str(melt_ckpt), "--data", str(path), "--teacher", "x"])
+    assert teacher.exit_code == 2 and "--teacher" in teacher.stderr  # not an option of problem scoring
 
 
 def test_the_built_in_reasoning_model_needs_its_loops(tmp_path):

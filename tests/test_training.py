@@ -496,7 +496,7 @@ def test_two_process_ddp_checkpoint_and_resume(text_file, tmp_path):
     resume from the checkpoint and go on."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "melt_cli", "pretrain"]
-    cmd += ["--cpu", "--preset", "tiny", "--loops", "2", "--vocab-size", "300", "--seq-len", "32"]
+    cmd += ["--device", "cpu", "--preset", "tiny", "--loops", "2", "--vocab-size", "300", "--seq-len", "32"]
     cmd += ["--micro-batch", "1", "--batch-tokens", "128", "--eval-every", "0", "--data", str(text_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MELT_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     for extra in (["--out", str(out), "--steps", "2", "--save-every", "1"], ["--resume", str(out), "--steps", "3"]):

@@ -11,6 +11,7 @@ from melt_core.checkpoints import convert_ouro_to_melt
 from melt_core.models.config import MELT_H0, MELT_POLICIES, MeltSettings
 
 from .. import console
+from ..options import Dtype
 from ..progress import byte_progress
 
 EPILOG = """Examples:
@@ -35,7 +36,7 @@ def convert(
     ),
     z0: Annotated[float, typer.Option(help="Initial gate value: b_z = logit(z0), W_z = U_z = 0.")] = M.z0,
     chunk_size: Annotated[int, typer.Option(help="Chunk size for training and prefill.")] = M.chunk_size,
-    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (default: the source's dtype).")] = None,
+    dtype: Dtype = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
 ) -> None:
     """Convert an Ouro checkpoint into a MELT checkpoint (base weights unchanged + new KV gates)."""

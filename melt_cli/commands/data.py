@@ -24,7 +24,7 @@ EPILOG = """Examples:
 
   melt data reasoning --hops 1-7 --n 700 --seed 1 --out test.jsonl
 
-  melt eval reasoning --data test.jsonl --loops 1,2,4,8
+  melt eval problems reasoning --data test.jsonl --loops 1,2,4,8
 """
 
 data_app = typer.Typer(help="Make datasets melt generates itself, offline and seeded.", no_args_is_help=True)
@@ -60,8 +60,8 @@ def reasoning(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT (and --tokenizer-out).")] = False,
 ) -> None:
-    """Multi-hop variable-chain problems: follow K assignments to a digit past distractor chains
-    (records: prompt, answer, hops)."""
+    """Multi-hop variable-chain problems: from the queried name, follow K assignments to the end of its
+    chain (a name never assigned), past distractor chains (records: prompt, answer, hops)."""
     if not out.name.endswith(".jsonl"):
         raise InvalidArgumentError(f"--out must be a .jsonl file, got {out}")
     if out.exists() and not force:

@@ -23,7 +23,8 @@ from melt_core.models import is_melt
 from melt_core.words import plural
 
 from .. import console
-from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, KvResidual, int_parser
+from ..options import ChunkSize, Device, Dtype, Json, KvDtype, KvGroupSize, KvResidual, int_parser
+from ..progress import note
 
 EPILOG = """Examples:
 
@@ -133,9 +134,7 @@ def generate(
     ] = S.seed,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
     device: Device = GenerateArgs.device,
-    dtype: Annotated[
-        str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")
-    ] = GenerateArgs.dtype,
+    dtype: Dtype = "auto",
     exit_at_step: Annotated[
         int | None, typer.Option(help="Take the logits of this loop (0-based); all loops still run.")
     ] = G.exit_at_step,
@@ -161,8 +160,8 @@ def generate(
         typer.Option(
             "--compile",
             help="torch.compile a fixed-shape step for decoding and MELT's full prefill chunks: the same tokens, "
-            "~2x faster decoding of small models once compiled (1-2 minutes per shape on a CPU; CUDA graphs on "
-            "CUDA). Float KV rows, no adaptive depth.",
+            "faster decoding where per-step overhead dominates (small models); each new shape is compiled once "
+            "first (CUDA graphs on CUDA). Float KV rows, no adaptive depth.",
         ),
     ] = G.compile,
     kv_dtype: KvDtype = G.kv_dtype,
@@ -204,14 +203,28 @@ def generate(
     def print_line(result: GenerationResult) -> None:
         _write(json.dumps(asdict(result), ensure_ascii=False) + "\n")
 
+    line_open = False  # streamed text without its newline yet
+
+    def stream(_: int, delta: str) -> None:
+        nonlocal line_open
+        _write(delta)
+        line_open = not delta.endswith("\n")
+
+    def on_event(message: str) -> None:  # --compile: "compiling the decode step ...", then how long it took
+        nonlocal line_open
+        if line_open:  # on a line of its own, not inside the text streamed so far (one terminal, or 2>&1)
+            console.err.print()
+            line_open = False
+        note(message)
+
     if args.batch_mode:
-        report = run_generate(args, on_result=print_line)
+        report = run_generate(args, on_result=print_line, on_event=on_event)
     elif as_json:
-        report = run_generate(args)
+        report = run_generate(args, on_event=on_event)
         _write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
         return
     else:
-        report = run_generate(args, on_text=lambda _, delta: _write(delta))
+        report = run_generate(args, on_text=stream, on_event=on_event)
         _write("\n")
     _print_stats(report)
 

@@ -22,7 +22,7 @@ from melt_core.profiling import (
 )
 
 from .. import console
-from ..options import ChunkSize, Device, Json, KvDtype, KvGroupSize, KvResidual, int_list, int_parser
+from ..options import ChunkSize, Device, Dtype, Json, KvDtype, KvGroupSize, KvResidual, int_list, int_parser
 
 MEMORY_EPILOG = """Examples:
 
@@ -131,7 +131,7 @@ def memory(
         M.seq_lens
     ),
     batch: Annotated[int, typer.Option(help="Sequences per batch.")] = M.batch,
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16: weights and cache.")] = M.dtype,
+    dtype: Dtype = M.dtype,
     kv_dtype: KvDtype = M.kv_dtype,
     kv_group_size: KvGroupSize = M.kv_group_size,
     kv_residual: KvResidual = M.kv_residual,
@@ -223,7 +223,7 @@ def speed(
     ),
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded one at a time.")] = SP.new_tokens,
     batch: Annotated[int, typer.Option(help="Sequences per batch.")] = SP.batch,
-    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the stored dtype).")] = SP.dtype,
+    dtype: Dtype = "auto",
     device: Device = SP.device,
     chunk_size: ChunkSize = SP.chunk_size,
     seed: Annotated[

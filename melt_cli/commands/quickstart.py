@@ -6,14 +6,13 @@ from typing import Annotated
 
 import typer
 from rich.panel import Panel
-from rich.progress import Progress
 from rich.table import Table
 
 from melt_core.quickstart import QuickstartReport, QuickstartSettings, run_quickstart
 from melt_core.tasks.chains import TRAINED_HOPS
 
 from .. import console
-from ..progress import STEP_COLUMNS, format_step
+from ..progress import stage_progress
 
 EPILOG = """Examples:
 
@@ -64,19 +63,16 @@ def quickstart(
         reasoning_steps2=reasoning_steps2,
         reasoning_problems=reasoning_problems,
     )
-    with Progress(*STEP_COLUMNS, console=console.err) as bar:
-        task = None
-
-        def on_stage(message: str, steps: int | None) -> None:
-            nonlocal task
-            bar.console.print(f"[bold cyan]{message}[/]")
-            if steps is not None:
-                task = bar.add_task(message[:3], total=steps, stats="")
-
-        def on_step(m: dict) -> None:
-            bar.update(task, completed=m["step"], stats=format_step(m))
-
-        report = run_quickstart(out, settings, force=force, on_stage=on_stage, on_step=on_step)
+    with stage_progress() as stages:
+        report = run_quickstart(
+            out,
+            settings,
+            force=force,
+            on_stage=stages.stage,
+            on_step=stages.step,
+            on_event=stages.event,
+            on_progress=stages.count,
+        )
     render(report)
 
 
@@ -84,8 +80,9 @@ def render(report: QuickstartReport) -> None:
     evaluation = Table(
         title="Held-out loss (melt_core/assets/quickstart/valid.jsonl.gz), last loop", title_justify="left"
     )
-    for col in ("model", "loss", "perplexity", "KL(teacher‖model)", "top-1 agreement"):
-        evaluation.add_column(col, justify="right" if col != "model" else "left")
+    # 80 columns: model names whole (no_wrap), "KL to teacher" rather than "KL(teacher‖model)"
+    for col in ("model", "loss", "perplexity", "KL to teacher", "top-1 agreement"):
+        evaluation.add_column(col, justify="right" if col != "model" else "left", no_wrap=col == "model")
     for name, results in report.evaluation.items():
         r = results[-1]
         kl = "-" if r.kl_to_teacher is None else f"{r.kl_to_teacher:.4f}"
@@ -121,7 +118,7 @@ def render(report: QuickstartReport) -> None:
 def render_reasoning(report: QuickstartReport) -> None:
     table = Table(title="Multi-hop reasoning, greedy accuracy on held-out problems", title_justify="left")
     for col in ("model", "accuracy", "trained hops (1-5)", "longer (6-7)", "KV B/token (bf16)"):
-        table.add_column(col, justify="right" if col != "model" else "left")
+        table.add_column(col, justify="right" if col != "model" else "left", no_wrap=col == "model")
     for name, r in report.reasoning.items():
         trained = [v for k, v in r["by_hops"].items() if int(k) in TRAINED_HOPS]
         longer = [v for k, v in r["by_hops"].items() if int(k) not in TRAINED_HOPS]

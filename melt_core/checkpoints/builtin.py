@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import hub
-
 ASSETS = Path(__file__).parent.parent / "assets"
 BUILTIN_CHECKPOINTS = {"example": ASSETS / "example", "reasoning": ASSETS / "reasoning"}
 
@@ -21,6 +19,8 @@ def resolve(path: str | os.PathLike) -> Path:
         return p
     if str(path) in BUILTIN_CHECKPOINTS:
         return BUILTIN_CHECKPOINTS[str(path)]
+    from . import hub  # (huggingface_hub's download machinery is slow to import: only for names of no local path)
+
     if hub.is_hub_id(path):
         return hub.resolve_hub_id(str(path))
     return p

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..dtypes import dtype_name, parse_dtype
+from ..dtypes import dtype_name, dtype_or_stored
 from ..errors import CheckpointNotFoundError, InvalidArgumentError, UnsupportedModelError
 from ..models import MeltConfig, MeltForCausalLM, MeltSettings, OuroForCausalLM, config_from_dict, is_melt, is_ouro
 from ..models.update_rules import GATE_MODULE, UPDATE_RULES
@@ -74,7 +74,7 @@ def convert_ouro_to_melt(
     if not infos:
         raise CheckpointNotFoundError(f"{root} has no weights to convert")
     check_weights(build_model(ouro, "meta"), infos, root)
-    target = parse_dtype(dtype) if dtype is not None else stored_dtype(infos, ouro)
+    target = dtype_or_stored(dtype, stored_dtype(infos, ouro))
 
     settings = dataclasses.replace(settings or MeltSettings(), source=str(root.resolve()))
     config = MeltConfig.from_ouro(ouro, settings)

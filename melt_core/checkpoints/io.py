@@ -14,19 +14,19 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import set_module_tensor_to_device
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import PreTrainedTokenizerFast
+from torch.overrides import TorchFunctionMode
 
-from ..dtypes import SAFETENSORS_DTYPES, dtype_name, parse_dtype
+from ..dtypes import SAFETENSORS_DTYPES, dtype_name, dtype_or_stored, parse_dtype
 from ..errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -43,6 +43,9 @@ from ..runtime import check_fits
 from . import builtin
 from .files import CONFIG_NAME, INDEX_NAME, TOKENIZER_FILES, WEIGHTS_NAME
 from .tokenizer import save_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -141,10 +144,32 @@ class ModelLayout:
                 yield f"{self.PREFIX}{i}.{rest}"
 
 
+class _SkipNormalInit(TorchFunctionMode):
+    """Skips ``normal_`` (``nn.Embedding``'s initializer): on the meta device there are no values to
+    fill, and the meta ``normal_`` imports torch._dynamo, a second of every ``melt info``."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.init.normal_ or func is torch.Tensor.normal_:
+            return args[0] if args else kwargs["tensor"]  # the tensor, as normal_ returns it
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _building_on(device: torch.device | str) -> Iterator[None]:
+    """Modules made inside are made on ``device`` (on ``meta`` without running ``normal_``)."""
+    with torch.device(device):
+        if torch.device(device).type != "meta":
+            yield
+            return
+        with _SkipNormalInit():
+            yield
+
+
 def model_layout(config: OuroConfig, source: str | os.PathLike = CONFIG_NAME) -> ModelLayout:
     """The ``ModelLayout`` of ``config``'s model; ``source``: where the config came from, for messages."""
     try:
-        with torch.device("meta"):
+        with _building_on("meta"):
             model = model_class(config)(dataclasses.replace(config, num_hidden_layers=1))
     except RuntimeError as e:  # e.g. "Storage size calculation overflowed"
         raise ConfigError(f"{source}: the sizes are too large for any model: {e}") from e
@@ -182,7 +207,7 @@ def build_model(
     check_fits(layers * LAYER_OBJECT_BYTES, "cpu", f"building a model of {layers:,} layers")
     if str(device) != "meta":
         check_fits(model_layout(config).num_parameters * 4, device, "the model's float32 weights")
-    with torch.device(device):
+    with _building_on(device):
         model = model_class(config)(config)
     return model.to(dtype)
 
@@ -348,7 +373,7 @@ def load_model(
     root = checkpoint_dir(path)
     config = load_config(root)
     infos = read_weight_headers(root)
-    target = parse_dtype(dtype) if dtype is not None else stored_dtype(infos, config)
+    target = dtype_or_stored(dtype, stored_dtype(infos, config))
     if str(device) != "meta":
         if not infos:
             raise CheckpointNotFoundError(f"{root} has no weights ({WEIGHTS_NAME} or {INDEX_NAME})")
@@ -361,6 +386,8 @@ def load_model(
     model.name_or_path = str(root)
     if str(device) == "meta":
         return model.eval()
+    from accelerate.utils import set_module_tensor_to_device  # (accelerate is slow to import: only when weights load)
+
     total, done = sum(i.nbytes for i in infos.values()), 0
     non_finite: list[str] = []
     by_file: dict[Path, list[str]] = {}

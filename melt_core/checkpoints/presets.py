@@ -1,4 +1,4 @@
-"""The real Ouro configs (OURO.md §2), as their config.json files hold them.
+"""The real Ouro configs (docs/ouro-format.md, "config.json"), as their config.json files hold them.
 
 Used for sizing without weights: ``build_model(config, "meta")`` allocates nothing.
 """

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from ..dtypes import dtype_name, parse_dtype
 from ..models import OuroConfig, OuroForCausalLM
 from .io import save_checkpoint
 from .tokenizer import SAMPLE_TEXT, train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # Shapes of the random "tiny" model (a few hundred thousand parameters).
 TINY_SHAPE: dict[str, Any] = {

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import PreTrainedTokenizerFast
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from . import builtin
 
-# Ouro's special tokens, at ids 0, 1, 2 (OURO.md §6).
+if TYPE_CHECKING:  # transformers is imported when a tokenizer is made (it is slow to import)
+    from transformers import PreTrainedTokenizerFast
+
+# Ouro's special tokens, at ids 0, 1, 2 (docs/ouro-format.md, "Tokenizer").
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -29,6 +32,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     file = path / "tokenizer.json"
     if not file.is_file():
         raise CheckpointNotFoundError(f"{file} not found: the checkpoint has no tokenizer")
+    from transformers import PreTrainedTokenizerFast
+
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(path))
     except Exception as e:  # tokenizers raises its own exception types for a malformed file
@@ -53,6 +58,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 
 def _with_ouro_specials(backend: Tokenizer, unk_token: str | None) -> PreTrainedTokenizerFast:
     """``backend`` as a transformers tokenizer: ``<|endoftext|>`` as BOS, EOS and padding, ChatML."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=SPECIAL_TOKENS[0],

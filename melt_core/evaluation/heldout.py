@@ -119,8 +119,8 @@ class EvalSettings:
     max_sequences: int | None = 64
     batch_size: int = 4
     text_field: str = "text"
-    device: str = "cpu"
-    dtype: str | None = "fp32"
+    device: str = "auto"
+    dtype: str | None = "auto"  # the checkpoint's own
 
     def __post_init__(self) -> None:
         if self.max_sequences is not None and self.max_sequences < 1:

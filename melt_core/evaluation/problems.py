@@ -96,8 +96,8 @@ def evaluate_problems(
     limit: int | None = None,
     batch_size: int | None = None,
     chunk_size: int | None = None,
-    device: str = "cpu",
-    dtype: str | None = "fp32",
+    device: str = "auto",
+    dtype: str | None = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Greedy-answer accuracy and answer loss per loop of a checkpoint on a problem file (its first

@@ -107,7 +107,7 @@ def decode(
     other rows.
     """
     if (static or compile) and forward_kwargs.get("depth") is not None:
-        raise InvalidArgumentError("adaptive depth changes the work per row: it runs without --static / --compile")
+        raise InvalidArgumentError("adaptive depth changes the work per row: it runs without static= / compile=")
     fixed = static if isinstance(static, StaticDecoder) else None
     if fixed is None and (static or compile):
         kwargs = {k: v for k, v in forward_kwargs.items() if k != "depth"}

@@ -13,16 +13,15 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints import load_config, load_model, load_tokenizer
 from ..checkpoints.io import read_weight_headers, stored_dtype
 from ..data import read_jsonl_field, read_text_file
-from ..dtypes import parse_dtype
+from ..dtypes import dtype_or_stored
 from ..errors import InvalidArgumentError
 from ..models import OuroConfig, is_melt
 from ..models.adaptive import AdaptiveDepth, ExitStats
@@ -35,6 +34,9 @@ from .sampling import Sampler, SamplingSettings
 from .static_decode import StaticDecoder
 from .text import TextStream, default_stop_token_ids, encode_prompt
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 COMPILE_LENGTH_STEP = 256  # --compile rounds a batch's cache length up to a multiple of this
 
 
@@ -44,7 +46,8 @@ class GenerationSettings:
 
     stop: strings that end a row's generation; the text is cut before the first one.
     stop_token_ids: token ids that end a row (not part of the text); None: the model's EOS id(s)
-      plus ``<|im_end|>`` when the tokenizer has it (Ouro's configs set EOS = 0 only, OURO.md §6).
+      plus ``<|im_end|>`` when the tokenizer has it (Ouro's configs set EOS = 0 only;
+      docs/ouro-format.md, "Tokenizer").
     chat: wrap each prompt in the tokenizer's chat template as one user turn.
     exit_at_step (0-based): take this loop's logits; all loops still run and fill the cache.
     exit_threshold (None: the config's) / exit_kl: for MELT, adaptive depth — a token stops looping
@@ -55,10 +58,11 @@ class GenerationSettings:
     chunk_size: prefill chunk size (None: MELT's trained chunk size; Ouro's whole prompt).
     batch_size: prompts decoded together (left-padded) in batch mode.
     compile: decode (and prefill MELT's full chunks) through a fixed-shape, ``torch.compile``d step
-      (``inference.static_decode``): the same tokens, about 2.4x faster on the example model once
-      compiled (1-2 min on a CPU, once per shape); less on bandwidth-bound models (README,
-      Benchmarks). The cache length is rounded up to a multiple of ``COMPILE_LENGTH_STEP`` (one
-      compiled step for many prompt lengths); ``kv_cache_bytes`` counts those positions.
+      (``inference.static_decode``): the same tokens; it pays most where per-step overhead, not
+      memory bandwidth, bounds decoding (small models), and each new shape is compiled once first
+      (README, "Benchmark: decode speed against the reference and the bandwidth floor"). The cache
+      length is rounded up to a multiple of ``COMPILE_LENGTH_STEP`` (one compiled step for many
+      prompt lengths); ``kv_cache_bytes`` counts those positions.
     """
 
     max_new_tokens: int = 256
@@ -73,7 +77,9 @@ class GenerationSettings:
     chunk_size: int | None = None
     batch_size: int = 8
     kv_dtype: str = "auto"  # cache rows: auto (the model's dtype), bf16, fp16, fp32, int8, int4
-    kv_group_size: int = 32  # channels per scale for int8 / int4
+    kv_group_size: int | None = (
+        None  # channels per scale for int8 / int4 (None: the largest even divisor of head_dim up to 32)
+    )
     kv_residual: int = 0  # int8 / int4: the most recent positions kept in full precision
     compile: bool = False
 
@@ -209,13 +215,15 @@ def generate_text(
     *,
     on_text: Callable[[int, str], None] | None = None,
     on_result: Callable[[GenerationResult], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
 ) -> GenerationReport:
     """Generate a continuation of every prompt, ``settings.batch_size`` prompts at a time.
 
     Prompts of a batch are left-padded; the cache records which positions are padding, and MELT's
     prefill chunks are aligned to the end of the prompt, so that greedy results are identical to
     generating each prompt alone. ``on_text(index, delta)`` receives each prompt's text as it
-    becomes final; ``on_result`` each finished prompt's result.
+    becomes final; ``on_result`` each finished prompt's result; ``on_event(message)`` what takes
+    long between tokens (``compile``: each compilation of the step, started and done).
     """
     settings = settings or GenerationSettings()
     config = model.config
@@ -275,7 +283,9 @@ def generate_text(
         counts, reasons = [0] * B, [""] * B
         # --compile: the fixed-shape step (decoding, full prefill chunks); the first call of each of
         # its shapes compiles (or loads) it, which is timed apart, as compile_seconds
-        static = StaticDecoder(model, cache, compile=True, **forward_kwargs) if settings.compile else None
+        static = (
+            StaticDecoder(model, cache, compile=True, on_event=on_event, **forward_kwargs) if settings.compile else None
+        )
         compiled_so_far = 0.0
 
         start = time.perf_counter()
@@ -449,6 +459,7 @@ def run_generate(
     args: GenerateArgs,
     on_text: Callable[[int, str], None] | None = None,
     on_result: Callable[[GenerationResult], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
 ) -> GenerationReport:
     """Load the checkpoint and tokenizer named by ``args`` and generate (see ``generate_text``).
     Options are checked before the weights are read."""
@@ -469,9 +480,11 @@ def run_generate(
             f"exit-at-step must be in [0, {loops - 1}] with {plural(loops, 'loop')}, got {args.settings.exit_at_step}"
         )
     # the smallest cache this run can need (one prompt token per row): refused before the weights are read
-    dtype = parse_dtype(args.dtype) if args.dtype else stored_dtype(read_weight_headers(args.checkpoint), config)
+    dtype = dtype_or_stored(args.dtype, stored_dtype(read_weight_headers(args.checkpoint), config))
     steps = min(args.settings.max_new_tokens, config.max_position_embeddings - 1)
     check_kv_fits(config, dtype, args.settings, loops, min(args.settings.batch_size, len(prompts)), 1 + steps, device)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, dtype=args.dtype, device=device)
-    return generate_text(model, tokenizer, prompts, args.settings, on_text=on_text, on_result=on_result)
+    return generate_text(
+        model, tokenizer, prompts, args.settings, on_text=on_text, on_result=on_result, on_event=on_event
+    )

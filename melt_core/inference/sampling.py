@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..errors import InvalidArgumentError
 
@@ -51,6 +50,8 @@ class Sampler:
     """Picks the next token of every row from the last position's logits (B, V)."""
 
     def __init__(self, settings: SamplingSettings, device: torch.device | str = "cpu") -> None:
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
         self.settings = settings
         self.warpers = LogitsProcessorList()
         if not settings.greedy:

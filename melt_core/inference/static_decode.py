@@ -13,8 +13,9 @@ everything fixed for the cache's lifetime, for one token (a decode step) or a ch
   (unwritten positions and padding are invalid) and causally, so the shapes never change;
 - writes: rows go to the store at positions held in a tensor (``index_copy_``), not Python ints;
 - on CUDA, projections that read the same input run as one matrix product (``fuse_projections``:
-  q/k/v for Ouro, k/v for MELT, gate/up), the weights stored once (fewer, larger kernels; on this
-  project's 2-core CPU it measured within noise, three runs: off there);
+  q/k/v for Ouro, k/v for MELT, gate/up), the weights stored once: fewer, larger kernels, which is
+  what pays on a GPU; on CPU it gained nothing measurable (README, decode benchmark), so it is off
+  there;
 - the exit gate picks each token's loop by a gather, with no host sync.
 
 With ``compile=True`` the step (embedding, loops, head) is ``torch.compile``d
@@ -28,6 +29,7 @@ zeros runs another kernel; the fused projections sum in another order).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,6 +70,8 @@ class StaticDecoder:
 
     ``exit_at_step`` / ``exit_threshold`` as in ``OuroForCausalLM.forward`` (``"config"``: the
     config's threshold). ``fuse``: fused projections (``fuse_projections``); None: on CUDA only.
+    ``on_event(message)`` (with ``compile``): told when the first call of a shape starts compiling
+    and how long it took (a cold compile is tens of seconds on a CPU).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class StaticDecoder:
         exit_threshold: float | None | str = "config",
         compile: bool = False,
         fuse: bool | None = None,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         if not isinstance(cache.store, PreallocatedRows):
             raise InvalidArgumentError("the static decode step needs a float-row cache (not int8 / int4)")
@@ -99,7 +104,7 @@ class StaticDecoder:
         step = self._step
         if compile:
             # CUDA: CUDA graphs replay the step without launch overhead. CPU: a C++ wrapper calls the
-            # kernels (a Python one costs microseconds per kernel: 1.35x on the example model's step)
+            # kernels (a Python one adds interpreter overhead to every kernel call of every step)
             if device.type == "cuda":
                 step = torch.compile(step, mode="reduce-overhead", dynamic=False)
             else:
@@ -108,6 +113,7 @@ class StaticDecoder:
         self.compiling = compile
         self.compile_seconds = 0.0  # the first call of each shape: compilation (or a cache load)
         self._shapes: set[tuple[int, ...]] = set()
+        self.on_event = on_event
 
     def __call__(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Last-position logits (B, V) after feeding ``ids`` (B, C) (``attention_mask``: their
@@ -122,11 +128,17 @@ class StaticDecoder:
         # the compiled step is specialised to shapes and strides: every input is contiguous
         if not self.compiling or tuple(ids.shape) in self._shapes:
             return self._compiled(ids, positions, index)
+        step = "the decode step" if C == 1 else f"the {C}-token prefill step"
+        if self.on_event is not None:
+            self.on_event(f"compiling {step} (batch {ids.shape[0]}, {self.cache.max_len:,} positions) ...")
         began = time.perf_counter()
         logits = self._compiled(ids, positions, index)
         synchronize(ids.device)
-        self.compile_seconds += time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        self.compile_seconds += seconds
         self._shapes.add(tuple(ids.shape))
+        if self.on_event is not None:
+            self.on_event(f"compiled {step} in {seconds:.1f} s")
         return logits
 
     def _step(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from ..checkpoints.tokenizer import SPECIAL_TOKENS
 from ..errors import CorruptCheckpointError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IM_END = SPECIAL_TOKENS[2]  # "<|im_end|>": ChatML's end of turn
 

@@ -1,2 +1,3 @@
-"""melt models inside other tools: Hugging Face transformers (``hf``) and lm-evaluation-harness
-(``lm_eval_model``, needs the ``melt[eval]`` extra)."""
+"""melt models inside other tools: Hugging Face transformers (``hf``, which ``autoregister`` imports
+once transformers' auto classes are imported) and lm-evaluation-harness (``lm_eval_model``, needs the
+``melt[eval]`` extra)."""

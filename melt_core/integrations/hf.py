@@ -1,6 +1,7 @@
 """melt's Ouro and MELT models as Hugging Face transformers models, without remote code.
 
-``register()`` (run by ``import melt_core``) makes ``AutoConfig`` / ``AutoModelForCausalLM``
+``register()`` (run when this module is imported, which ``import melt_core`` arranges as soon as
+transformers' auto classes are imported: ``autoregister``) makes ``AutoConfig`` / ``AutoModelForCausalLM``
 load ``ouro`` and ``melt`` checkpoint directories into ``HFOuroForCausalLM`` / ``HFMeltForCausalLM``:
 real ``PreTrainedModel`` + ``GenerationMixin`` classes whose ``model`` and ``lm_head`` submodules
 ARE melt's (the same modules, so the checkpoint's tensor names load as they are, and ``dtype``,
@@ -212,5 +213,7 @@ def register() -> None:
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     _REGISTERED = True
 
+
+register()  # melt_core.integrations.autoregister imports this module to register melt's models
 
 __all__ = ["HFMeltForCausalLM", "HFOuroForCausalLM", "LoopedCache", "MeltHFConfig", "OuroHFConfig", "register"]

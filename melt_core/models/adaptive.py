@@ -6,8 +6,8 @@ token must run (the reference computes all T loops whatever its exit gate says).
 token reads only earlier tokens' *final* rows: a token that exits at loop t keeps its loop-t row in
 the shared cache, and nothing has to be filled in. Two criteria, either of which ends a token's loop:
 
-- ``threshold``: Ouro's exit gate, the cumulative exit probability ``sum_{j<=t} p_j`` (OURO.md §4,
-  in fp32) reaches the threshold;
+- ``threshold``: Ouro's exit gate, the cumulative exit probability ``sum_{j<=t} p_j``
+  (docs/ouro-format.md, "The exit gate and the returned logits"; in fp32) reaches the threshold;
 - ``kl``: the next-token distribution has settled, ``KL(p_t || p_{t-1})`` below ``kl`` nats.
 
 Compute is skipped per batch row: a loop runs only the rows that still have a looping token, so a

@@ -1,4 +1,7 @@
-"""The one chunk splitter of MELT's chunk-wise computation (MELT.md §3): training, scoring, prefill."""
+"""The one chunk splitter of MELT's chunk-wise computation: training, scoring, prefill.
+
+Which caller aligns its chunks how: docs/melt-method.md, "Chunk alignment".
+"""
 
 from __future__ import annotations
 

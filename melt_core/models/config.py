@@ -49,7 +49,7 @@ def validate_loops(loops: int, name: str = "loops") -> int:
 
 @dataclass
 class OuroConfig:
-    """Ouro (LoopLM) hyper-parameters; see OURO.md §2 for the real values."""
+    """Ouro (LoopLM) hyper-parameters; docs/ouro-format.md ("config.json") lists the real values."""
 
     vocab_size: int = 49152
     hidden_size: int = 2048
@@ -232,7 +232,7 @@ MELT_H0 = ("first_input", "zeros")
 
 @dataclass
 class MeltSettings:
-    """The MELT section of a MELT config.json (MELT.md §2-3; melt's decisions are documented there).
+    """The MELT section of a MELT config.json (docs/melt-method.md: the method and melt's choices).
 
     policy: how a token's shared KV row is updated from loop to loop — ``gate`` (MELT,
       element-wise learned gate), ``scalar`` (one learned gate value per layer and token), or the
@@ -241,7 +241,7 @@ class MeltSettings:
       so loop 1 writes Ouro's loop-1 row) or ``zeros``. The other policies always start from u, so
       ``zeros`` with them is an error.
     z0: initial gate value (W_z = U_z = 0, b_z = logit(z0)) used by ``melt convert``.
-    chunk_size: tokens per chunk in training and prefill (the chunk-wise forward, MELT.md §3).
+    chunk_size: tokens per chunk in training and prefill (docs/melt-method.md, "Chunk-wise computation").
     ema_factor: weight of the newest loop for ``ema`` (h = (1 - f) h_prev + f u).
     source: the Ouro checkpoint this model was converted from (the default distillation teacher).
     """

@@ -126,9 +126,10 @@ class KVCache:
     Layout: ``store.keys`` / ``store.values`` are each (slots, B, kv_heads, max_len, head_dim).
     Ouro has ``loops * num_layers`` slots (``PerLoopKV.slot``): memory grows linearly with loops.
     MELT has ``num_layers`` slots whatever the loop count (``loops`` only shapes its per-loop view).
-    Inference only: writes are in place, so run under ``torch.no_grad()``. With ``quant`` the rows
-    are stored as ``kv_dtype`` (``models.quantized.kv_format``: a float dtype, or int8 / int4 with
-    group scales).
+    Inference only: writes are in place, so run under ``torch.no_grad()``. ``kv_dtype`` is the rows'
+    storage format (``models.quantized.kv_format``: a name such as ``bf16`` or ``int8``, or a
+    ``KVFormat``): a float dtype (None / ``auto``: ``dtype``), or int8 / int4 with group scales
+    (``QuantizedRows``).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The transformer block shared by Ouro and MELT (OURO.md §4).
+"""The transformer block shared by Ouro and MELT (docs/ouro-format.md, "The forward pass").
 
 The block does not know where its keys and values come from: a KV policy (``models.kv``) says
 what they are projected from (the normalised attention input ``u`` itself for Ouro, MELT's

@@ -1,4 +1,5 @@
-"""MELT: the Ouro model with ONE KV row per token per layer, shared by all loops (MELT.md §2-3).
+"""MELT: the Ouro model with ONE KV row per token per layer, shared by all loops
+(docs/melt-method.md: "The MELT layer", "Chunk-wise computation").
 
 MELT reuses Ouro's weights and block code unchanged. What differs is the KV policy (``SharedKV``):
 at every loop, layer l moves the token's latent state h with its update rule (``gate``:
@@ -78,7 +79,7 @@ class MeltForCausalLM(OuroForCausalLM):
         depth: AdaptiveDepth | None = None,
         return_attn_outputs: bool = False,
     ) -> tuple[list[Tensor], list[Tensor] | None]:
-        """The chunk-wise forward (MELT.md §3) for inference and scoring.
+        """The chunk-wise forward (docs/melt-method.md, "Chunk-wise computation") for inference and scoring.
 
         Chunks of ``chunk_size`` tokens (default: the config's; or a list of chunk lengths) run
         sequentially, all loops and layers per chunk; each chunk

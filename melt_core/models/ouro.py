@@ -1,4 +1,4 @@
-"""Ouro (LoopLM): the same N-layer stack applied T times per token (OURO.md §4).
+"""Ouro (LoopLM): the same N-layer stack applied T times per token (docs/ouro-format.md, "The forward pass").
 
 Forward semantics follow the reference exactly: sandwich-norm layers, RoPE positions shared by
 all loops, ``norm`` after every loop (its output feeds the next loop and gives that loop's

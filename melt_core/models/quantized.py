@@ -15,11 +15,12 @@ rows of the forward in progress are transient (like activations) and not counted
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from ..dtypes import DTYPES
 from ..errors import InvalidArgumentError
 from .rows import merge_rows
 
@@ -28,17 +29,18 @@ SCALE_DTYPE = torch.float16
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """``bits`` 8 or 4; ``group_size`` channels share one scale (it must divide ``head_dim``);
-    ``residual``: the most recent positions kept in full precision (0: none)."""
+    """``bits`` 8 or 4; ``group_size`` channels share one scale (it must divide ``head_dim``; None:
+    ``default_group_size(head_dim)``, which fits any model); ``residual``: the most recent positions
+    kept in full precision (0: none)."""
 
     bits: int
-    group_size: int = 32
+    group_size: int | None = None
     residual: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise InvalidArgumentError(f"quantised KV rows have 8 or 4 bits, got {self.bits}")
-        if self.group_size < 2 or self.group_size % 2:
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise InvalidArgumentError(f"the KV quantisation group size must be even and >= 2, got {self.group_size}")
         if self.residual < 0:
             raise InvalidArgumentError(
@@ -49,13 +51,32 @@ class QuantFormat:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
+    def group(self, head_dim: int) -> int:
+        """The group size for rows of ``head_dim`` values: the one asked for, which must divide it, or
+        the default that fits."""
+        if self.group_size is None:
+            return default_group_size(head_dim)
+        if head_dim % self.group_size:
+            raise InvalidArgumentError(f"the KV group size {self.group_size} must divide head_dim {head_dim}")
+        return self.group_size
+
     def row_bytes(self, head_dim: int) -> int:
         """Bytes of one stored row of ``head_dim`` values: integers plus one fp16 scale per group."""
-        return head_dim * self.bits // 8 + head_dim // self.group_size * SCALE_DTYPE.itemsize
+        return head_dim * self.bits // 8 + head_dim // self.group(head_dim) * SCALE_DTYPE.itemsize
+
+
+MAX_DEFAULT_GROUP = 32
+
+
+def default_group_size(head_dim: int) -> int:
+    """The largest even divisor of ``head_dim`` up to 32 (32 for the usual head_dim 64 or 128, 16 for 16)."""
+    sizes = [g for g in range(2, min(head_dim, MAX_DEFAULT_GROUP) + 1, 2) if head_dim % g == 0]
+    if not sizes:
+        raise InvalidArgumentError(f"int8 / int4 KV rows need an even head_dim, got {head_dim}")
+    return sizes[-1]
 
 
 KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
-_FLOATS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -78,17 +99,18 @@ class KVFormat:
         return min(self.quant.residual, max_len) * head_dim * model_dtype.itemsize
 
 
-def kv_format(name: str | KVFormat | None, group_size: int = 32, residual: int = 0) -> KVFormat:
+def kv_format(name: str | KVFormat | None, group_size: int | None = None, residual: int = 0) -> KVFormat:
     """``auto`` (the model's dtype), ``bf16``, ``fp16``, ``fp32``, ``int8`` or ``int4`` (with
-    ``group_size`` channels per scale and the ``residual`` most recent positions in full precision)."""
+    ``group_size`` channels per scale, None: the default for the model's head_dim, and the ``residual``
+    most recent positions in full precision)."""
     if isinstance(name, KVFormat):
         return name
     if residual and name not in ("int8", "int4"):
         raise InvalidArgumentError(f"a full-precision residual window applies to int8 / int4 rows, not {name!r}")
     if name is None or name == "auto":
         return KVFormat()
-    if name in _FLOATS:
-        return KVFormat(dtype=_FLOATS[name])
+    if name in DTYPES:  # fp32 / float32, bf16 / bfloat16, fp16 / float16: as --dtype takes them
+        return KVFormat(dtype=DTYPES[name])
     if name in ("int8", "int4"):
         return KVFormat(quant=QuantFormat(int(name[3:]), group_size, residual))
     raise InvalidArgumentError(f"unknown KV dtype {name!r}; use one of {', '.join(KV_DTYPES)}")
@@ -98,7 +120,8 @@ def quantize(x: Tensor, fmt: QuantFormat) -> tuple[Tensor, Tensor]:
     """(..., d) floats -> integers (..., d) int8, or (..., d/2) uint8 packed for int4, and scales
     (..., d / group_size) fp16."""
     *lead, d = x.shape
-    groups = x.float().reshape(*lead, d // fmt.group_size, fmt.group_size)
+    g = fmt.group(d)
+    groups = x.float().reshape(*lead, d // g, g)
     scale = (groups.abs().amax(-1, keepdim=True) / fmt.qmax).to(SCALE_DTYPE)
     safe = scale.float().clamp_min(torch.finfo(SCALE_DTYPE).tiny)
     q = torch.round(groups / safe).clamp(-fmt.qmax, fmt.qmax).to(torch.int8).reshape(*lead, d)
@@ -115,7 +138,8 @@ def dequantize(q: Tensor, scale: Tensor, fmt: QuantFormat, dtype: torch.dtype) -
         low, high = torch.where(low > 7, low - 16, low), torch.where(high > 7, high - 16, high)
         q = torch.stack((low, high), dim=-1).flatten(-2)
     *lead, d = q.shape
-    groups = q.float().reshape(*lead, d // fmt.group_size, fmt.group_size) * scale.float()[..., None]
+    g = fmt.group(d)
+    groups = q.float().reshape(*lead, d // g, g) * scale.float()[..., None]
     return groups.reshape(*lead, d).to(dtype)
 
 
@@ -137,8 +161,7 @@ class QuantizedRows:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        if head_dim % fmt.group_size:
-            raise InvalidArgumentError(f"the KV group size {fmt.group_size} must divide head_dim {head_dim}")
+        fmt = replace(fmt, group_size=fmt.group(head_dim))
         self.fmt, self.dtype, self.head_dim = fmt, dtype, head_dim
         shape = (num_slots, batch_size, kv_heads, max_len)
         width = head_dim * fmt.bits // 8

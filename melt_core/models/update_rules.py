@@ -1,4 +1,6 @@
-"""How a MELT token's latent state h moves from loop to loop (MELT.md §2): one small class per rule.
+"""How a MELT token's latent state h moves from loop to loop: one small class per rule.
+
+The rules and their parameters are described in docs/melt-method.md ("Update rules").
 
 Every rule computes ``h = z * h_prev + (1 - z) * u`` with its own z: the learned element-wise gate
 (``gate``, MELT itself), a learned scalar gate (``scalar``), or a training-free z (``last``: 0,

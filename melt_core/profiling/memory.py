@@ -15,7 +15,7 @@ from typing import Any
 
 from ..checkpoints import load_config
 from ..checkpoints.presets import PRESET_NAMES, REFERENCE_MODELS, ReferenceModel, preset_config, resolve_preset
-from ..dtypes import dtype_bytes, dtype_name, parse_dtype
+from ..dtypes import dtype_bytes, dtype_name, dtype_or_stored, parse_dtype
 from ..errors import InvalidArgumentError
 from ..models import OuroConfig, config_from_dict, is_melt
 from ..models.config import validate_loops
@@ -71,13 +71,15 @@ class MemoryProfileArgs:
     loops: Sequence[int] = (1, 2, 4, 8, 16)
     seq_lens: Sequence[int] = (4096, 32000)
     batch: int = 1
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto: the checkpoint's (a preset's: bf16)
     measure: bool = False
     device: str = "auto"
     chunk_size: int | None = None
     decode_tokens: int = 1
     kv_dtype: str = "auto"  # how cache rows are stored (auto: --dtype); the same for every model
-    kv_group_size: int = 32  # channels per scale for int8 / int4
+    kv_group_size: int | None = (
+        None  # channels per scale for int8 / int4 (None: the largest even divisor of head_dim up to 32)
+    )
     kv_residual: int = 0  # int8 / int4: the most recent positions kept in full precision
 
 
@@ -120,7 +122,6 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
     check_positive("seq-len", args.seq_lens)
     check_positive("batch", [args.batch])
     check_loops(args.loops)
-    dtype = parse_dtype(args.dtype)
     reference: ReferenceModel | None = None
     if args.preset is not None:
         key = resolve_preset(args.preset)
@@ -131,6 +132,7 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
         config = load_config(args.checkpoint)
         ouro_name, melt_name = ("Ouro (base)", "MELT") if is_melt(config) else ("Ouro", "MELT")
         source = str(args.checkpoint)
+    dtype = dtype_or_stored(args.dtype, parse_dtype(config.torch_dtype or "bfloat16"))
     ouro_cfg, melt_cfg = config_pair(config)
     limit = ouro_cfg.max_position_embeddings
     too_long = [s for s in args.seq_lens if s > limit]
@@ -144,7 +146,7 @@ def memory_profile(args: MemoryProfileArgs, progress: Progress | None = None) ->
     plain_params = ouro_params - (ouro_cfg.hidden_size + 1)  # no exit gate
     N = ouro_cfg.num_hidden_layers
     kv = kv_format(args.kv_dtype, args.kv_group_size, args.kv_residual)
-    if kv.quant is not None and ouro_cfg.head_dim % kv.quant.group_size:
+    if kv.quant is not None and kv.quant.group_size and ouro_cfg.head_dim % kv.quant.group_size:
         raise InvalidArgumentError(f"--kv-group-size {kv.quant.group_size} must divide head_dim {ouro_cfg.head_dim}")
     report = MemoryReport(
         source=source,

@@ -20,13 +20,13 @@ multi-hop tasks by reusing their layers, with accuracy tracking the effective de
 Assignments are shuffled, so a causal model cannot resolve chains as it reads them: the work is
 done at the query, in depth.
 
-Two choices make the task learnable by a two-layer model on a CPU within the hour. Every
+Two choices make the task learnable by a small two-layer model on a CPU (docs/reasoning.md). Every
 assignment is one word, and so one token of the task's word-level tokenizer
 (``ChainTask.vocabulary``): a hop is exactly one attention lookup, and prompts are short. And chain
 ends are names, not a separate kind of value: every assignment ``a=b`` is the last hop of some
 one-hop problem, so one-hop training teaches the lookup of every assignment, which longer chains
-then reuse (with digit ends, the assignments between names were never a last hop, and a model
-trained on 1..2 hops stayed at chance on 2 for 500 steps).
+then reuse (with digit ends, the assignments between names would never be a last hop, so one-hop
+training would never teach their lookup).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The two post-training phases of MELT from its Ouro teacher (MELT.md §4).
+"""The two post-training phases of MELT from its Ouro teacher (docs/melt-method.md, "The two training phases").
 
 Phase 1 (interpolated transition): the student attends over ``alpha * KV_MELT + (1 - alpha) * KV_Ouro``
 with alpha rising linearly from 0 to 1 over the phase; loss = mean over loops of
@@ -16,10 +16,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
 from torch import Tensor, nn
 
 from ..checkpoints import load_config, load_model, load_tokenizer
@@ -39,6 +38,9 @@ from .trainer import (
     save_model_as,
     train,
 )
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # `--preset`: `quick` (the default) finishes in minutes on a CPU for the built-in models (one
 # micro-batch of 512 tokens per step); `paper` is the MELT paper's run (sequences of 10,000 tokens,
@@ -246,7 +248,7 @@ class DataArgs:
 
 def default_teacher_dtype(args: TrainingArgs) -> str:
     """The frozen teacher only runs forwards: bf16 where that is fast (CUDA), else fp32."""
-    return "bf16" if torch.cuda.is_available() and not args.cpu else "fp32"
+    return "bf16" if args.on_cuda else "fp32"
 
 
 def run_phase(

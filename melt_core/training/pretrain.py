@@ -17,12 +17,10 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerFast
 
 from ..checkpoints import load_config, load_model, load_tokenizer, save_checkpoint
 from ..checkpoints.random_model import init_weights, ouro_config_for
@@ -44,6 +42,10 @@ from .trainer import (
     resume_checkpoint,
     train,
 )
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerFast
 
 # Model shapes of `melt pretrain --preset` (the loop count and vocabulary are set separately).
 PRETRAIN_PRESETS: dict[str, dict[str, int]] = {

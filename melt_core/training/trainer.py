@@ -24,14 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker, get_available_trackers
-from accelerate.utils import DistributedType, LoggerType, set_seed
 from torch import Tensor, nn
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..checkpoints import save_checkpoint
 from ..checkpoints.files import CONFIG_NAME
@@ -39,10 +35,14 @@ from ..data import PackedSequences
 from ..dtypes import parse_dtype, upcast
 from ..errors import InvalidArgumentError, MeltError, MissingDependencyError
 from ..outputs import check_output, writing
-from ..runtime import peak_memory_so_far
+from ..runtime import peak_memory_so_far, resolve_device
 from . import state as files
 from .run_lock import LOCK_NAME, check_unlocked, run_lock
 from .state import CHECKPOINTS, RUN_STATE, UnreadableCheckpoint
+
+if TYPE_CHECKING:  # accelerate and transformers are imported when a run starts: they are slow to import
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
 
 RESUME_HINT = "pass --force to replace it or --resume to continue its run"
 METRICS = "metrics.jsonl"
@@ -88,7 +88,7 @@ class TrainingArgs:
     seed: int = 0
     data_order: str = "shuffle"  # or "file": sequences in the data's own order (a curriculum)
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
-    cpu: bool = False
+    device: str = "auto"  # auto (the launcher's choice: CUDA when available), cpu, cuda or mps
     resume: Path | None = None
     force: bool = False
     save_dtype: str | None = None  # dtype of the final model; default: the trained model's source dtype
@@ -133,6 +133,17 @@ class TrainingArgs:
             check_tracker(name)
         if self.save_dtype is not None:
             parse_dtype(self.save_dtype)  # a bad name fails now, not after the run
+        if self.device != "auto":
+            device = resolve_device(self.device)
+            if device.index not in (None, 0):  # accelerate gives each process its own GPU
+                raise InvalidArgumentError(
+                    f"--device {self.device}: choose the GPU with CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
+                )
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the run trains on a CUDA GPU (where bf16 autocast and a bf16 teacher pay off)."""
+        return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
 
     @property
     def warmup(self) -> int:
@@ -194,8 +205,17 @@ def fit_to_rows(args: TrainingArgs, data: PackedSequences) -> TrainingArgs:
     return args if data.seq_len == args.seq_len else dataclasses.replace(args, seq_len=data.seq_len)
 
 
+def get_available_trackers() -> list[Any]:
+    """accelerate's ``get_available_trackers()``: the trackers whose packages are installed."""
+    from accelerate.tracking import get_available_trackers
+
+    return get_available_trackers()
+
+
 def check_tracker(name: str) -> None:
     """An accelerate tracker that is installed (the trackers are optional extras)."""
+    from accelerate.utils import LoggerType
+
     known = [t.value for t in LoggerType if t.value != "all"]
     if name not in known:
         raise InvalidArgumentError(f"--log-with {name!r}: choose from {', '.join(known)}")
@@ -309,6 +329,8 @@ def check_run_output(args: TrainingArgs, inputs: Sequence[PathLike | None]) -> N
 
 
 def _schedule(optimizer: torch.optim.Optimizer, args: TrainingArgs):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
     if args.schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
     return get_constant_schedule_with_warmup(optimizer, args.warmup)
@@ -362,6 +384,9 @@ class _Run:
         trackers: Sequence[GeneralTracker] = (),
         inputs: Sequence[PathLike | None] = (),
     ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, set_seed
+
         if args.data_order == "file":
             data = dataclasses.replace(data, ordered=True)
         self.objective, self.data, self.args, self.eval_data = objective, data, args, eval_data
@@ -370,14 +395,21 @@ class _Run:
         self.on_event = on_event or (lambda m: None)
         mp = args.mixed_precision
         if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() and not args.cpu else "no"
+            mp = "bf16" if args.on_cuda else "no"
         log_with = [*(args.log_with or []), *trackers]
         self.accelerator = Accelerator(
-            mixed_precision=mp, cpu=args.cpu, log_with=log_with or None, project_dir=str(args.out / "logs")
+            mixed_precision=mp, cpu=args.device == "cpu", log_with=log_with or None, project_dir=str(args.out / "logs")
         )
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise InvalidArgumentError("melt's trainer does not run FSDP yet; launch with DDP (multi_gpu) instead")
         world = self.accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched != world:  # e.g. --multi_gpu on a machine without GPUs: each process alone, one folder
+            raise InvalidArgumentError(
+                f"the launcher started {launched} processes but accelerate joined them into runs of {world} "
+                f"({self.accelerator.distributed_type.value}): on CPUs launch with torchrun --nproc_per_node "
+                f"{launched} ... --device cpu"
+            )
         per_micro = args.micro_batch * world
         global_seqs = (args.batch_tokens // args.seq_len) if args.batch_tokens else per_micro
         if global_seqs < per_micro or global_seqs % per_micro:
@@ -391,6 +423,11 @@ class _Run:
         # a step made every later optimizer step a silent no-op after --resume.
         self.accum = global_seqs // per_micro
         self.fingerprint = data_fingerprint(data)
+        acc = self.accelerator
+        self.on_event(
+            f"{world} process{'es' if world > 1 else ''} ({acc.distributed_type.value}) on {acc.device}, "
+            f"mixed precision {acc.mixed_precision}"
+        )
         set_seed(args.seed)
 
     # --- files -------------------------------------------------------------------------------
@@ -410,7 +447,12 @@ class _Run:
             else:
                 for stale in [out / ".final.tmp", *(out / CHECKPOINTS).glob(".step-*.tmp")]:
                     shutil.rmtree(stale, ignore_errors=True)
-            config = {**args.to_json(), "objective": self.objective.describe(), "data": self.fingerprint}
+            config = {
+                **args.to_json(),
+                "world_size": self.accelerator.num_processes,
+                "objective": self.objective.describe(),
+                "data": self.fingerprint,
+            }
             with writing(out / RUN_CONFIG):
                 (out / RUN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
