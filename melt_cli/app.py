@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -99,11 +100,18 @@ class MeltGroup(TyperGroup):
         except BrokenPipeError:  # the reader went away (``melt ... | head``): stop quietly, as cat does
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             raise typer.Exit(141) from None
-        except (MeltError, OSError, KeyboardInterrupt) as e:
+        except (MeltError, OSError, KeyboardInterrupt, Terminated, MemoryError, RuntimeError) as e:
             if os.environ.get(DEBUG_ENV):
                 raise
             if isinstance(e, KeyboardInterrupt):
                 raise _fail("interrupted (Ctrl-C); nothing was left half-written", 130) from None
+            if isinstance(e, Terminated):
+                raise _fail("terminated (SIGTERM); nothing was left half-written", 143) from None
+            if isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e).lower():
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise _fail(f"out of memory: {first}", 1) from None
+            if isinstance(e, RuntimeError):
+                raise
             raise _fail(_os_error(e) if isinstance(e, OSError) else str(e), getattr(e, "exit_code", 1)) from None
 
 
@@ -153,7 +161,17 @@ def _register() -> None:
 _register()
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a training run (which saves a checkpoint instead): unwinds like Ctrl-C, so
+    temporary outputs are removed, and exits with 143."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="melt")
 
 

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ def data_files(path: str | os.PathLike) -> list[Path]:
         return files
     if not p.name.endswith(TEXT_SUFFIXES):
         raise DataError(f"{p}: unsupported data file; use {', '.join(TEXT_SUFFIXES)}, a folder, or a saved dataset")
+    check_readable_file(p)
     return [p]
 
 
@@ -100,9 +102,16 @@ def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
             yield from read_jsonl_field(file, text_field)
 
 
+def check_readable_file(file: Path) -> None:
+    """A file melt reads whole must be a file (or a pipe): a device such as /dev/zero never ends."""
+    if file.exists() and not (file.is_file() or stat.S_ISFIFO(file.stat().st_mode)):
+        raise DataError(f"{file} is not a regular file (a device?); give a text file")
+
+
 def read_text_file(file: str | os.PathLike, what: str = "text file") -> str:
     """A UTF-8 text file's contents; a missing, binary or non-UTF-8 file is a one-line error."""
     file = Path(file)
+    check_readable_file(file)
     try:
         data = file.read_bytes()
     except FileNotFoundError as e:
@@ -121,6 +130,7 @@ def iter_jsonl_records(file: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-blank line of a JSON-lines file (``.jsonl`` or
     ``.jsonl.gz``); a line that is not a JSON object is an error naming the file and line."""
     file = Path(file)
+    check_readable_file(file)
     opener = gzip.open if file.name.endswith(".gz") else open
     try:
         with opener(file, "rt", encoding="utf-8") as f:
@@ -157,29 +167,51 @@ def _cache_key(path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, text
     h.update(f"eos={tokenizer.eos_token_id};field={text_field}".encode())
     for file in data_files(path):
         stat = file.stat()
-        h.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        h.update(os.fsencode(file.resolve()) + f":{stat.st_size}:{stat.st_mtime_ns}".encode())  # any path bytes
     return h.hexdigest()[:32]
+
+
+PIECE_CHARS = 200_000  # text tokenised per call: a tokenizer holds ~200 bytes per character while it runs
+
+
+def _pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` in pieces of at most ``size`` characters, each cut just before a single space between
+    two words, where byte-level BPE pre-tokenizers split anyway (the space starts the next word's
+    token), so the pieces tokenise as the whole does. Text without such a space is cut at ``size``."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def tokenize_documents(
     path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast, text_field: str = "text", batch_size: int = 64
 ) -> torch.Tensor:
-    """One int32 token stream: every document followed by EOS."""
+    """One int32 token stream: every document followed by EOS. Long documents are tokenised in
+    pieces (``_pieces``), so memory stays bounded whatever a document's length."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InvalidArgumentError("the tokenizer has no EOS token to separate documents")
     pieces: list[torch.Tensor] = []
-    batch: list[str] = []
+    batch: list[tuple[str, bool]] = []  # (text, whether it ends its document)
 
     def flush() -> None:
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            pieces.append(torch.tensor(ids + [eos], dtype=torch.int32))
+        encoded = tokenizer([text for text, _ in batch], add_special_tokens=False)["input_ids"]
+        for ids, (_, last) in zip(encoded, batch, strict=True):
+            pieces.append(torch.tensor(ids + [eos] if last else ids, dtype=torch.int32))
         batch.clear()
 
-    for text in iter_documents(path, text_field):
-        batch.append(text)
-        if len(batch) == batch_size:
-            flush()
+    for document in iter_documents(path, text_field):
+        parts = list(_pieces(document))
+        for n, part in enumerate(parts):
+            batch.append((part, n == len(parts) - 1))
+            if len(batch) == batch_size or sum(len(t) for t, _ in batch) >= PIECE_CHARS:
+                flush()
     if batch:
         flush()
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)

@@ -51,7 +51,13 @@ def check_output(
     """Refuse an ``out`` that cannot be created, a symbolic link (replacing it would write through it
     or fail half way), a non-empty one unless ``force``, and a forced one that is, contains or lies
     inside an input folder (``keep``). Cheap: run it before any work."""
+    if str(out) == "":
+        raise InvalidArgumentError("the output path is empty; name a folder")
     out = Path(out)
+    try:
+        os.fsencode(out).decode("utf-8")
+    except UnicodeDecodeError:  # safetensors and tokenizers write UTF-8 paths only
+        raise InvalidArgumentError(f"{out} is not a valid UTF-8 path; rename it") from None
     if out.is_symlink():
         raise InvalidArgumentError(f"{out} is a symbolic link; give the real path")
     existing = next(p for p in [out, *out.parents] if p.exists())
@@ -63,6 +69,11 @@ def check_output(
         return
     if not force:
         raise OutputExistsError(f"{out} exists and is not empty; {hint}")
+    target = out.resolve()
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents or target == Path.home().resolve():
+        raise InvalidArgumentError(
+            f"--force would delete {out} (the current folder, a folder above it, or home); name a new folder"
+        )
     for item in keep:
         if item is not None and Path(item).exists():
             danger = _deletes_part_of(out, Path(item))

@@ -59,7 +59,10 @@ def default_threads() -> int:
     (the 1-minute load average). torch's own default (every physical core) collapses when another
     job holds some of them: its threads then wait on each other."""
     if os.environ.get(THREADS_ENV):
-        return validate_threads(int(os.environ[THREADS_ENV]), THREADS_ENV)
+        text = os.environ[THREADS_ENV]
+        if not text.strip().isdigit():
+            raise InvalidArgumentError(f"{THREADS_ENV} must be a whole number of threads, got {text!r}")
+        return validate_threads(int(text), THREADS_ENV)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -69,6 +72,9 @@ def default_threads() -> int:
 def validate_threads(threads: int, name: str = "--threads") -> int:
     if threads < 1:
         raise InvalidArgumentError(f"{name} must be >= 1, got {threads}")
+    limit = 4 * (os.cpu_count() or 1)  # beyond that threads only wait; thread pools fail to start at 10^5
+    if threads > limit:
+        raise InvalidArgumentError(f"{name} must be at most {limit} (4 x the {os.cpu_count()} cores), got {threads}")
     return threads
 
 

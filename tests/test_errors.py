@@ -7,7 +7,9 @@ sample corpus and a fresh temporary directory; ``setup`` files are written into 
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 from cli_helpers import one_red_line
@@ -186,12 +188,54 @@ CASES = [
         ["generate", "{tiny}", "-p", "hi", "--loops", "1000000", "--max-new-tokens", "2046"],
         "lower --loops, --max-new-tokens or --batch-size",
     ),
+    # found by a sweep of hostile inputs (issue 21)
+    (
+        "--chunk-size 0 before the run folder",
+        ["transition", "{melt}", "--data", "{text}", "--out", "{tmp}/o", *TRAIN, "--chunk-size", "0"],
+        "--chunk-size must be >= 1",
+    ),
+    *[
+        (
+            f"{flag} {value}",
+            ["pretrain", "--data", "{text}", "--out", "{tmp}/o", *TRAIN, flag, value],
+            f"{flag} must be >= {least}",
+        )
+        for flag, value, least in [
+            ("--warmup-steps", "-5", 0),
+            ("--save-every", "-1", 0),
+            ("--keep-last", "-3", 0),
+            ("--eval-batches", "0", 1),
+        ]
+    ],
+    (
+        "pretrain --vocab-size 10^9",
+        ["pretrain", "--data", "{text}", "--out", "{tmp}/o", *TRAIN, "--vocab-size", "1000000000"],
+        "--vocab-size must be at most",
+    ),
+    (
+        "data reasoning --hops 1-10^9",
+        ["data", "reasoning", "--out", "{tmp}/p.jsonl", "--n", "10", "--hops", "1-1000000000"],
+        "spans more than",
+    ),
+    ("--threads 100000", ["--threads", "100000", "info", "{tiny}"], "--threads must be at most"),
+    (
+        "--data a device",
+        ["transition", "{melt}", "--data", "{tmp}/zero.txt", "--out", "{tmp}/o", *TRAIN],
+        "is not a regular file",
+    ),
+    (
+        "--prompt-file a device",
+        ["generate", "{tiny}", "--prompt-file", "{tmp}/zero.txt"],
+        "is not a regular file",
+    ),
+    ("--out not UTF-8", ["random-model", "{tmp}/r_\udcff"], "is not a valid UTF-8 path"),
 ]
 
 
 @pytest.mark.parametrize(("args", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_one_red_line(args, expected, tiny_ckpt, melt_ckpt, text_file, tmp_path):
     (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
     (tmp_path / "bin.txt").write_bytes(BINARY)
     (tmp_path / "bin.jsonl").write_bytes(BINARY)
     (tmp_path / "latin.txt").write_bytes(LATIN1)
@@ -432,3 +476,81 @@ def test_hub_revision_with_dots_never_reaches_the_hub(monkeypatch, tmp_path):
     for revision in ("../../../tmp", "main/../..", "v1..v2", "/etc"):
         line = _refused(["info", f"owner/name@{revision}"], tmp_path)
         assert f"revision {revision!r} is not a branch, tag or commit hash" in line
+
+
+# --- a sweep of hostile inputs (issue 21) ---
+
+
+def test_force_never_deletes_the_current_folder(melt_ckpt, text_file, tmp_path, monkeypatch):
+    """`--out ''` is `.`: with --force it wiped the folder the user stood in."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "precious.txt").write_text("keep me")
+    for out in ["", ".", str(tmp_path.parent)]:
+        result = runner.invoke(app, ["transition", str(melt_ckpt), "--data", str(text_file), "--out", out, "--force"])
+        assert "--force would delete" in one_red_line(result)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_environment_threads_that_are_not_a_number(tiny_ckpt, monkeypatch):
+    monkeypatch.setenv("MELT_THREADS", "abc")
+    assert "MELT_THREADS must be a whole number" in one_red_line(runner.invoke(app, ["info", str(tiny_ckpt)]))
+
+
+def test_sliding_window_configs_are_refused(tiny_ckpt, tmp_path):
+    ckpt = tmp_path / "sw"
+    shutil.copytree(tiny_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    for extra, expected in [
+        ({"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
+        ({"layer_types": ["sliding_attention"] * config["num_hidden_layers"]}, "layer_types"),
+        ({"layer_types": "full_attention"}, "layer_types"),
+    ]:
+        (ckpt / "config.json").write_text(json.dumps({**config, **extra}))
+        assert expected in one_red_line(runner.invoke(app, ["info", str(ckpt)]))
+
+
+def test_out_of_memory_is_one_line(tiny_ckpt, monkeypatch):
+    import melt_cli.commands.info as info
+
+    def too_big(path):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(info, "summarize_checkpoint", too_big)
+    assert "out of memory" in one_red_line(runner.invoke(app, ["info", str(tiny_ckpt)]))
+
+
+def _handles(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) & (1 << (signum - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc (Linux)")
+def test_sigterm_outside_training_leaves_nothing_behind(tmp_path):
+    """A SIGTERM during `melt data reasoning` ends with one line and exit 143; the temporary file is
+    removed, and one a SIGKILL leaves is removed by the next run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "p.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "melt_cli", "data", "reasoning", "--out", str(out), "--n", "2000000"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not _handles(proc.pid, signal.SIGTERM):  # melt's handler is installed (Linux: /proc)
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / ".p.jsonl.tmp-999999999").write_text("left by a killed run")
+    done = runner.invoke(app, ["data", "reasoning", "--out", str(out), "--n", "10"])
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]

@@ -200,3 +200,14 @@ def test_a_signal_saves_a_resumable_checkpoint(text_file, tmp_path, signum, stat
     resumed = _pretrain(text_file, "--resume", str(run), "--steps", str(done + 1))
     assert resumed.exit_code == 0, resumed.output
     assert _steps(run) == list(range(1, done + 2))
+
+
+@pytest.mark.parametrize("step", [-1, "2", True, 7])
+def test_a_step_that_does_not_fit_its_checkpoint_is_skipped(run, text_file, step):
+    """A run_state.json whose step is not the checkpoint's own (negative, a string, another number)."""
+    file = run / "checkpoints" / "step-000002" / "run_state.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "step": step}))
+    result = _pretrain(text_file, "--resume", str(run), "--steps", "3")
+    assert result.exit_code == 0, result.output
+    assert _said(result, "skipped step-000002") and _said(result, "at step 1")
+    assert _steps(run) == [1, 2, 3]

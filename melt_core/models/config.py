@@ -156,6 +156,17 @@ class OuroConfig:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported; Ouro uses 'silu'")
         if self.tie_word_embeddings:
             raise UnsupportedModelError("tie_word_embeddings=true is not supported; Ouro stores lm_head separately")
+        # carried in ``extra``: melt computes full attention in every layer, so anything else is refused
+        if self.extra.get("use_sliding_window"):
+            raise UnsupportedModelError("use_sliding_window=true is not supported; melt computes full attention")
+        layer_types = self.extra.get("layer_types")
+        if layer_types is not None and (
+            not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types)
+        ):
+            raise UnsupportedModelError(
+                f"layer_types must all be 'full_attention' (melt computes full attention in every layer), "
+                f"got {str(layer_types)[:80]}"
+            )
 
     # --- derived sizes -------------------------------------------------------------------------
     @property

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from ..outputs import writing
+from ..outputs import remove_stale_siblings, writing
 
 NAMES = string.ascii_lowercase
 STATEMENT_SEP, QUERY_MARK = " ", "?"
@@ -118,13 +118,19 @@ class ChainTask:
 TRAINED_HOPS = range(1, 6)
 
 
+MAX_HOP_SPAN = 1000  # far beyond any chain a problem can hold (ChainTask.check_hops bounds each count)
+
+
 def parse_hops(spec: str) -> list[int]:
     """``"4"`` -> [4]; ``"1-4"`` -> [1, 2, 3, 4]; ``"1,2,6"`` -> [1, 2, 6]."""
     hops: list[int] = []
     try:
         for part in spec.split(","):
             lo, _, hi = part.strip().partition("-")
-            hops += list(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
+            if last - first > MAX_HOP_SPAN:  # refused before a list of that size is built
+                raise InvalidArgumentError(f"--hops {part.strip()} spans more than {MAX_HOP_SPAN} hop counts")
+            hops += list(range(first, last + 1))
     except ValueError:
         raise InvalidArgumentError(f"--hops takes numbers and ranges like 4, 1-4 or 1,2,6; got {spec!r}") from None
     if not hops:
@@ -157,6 +163,7 @@ def write_problems(problems: list[Problem], out: str | os.PathLike) -> None:
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with writing(out):
+        remove_stale_siblings(out)  # what a killed run left
         try:
             with open(tmp, "w") as f:
                 for p in problems:

@@ -81,6 +81,8 @@ class DistillSettings:
             raise InvalidArgumentError(f"phase must be 1 or 2, got {self.phase}")
         if self.kd_loops not in ("all", "final"):
             raise InvalidArgumentError(f"--kd-loops must be all or final, got {self.kd_loops!r}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise InvalidArgumentError(f"--chunk-size must be >= 1, got {self.chunk_size}")
         if self.beta < 0 or self.ce_weight < 0:
             raise InvalidArgumentError("--beta and --ce-weight must be >= 0")
 

@@ -72,6 +72,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, int]] = {
     },
 }
 OBJECTIVES = ("uniform", "ramp", "ouro")
+MAX_VOCAB_SIZE = 2**20  # real LoopLMs have ~50K-150K tokens
 TOKENIZER_DIR = "tokenizer"
 OBJECTIVE_NAME = "pretrain"
 # Where pretraining's optimisation defaults differ from ``TrainingArgs``'s (which suit post-training).
@@ -108,6 +109,8 @@ class PretrainSettings:
             raise InvalidArgumentError(
                 f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + 3 special tokens), got {self.vocab_size}"
             )
+        if self.vocab_size > MAX_VOCAB_SIZE:  # a tokenizer that large cannot be trained in memory here
+            raise InvalidArgumentError(f"--vocab-size must be at most {MAX_VOCAB_SIZE:,}, got {self.vocab_size:,}")
 
 
 def loop_weights(objective: str, loops: int) -> Tensor:

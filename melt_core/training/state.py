@@ -124,8 +124,12 @@ def _tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def read_run_state(ckpt: Path) -> dict[str, Any]:
     state = read_json(ckpt / RUN_STATE)
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("args"), dict):
+    if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
         raise UnreadableCheckpoint(f"{ckpt / RUN_STATE} is corrupt (no step and args)")
+    step = state.get("step")
+    named = ckpt.name.removeprefix("step-")
+    if type(step) is not int or step < 1 or (named.isdigit() and int(named) != step):
+        raise UnreadableCheckpoint(f"{ckpt / RUN_STATE} is corrupt (step {step!r} in {ckpt.name})")
     return state
 
 

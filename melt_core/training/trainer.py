@@ -102,6 +102,11 @@ class TrainingArgs:
             "--seq-len": (self.seq_len, 2),
             "--micro-batch": (self.micro_batch, 1),
             "--log-every": (self.log_every, 1),
+            "--save-every": (self.save_every, 0),
+            "--keep-last": (self.keep_last, 0),
+            "--eval-every": (self.eval_every, 0),
+            "--eval-batches": (self.eval_batches, 1),
+            "--warmup-steps": (0 if self.warmup_steps is None else self.warmup_steps, 0),
         }
         for flag, (value, least) in minimums.items():
             if value < least:
@@ -548,11 +553,10 @@ class _Run:
         acc.wait_for_everyone()
         return final
 
-    def restore(self, ckpt: Path) -> int:
-        """Load the newest intact checkpoint up to ``ckpt`` into the model, optimizer, schedule and
-        generators; returns its step."""
-        candidates = resume_candidates(Path(self.args.resume))
-        candidates = candidates[: candidates.index(ckpt) + 1]
+    def restore(self) -> int:
+        """Load the newest intact checkpoint of ``--resume`` (the one whose settings were checked, or an
+        older one) into the model, optimizer, schedule and generators; returns its step."""
+        candidates = resume_candidates(Path(self.args.resume))  # newer ones are unreadable: skipped, noted
         try:
             state = files.load_newest_intact(candidates, self.accelerator.process_index)
         except UnreadableCheckpoint as e:
@@ -627,7 +631,7 @@ class _Run:
         self.wrapped, self.optimizer = wrapped, optimizer = acc.prepare(objective.model, optimizer)
         step = 0
         if resume_from is not None:
-            step = self.restore(resume_from)
+            step = self.restore()
             self.truncate_metrics(step)
             self.on_event(f"resumed from {resume_from.parent.parent} at step {step}")
         wrapped.train()
