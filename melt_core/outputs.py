@@ -139,7 +139,7 @@ def _make_dir(path: Path, out: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -154,7 +154,7 @@ def remove_stale_siblings(out: Path) -> list[Path]:
     removed = []
     for sibling in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = sibling.name.removeprefix(f".{out.name}.").partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
             removed.append(sibling)
     return removed

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import MeltError
+from ..outputs import pid_alive
 
 LOCK_NAME = ".melt-run.lock"
 
@@ -26,16 +27,6 @@ class RunInUseError(MeltError):
 def _holder(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
     return os.read(fd, 64).decode(errors="replace").strip()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _lock(fd: int, run: Path) -> None:
@@ -67,7 +58,7 @@ def run_lock(run: Path, on_note: Callable[[str], None] = lambda note: None) -> I
     try:
         _lock(fd, run)
         previous = _holder(fd)
-        if previous.isdigit() and int(previous) != os.getpid() and not _alive(int(previous)):
+        if previous.isdigit() and int(previous) != os.getpid() and not pid_alive(int(previous)):
             on_note(f"took over the lock of {run} left by PID {previous}, which is no longer running")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

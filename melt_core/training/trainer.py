@@ -719,8 +719,9 @@ class _Run:
         """Save the completed steps (if any) and say how to go on."""
         if step == 0:
             return TrainingInterruptedError(f"{why} before the first step; nothing to save", exit_code)
-        saved = files.checkpoints_of(self.args.out)
-        ckpt = saved[-1] if saved and files.read_run_state(saved[-1])["step"] == step else self.save(step)
+        ckpt = self.args.out / CHECKPOINTS / f"step-{step:06d}"
+        if not (ckpt / RUN_STATE).is_file():  # not saved at this step yet
+            ckpt = self.save(step)
         return TrainingInterruptedError(
             f"{why} after step {step}; saved {ckpt}; continue with --resume {self.args.out}", exit_code
         )
