@@ -11,7 +11,10 @@ next one runs.
    graphs; MELT's full prefill chunks too) at batch 1 and batched, against the HBM floor (the
    layers' weights x loops, the head once, + KV read, over the bandwidth of a large on-device copy);
 3. CUDA peak memory of prefill + decode vs the analytic KV bytes, Ouro vs MELT, 1 and 4 loops;
-4. a few training steps under accelerate in bf16 (``melt transition`` on the example's MELT).
+4. a few training steps under accelerate in bf16 (``melt transition`` on the example's MELT);
+5. training throughput and memory (``bench_training.py``): phases 1 and 2 of the Ouro-1.4B shape at
+   2,048 and 10,000 tokens, tokens/s, MFU and the measured peak vs ``melt profile training``'s plan,
+   under its own time cap (``TRAINING_BENCH_CAP_S``).
 
 Usage: PYTHONPATH=. python benchmarks/gpu_check.py [--device cuda] [--quick]
 (``--device cpu --quick`` runs the same code on a CPU, small, as a smoke test.)
@@ -192,6 +195,25 @@ def training(device: torch.device) -> None:
         print("   " + "\n   ".join((result.stdout + result.stderr).strip().splitlines()[-4:]))
 
 
+TRAINING_BENCH_CAP_S = 420  # the whole section; each config gets a share (``--time-cap``)
+
+
+@section("5. training tokens/s, MFU and peak memory vs the plan (bench_training.py)")
+def training_benchmark(device: torch.device, quick: bool) -> None:
+    script = Path(__file__).with_name("bench_training.py")
+    seq_lens, cap = ("256", 60) if quick else ("2048,10000", 100)
+    command = [sys.executable, str(script), "--device", device.type, "--seq-lens", seq_lens, "--steps", "1"]
+    command += ["--time-cap", str(cap)] + (["--quick"] if quick else [])
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=TRAINING_BENCH_CAP_S)
+    except subprocess.TimeoutExpired as stopped:
+        out = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
+        print("   " + "\n   ".join(out.strip().splitlines()))
+        print(f"   stopped at the section's cap of {TRAINING_BENCH_CAP_S} s")
+        return
+    print("   " + "\n   ".join((result.stdout + result.stderr).strip().splitlines()[-8:]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -204,6 +226,7 @@ def main() -> None:
     speed(device, args.quick)
     memory(device, args.quick)
     training(device)
+    training_benchmark(device, args.quick)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def byte_progress(description: str, unit: str | None = None) -> Iterator:
         bar.stop()
 
 
-_NOT_LOSS_PARTS = {"step", "loss", "alpha", "grad_norm", "tokens_per_s", "peak_memory_bytes"}
+_NOT_LOSS_PARTS = {"step", "loss", "alpha", "grad_norm", "tokens_per_s", "mfu", "peak_memory_bytes"}
 # description, a short bar, step/total, ETA and the loss fit 80 columns; the rest of the numbers
 # follow where the terminal is wider (all of them are in metrics.jsonl).
 STEP_COLUMNS = (
@@ -124,6 +124,8 @@ def format_step(m: dict, full: bool = False) -> str:
     """One training step's numbers: loss, tokens/s, and (``full``) the loss parts, alpha, learning
     rates and peak memory."""
     parts = [f"loss {m['loss']:.4f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in m:
+        parts.append(f"MFU {100 * m['mfu']:.3g}%")
     if full:
         parts += [
             f"{k} {v:.3f}"

@@ -23,7 +23,7 @@ LAYERS = {
     "inference": 5,
     "evaluation": 6,  # scores as the model decodes (inference.decode.prefill)
     "training": 7,
-    "profiling": 7,
+    "profiling": 8,  # the training planner measures a step with the trainer's own objectives
     "integrations": 7,
     "quickstart": 8,
 }

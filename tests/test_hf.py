@@ -99,3 +99,35 @@ def test_a_melt_config_carries_no_ouro_auto_map(tiny_ckpt, melt_ckpt, tmp_path):
     converted = convert_ouro_to_melt(tmp_path / "o", tmp_path / "m")
     assert "auto_map" not in json.loads((converted / "config.json").read_text())
     assert "auto_map" not in json.loads((melt_ckpt / "config.json").read_text())
+
+
+def _saved_bytes_and_grads(model, ids, labels):
+    """A training step's loss gradients and the bytes autograd keeps for the backward pass."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=labels).loss
+    loss.backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_keeps_gradients_and_saves_less(checkpoint):
+    """PEFT and TRL call gradient_checkpointing_enable() first: Ouro recomputes each block, MELT each chunk."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain_bytes, plain_grads = _saved_bytes_and_grads(model, ids, ids)
+    with pytest.warns(FutureWarning):  # transformers 5 renamed it activation_checkpointing_enable
+        model.gradient_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    ckpt_bytes, ckpt_grads = _saved_bytes_and_grads(model, ids, ids)
+    assert ckpt_bytes < plain_bytes / 2
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    model.activation_checkpointing_disable()
+    assert not model.is_activation_checkpointing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -277,45 +278,27 @@ def test_cli_distill_all_and_existing_out(melt_ckpt, text_file, tmp_path):
     assert again.exit_code == 1 and "--force" in again.stderr
 
 
-def test_two_process_accelerate_run(melt_ckpt, text_file, tmp_path):
-    """The same command under `accelerate launch` with 2 CPU processes (gloo DDP)."""
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "melt_cli",
-        "distill",
-        "--phase",
-        "2",
-        str(melt_ckpt),
-        "--data",
-        str(text_file),
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--seq-len",
-        str(SEQ),
-        "--batch-tokens",
-        str(4 * SEQ),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+def test_two_process_fsdp_transition(melt_ckpt, text_file, tmp_path):
+    """Phase 1 under `accelerate launch --multi_gpu --num_processes 2 ... --fsdp --shard-teacher` on
+    CPUs: accelerate's FSDP2 over the MELT student (each decoder layer a unit, called once per loop
+    and chunk), the teacher sharded too, the held-out evaluation and the final model from the
+    gathered weights."""
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    cmd += ["-m", "melt_cli", "transition", str(melt_ckpt), "--data", str(text_file), "--out", str(out), "--fsdp"]
+    cmd += ["--shard-teacher"]
+    cmd += ["--eval-data", str(text_file), "--eval-batches", "2", "--eval-every", "1", "--steps", "2"]
+    cmd += ["--seq-len", str(SEQ)]
+    cmd += ["--batch-tokens", str(4 * SEQ)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MELT_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = _metrics(out)
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert json.loads((out / "run_config.json").read_text())["batch_tokens"] == 4 * SEQ
+    assert proc.stderr.count("2 processes (FSDP2) on cpu") == 1
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    evals = [json.loads(ln)["eval"] for ln in (out / "metrics.jsonl").read_text().splitlines() if "eval" in ln]
+    assert len(evals) == 2 and all(math.isfinite(v) for e in evals for v in e.values())
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
     assert type(load_model(out)).__name__ == "MeltForCausalLM"
     shutil.rmtree(out)
 
@@ -485,12 +468,14 @@ def test_presets_apply_to_the_options_left_at_their_defaults(melt_ckpt, text_fil
     assert runner.invoke(app, given).exit_code == 0
     config = json.loads((tmp_path / "b" / "run_config.json").read_text())
     assert (config["seq_len"], config["batch_tokens"], config["steps"]) == (32, 64, 1)
+    assert config["objective"]["checkpoint_chunks"] is True  # the preset's, a distillation setting
     quick = ["transition", str(melt_ckpt), "--data", str(text_file), "--out", str(tmp_path / "c"), "--steps", "1"]
     quick += ["--chunk-size", "128"]  # the tiny model's chunks of 4 make 512 tokens slow
     assert runner.invoke(app, quick).exit_code == 0
     assert json.loads((tmp_path / "c" / "run_config.json").read_text())["seq_len"] == 512
 
 
+@pytest.mark.slow  # about 40 s: two launches of two processes (test_distributed.py has the fast ones)
 def test_two_process_ddp_checkpoint_and_resume(text_file, tmp_path):
     """Real DDP (torchrun, 2 CPU processes, gloo): every process saves its RNG state, and both
     resume from the checkpoint and go on."""

@@ -23,6 +23,8 @@ EPILOG = """Examples:
   melt pretrain --data train.jsonl.gz --out runs/looplm --resume runs/looplm     (continue)
 
   melt pretrain --data train.jsonl.gz --out runs/longer --init-from example --objective ramp --steps 1000
+
+  accelerate launch --num_processes 8 -m melt_cli pretrain --data train.jsonl.gz --out runs/looplm --fsdp
 """
 P = PretrainSettings
 STEPS = PRETRAIN_TRAINING_DEFAULTS["steps"]

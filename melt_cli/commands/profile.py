@@ -1,4 +1,5 @@
-"""``melt profile memory`` and ``melt profile speed``: Ouro vs MELT, per loop count."""
+"""``melt profile memory`` and ``melt profile speed``: Ouro vs MELT, per loop count; ``melt profile
+training``: the memory of a training step per GPU."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ SPEED_EPILOG = """Examples:
   melt profile speed ./Ouro-1.4B --loops 1,2,4,8
 
   melt profile speed ./MELT-1.6B --loops 4 --prompt-tokens 2000 --new-tokens 64 --json
+
+  melt profile speed example --loops 4 --compile
+
+  melt profile speed example --loops 4 --kv-dtype int8
 """
 
 
@@ -177,10 +182,15 @@ def memory(
 
 
 def _speed_table(report: SpeedReport) -> Table:
+    startup = ""
+    if report.decode_path == "compiled":
+        seconds = report.compile_seconds
+        startup = f" (start-up: Ouro {seconds['ouro']:.1f} s, MELT {seconds['melt']:.1f} s)"
     table = Table(
-        title=f"speed on {report.device}, {report.dtype}, batch {report.batch}: "
-        f"{report.prompt_tokens} prompt tokens, {report.new_tokens} new tokens\n"
-        f"Ouro: {report.ouro_source}\nMELT: {report.melt_source}",
+        title=f"speed on {report.device}, {report.dtype}, KV rows {report.kv_dtype}, batch {report.batch}: "
+        f"{report.prompt_tokens} prompt tokens, {report.new_tokens} new tokens; decode {report.decode_path}"
+        f"{startup}\nx floor: a decode step's time over the bytes it reads / the measured copy bandwidth "
+        f"({report.bandwidth / 1e9:,.1f} GB/s)\nOuro: {report.ouro_source}\nMELT: {report.melt_source}",
         title_justify="left",
     )
     for name in (
@@ -191,6 +201,8 @@ def _speed_table(report: SpeedReport) -> Table:
         "Ouro decode tokens/s",
         "MELT decode tokens/s",
         "MELT/Ouro ",
+        "Ouro x floor",
+        "MELT x floor",
         "KV Ouro",
         "KV MELT",
     ):
@@ -204,6 +216,8 @@ def _speed_table(report: SpeedReport) -> Table:
             f"{r.ouro.decode_tokens_per_s:,.1f}",
             f"{r.melt.decode_tokens_per_s:,.1f}",
             f"{r.decode_ratio:.2f}x",
+            f"{r.x_floor('ouro'):.2f}",
+            f"{r.x_floor('melt'):.2f}",
             console.human_bytes(r.ouro.cache_bytes),
             console.human_bytes(r.melt.cache_bytes),
         )
@@ -232,9 +246,20 @@ def speed(
     rounds: Annotated[
         int, typer.Option(help="Timed rounds; Ouro and MELT alternate every round, the median round is shown.")
     ] = SP.rounds,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Decode (and prefill MELT's full chunks) through melt generate --compile's compiled step; "
+            "its start-up is compiled before the timed rounds and reported apart. Float KV rows.",
+        ),
+    ] = SP.compile,
+    kv_dtype: KvDtype = SP.kv_dtype,
+    kv_group_size: KvGroupSize = SP.kv_group_size,
+    kv_residual: KvResidual = SP.kv_residual,
     as_json: Json = False,
 ) -> None:
-    """Prefill and decode tokens/s of an Ouro model and its MELT conversion, side by side."""
+    """Prefill and decode tokens/s of an Ouro model and its MELT conversion, side by side, vs the bandwidth floor."""
     args = SpeedProfileArgs(
         checkpoint=checkpoint,
         loops=int_list(loops, "--loops"),
@@ -246,6 +271,10 @@ def speed(
         chunk_size=chunk_size,
         seed=seed,
         rounds=rounds,
+        compile=compile,
+        kv_dtype=kv_dtype,
+        kv_group_size=kv_group_size,
+        kv_residual=kv_residual,
     )
     with console.err.status("timing") as status:
         report = speed_profile(args, progress=lambda msg: status.update(msg))
@@ -255,8 +284,110 @@ def speed(
         _print_wide(_speed_table(report))
 
 
+TRAINING_EPILOG = """Examples:
+
+  melt profile training --preset ouro-1.4b --phase 1 --seq-len 10000 --chunk-size 500 --world-size 8
+
+  melt profile training --preset ouro-1.4b --phase 2 --seq-len 10000 --chunk-size 500 --json
+
+  melt profile training ./MELT-small --phase 1 --seq-len 2048 --measure --device cpu
+"""
+
+Phase = Annotated[str, typer.Option(help="1 or 2 (MELT distillation from its Ouro teacher) or pretrain (Ouro).")]
+
+
+def _training_table(plan) -> Table:
+    ck = "on" if plan.checkpoint_chunks else "off"
+    table = Table(
+        title=f"one training step of {plan.model} ({plan.source}), phase {plan.phase}, on {plan.device}:\n"
+        f"{plan.micro_batch} x {plan.seq_len:,} tokens, chunks of {plan.chunk_size or '-'} (checkpointed: {ck}), "
+        f"{plan.world_size} process(es){', FSDP' if plan.fsdp else ''} — per GPU (GB = 1e9 B)",
+        title_justify="left",
+    )
+    table.add_column("what")
+    table.add_column("planned", justify="right")
+    rows = [
+        ("weights (fp32 master)", plan.weights_bytes),
+        ("gradients (fp32)", plan.gradients_bytes),
+        ("optimizer (AdamW moments)", plan.optimizer_bytes),
+        ("teacher", plan.teacher_bytes),
+        ("activations", plan.activations_bytes),
+        ("loss buffers", plan.loss_buffers_bytes),
+        ("other (autocast casts, FSDP / DDP buffers)", plan.other_bytes),
+    ]
+    for name, n in rows:
+        table.add_row(name, _size(n))
+    table.add_section()
+    table.add_row(f"[bold]peak per GPU[/] (at the {plan.peak_at})", f"[bold]{_size(plan.peak_bytes_per_gpu)}[/]")
+    table.add_row("held between steps", _size(plan.held_between_steps_bytes))
+    table.add_row("model FLOPs per token", f"{plan.flops_per_token / 1e9:,.2f} GFLOP")
+    m = plan.measured
+    if m is not None:
+        table.add_section()
+        table.add_row(f"measured peak ({m.memory_kind})", _size(m.measured_peak_bytes))
+        ratio = m.step_peak_bytes / max(plan.step_bytes, 1)
+        table.add_row(
+            "measured step above baseline / planned",
+            f"{_size(m.step_peak_bytes)} / {_size(plan.step_bytes)} ({ratio:.2f}x)",
+        )
+        table.add_row("measured tokens/s", f"{m.tokens_per_s:,.1f}")
+    return table
+
+
+def training(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(help="MELT checkpoint (phases 1, 2) or Ouro checkpoint (pretrain); config.json is enough."),
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="ouro-1.4b or ouro-2.6b (or melt-1.6b, melt-3.1b).")] = None,
+    phase: Phase = "1",
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 2048,
+    chunk_size: Annotated[int | None, typer.Option(help="MELT training chunk size (default: the config's).")] = None,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per forward per process.")] = 1,
+    world_size: Annotated[int, typer.Option(help="Processes (GPUs) of the launch.")] = 1,
+    fsdp: Annotated[
+        bool | None, typer.Option("--fsdp/--no-fsdp", help="Shard over the processes (default: on with 2 or more).")
+    ] = None,
+    checkpoint_chunks: Annotated[
+        bool, typer.Option("--checkpoint-chunks/--no-checkpoint-chunks", help="Recompute each chunk in backward.")
+    ] = True,
+    device: Annotated[
+        str, typer.Option(help="cuda (bf16 autocast) or cpu (fp32); auto: cuda, or where --measure runs.")
+    ] = "auto",
+    measure: Annotated[
+        bool, typer.Option("--measure", help="Also run one real training step of CKPT and measure its peak.")
+    ] = False,
+    data: Annotated[Path | None, typer.Option(help="Text for the measured step (default: random tokens).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Memory of one training step per GPU: weights, gradients, optimizer, teacher, activations, loss buffers."""
+    from melt_core.profiling.training import TrainingPlanArgs, training_plan
+
+    args = TrainingPlanArgs(
+        checkpoint=checkpoint,
+        preset=preset,
+        phase=phase,
+        seq_len=seq_len,
+        chunk_size=chunk_size,
+        micro_batch=micro_batch,
+        world_size=world_size,
+        fsdp=fsdp,
+        checkpoint_chunks=checkpoint_chunks,
+        device=device,
+        measure=measure,
+        data=data,
+    )
+    with console.err.status("measuring a training step" if measure else "planning"):
+        plan = training_plan(args)
+    if as_json:
+        console.out.print_json(json.dumps(plan.to_dict()))
+    else:
+        _print_wide(_training_table(plan))
+
+
 profile_app.command(epilog=MEMORY_EPILOG)(memory)
 profile_app.command(epilog=SPEED_EPILOG)(speed)
+profile_app.command(epilog=TRAINING_EPILOG)(training)
 
 
 def register(app: typer.Typer) -> None:

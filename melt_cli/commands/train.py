@@ -10,7 +10,7 @@ import typer
 from melt_core.errors import InvalidArgumentError
 from melt_core.training import DataArgs, DistillSettings, TrainingArgs, run_both_phases, run_phase
 from melt_core.training.distill import DISTILL_PRESETS
-from melt_core.training.trainer import run_directory
+from melt_core.training.trainer import run_directory, wants_fsdp
 
 from .. import console
 from .. import options as o
@@ -25,6 +25,10 @@ EPILOG = """Examples:
   melt distill --phase all ./MELT-1.6B --data train.jsonl.gz --out runs/melt --preset paper     (the paper's run)
 
   accelerate launch --num_processes 8 -m melt_cli distill --phase 2 runs/phase1 --data train.jsonl.gz --out runs/p2
+
+  accelerate launch --num_processes 8 -m melt_cli transition ./MELT-1.6B --data train.jsonl.gz --out runs/p1 --fsdp
+
+  torchrun --standalone --nproc_per_node 2 -m melt_cli transition ./MELT-1.6B --data t.jsonl --out runs/cpu  (CPUs)
 
   melt distill --phase 2 runs/phase1 --data train.jsonl.gz --resume runs/p2      (continue an interrupted run)
 """
@@ -45,7 +49,7 @@ def distill(
         str,
         typer.Option(
             help="quick: minutes on a CPU (100 + 60 steps of 512 tokens); paper: the MELT paper's run "
-            "(500 + 300 steps, --seq-len 10000 --batch-tokens 320000). Options you give win."
+            "(500 + 300 steps, --seq-len 10000 --batch-tokens 320000 --checkpoint-chunks). Options you give win."
         ),
     ] = "quick",
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the preset's, per phase).")] = None,
@@ -58,10 +62,22 @@ def distill(
     detach_history: Annotated[bool, typer.Option(help="Cut gradients through earlier chunks' rows.")] = (
         D.detach_history
     ),
-    checkpoint_chunks: Annotated[bool, typer.Option(help="Recompute each chunk in backward (less memory).")] = (
-        D.checkpoint_chunks
-    ),
+    checkpoint_chunks: Annotated[
+        bool | None,
+        typer.Option(
+            "--checkpoint-chunks/--no-checkpoint-chunks",
+            help="Recompute each chunk in backward (less memory; default: on with --preset paper, else off).",
+            show_default=False,
+        ),
+    ] = None,
     freeze_base: Annotated[bool, typer.Option(help="Train only the gates.")] = D.freeze_base,
+    shard_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--shard-teacher/--replicate-teacher",
+            help="With --fsdp: shard the teacher too (gathered for each of its forwards), not a copy per process.",
+        ),
+    ] = D.shard_teacher,
     gate_lr: Annotated[float, typer.Option(help="Learning rate of the gates.")] = TrainingArgs.gate_lr,
     teacher_dtype: Annotated[str | None, typer.Option(help="Teacher dtype (default: bf16 on CUDA, else fp32).")] = None,
     training: dict[str, Any] | None = None,
@@ -79,9 +95,14 @@ def distill(
         kd_loops=kd_loops,
         chunk_size=chunk_size,
         detach_history=detach_history,
-        checkpoint_chunks=checkpoint_chunks,
+        checkpoint_chunks=DISTILL_PRESETS[preset].get("checkpoint_chunks", D.checkpoint_chunks)
+        if checkpoint_chunks is None
+        else checkpoint_chunks,
         freeze_base=freeze_base,
+        shard_teacher=shard_teacher,
     )
+    if shard_teacher and not wants_fsdp(training["fsdp"]):
+        raise InvalidArgumentError("--shard-teacher shards the teacher over an FSDP run: add --fsdp")
     data_args = DataArgs(data, eval_data, text_field)
     run_dir = run_directory(out, training["resume"])
     if phase == "all":

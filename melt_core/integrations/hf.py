@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -114,9 +115,14 @@ class _LoopedForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _tied_weights_keys: ClassVar[list[str]] = []
     main_input_name = "input_ids"
+    # ``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable()`` (PEFT, TRL): Ouro
+    # recomputes each (loop, layer) block; MELT each chunk of its chunk-wise forward (its blocks
+    # carry the latent state from loop to loop, so a chunk is the smallest pure unit)
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: _LoopedConfig) -> None:
         super().__init__(config)
+        self.gradient_checkpointing = False
         looped_config = config.looped_config()
         looped = model_class(looped_config)(looped_config)
         self.model, self.lm_head = looped.model, looped.lm_head
@@ -168,7 +174,17 @@ class _LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         B, S = input_ids.shape
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        if not use_cache:
+        if not use_cache and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if is_melt(self.looped):
+                hidden, taps = self.looped.forward_chunkwise(
+                    input_ids, attention_mask, loops=loops, checkpoint_chunks=True
+                )
+            else:
+                hidden, taps = self.looped.forward_hidden(
+                    input_ids, attention_mask, loops=loops, checkpoint=self._gradient_checkpointing_func
+                )
+            out = self.looped.head(hidden, taps, num_logits_to_keep=logits_to_keep)
+        elif not use_cache:
             out = self.looped(input_ids, attention_mask, loops=loops, num_logits_to_keep=logits_to_keep)
         else:
             if not isinstance(cache, LoopedCache):

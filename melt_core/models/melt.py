@@ -133,17 +133,9 @@ class MeltForCausalLM(OuroForCausalLM):
         if not 0.0 <= alpha <= 1.0:
             raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
         config, B = self.config, input_ids.shape[0]
-        empty = partial(
-            GrowingRows.empty,
-            batch_size=B,
-            kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim,
-            dtype=self.dtype,
-            device=input_ids.device,
-        )
-        rows = empty(config.num_hidden_layers)
+        rows = GrowingRows.empty(config.num_hidden_layers, self.dtype)
         base_slots = sum(OuroConfig.kv_slots_per_loop(config, loops))  # Ouro's own per-(loop, layer) rows
-        base = empty(base_slots) if alpha < 1.0 else None
+        base = GrowingRows.empty(base_slots, self.dtype) if alpha < 1.0 else None
         ledger = TokenLedger(B, input_ids.shape[1], input_ids.device)
         parts = []
         for offset, size in self._chunks(input_ids.shape[1], chunk_size):
@@ -155,8 +147,8 @@ class MeltForCausalLM(OuroForCausalLM):
             else:
                 hidden, taps, rows, base = step(rows, base)
             if detach_history:
-                rows = _detached(rows)
-                base = None if base is None else _detached(base)
+                rows = rows.detached()
+                base = None if base is None else base.detached()
             parts.append((hidden, taps))
         hidden, taps = _concat(parts)
         if shift is not None:
@@ -215,16 +207,22 @@ def _slice(input_ids: Tensor, attention_mask: Tensor | None, offset: int, size: 
     return input_ids[:, offset : offset + size], mask
 
 
-def _detached(state: RowState) -> RowState:
-    return tuple([t.detach() for t in part] for part in state)
-
-
 def _concat(parts: list[tuple[list[Tensor], list[Tensor] | None]]) -> tuple[list[Tensor], list[Tensor] | None]:
-    """Per-chunk (hidden, taps) -> whole-sequence hidden states T x (B, S, H) and taps."""
+    """Per-chunk (hidden, taps) -> whole-sequence hidden states T x (B, S, H) and taps (the
+    per-chunk lists are emptied on the way)."""
     if len(parts) == 1:
         return parts[0]
-    hidden = [torch.cat([h[t] for h, _ in parts], 1) for t in range(len(parts[0][0]))]
-    taps = None
-    if parts[0][1] is not None:
-        taps = [torch.cat([tp[i] for _, tp in parts], 1) for i in range(len(parts[0][1]))]
+
+    def joined(pieces: list[list[Tensor]]) -> list[Tensor]:
+        # each chunk's piece is dropped once its whole-sequence tensor exists: the pieces and the
+        # result are never both held in full (taps are T*N x (B, S, H))
+        out = []
+        for i in range(len(pieces[0])):
+            out.append(torch.cat([p[i] for p in pieces], 1))
+            for p in pieces:
+                p[i] = None
+        return out
+
+    hidden = joined([h for h, _ in parts])
+    taps = None if parts[0][1] is None else joined([tp for _, tp in parts])
     return hidden, taps

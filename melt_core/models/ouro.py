@@ -7,6 +7,7 @@ logits), and the exit gate's pdf over loops deciding which loop's logits are ret
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -186,9 +187,13 @@ class OuroForCausalLM(nn.Module):
         cache: KVCache | None = None,
         loops: int | None = None,
         return_attn_outputs: bool = False,
+        checkpoint: Callable[..., Tensor] | None = None,
     ) -> tuple[list[Tensor], list[Tensor] | None]:
         """The per-loop normed hidden states T x (B, S, H) and, if asked, the attention taps
-        (T*N x (B, S, H), (loop, layer) order) — no logits (training computes its own)."""
+        (T*N x (B, S, H), (loop, layer) order) — no logits (training computes its own).
+        ``checkpoint`` (``torch.utils.checkpoint.checkpoint`` or a partial of it): recompute each
+        block's activations in the backward pass (activation checkpointing per (loop, layer));
+        without a cache only, where a block is a pure function of its input."""
         loops = self.config.resolve_loops(loops)
         self.check_cache(cache, loops)
         S = input_ids.shape[1]
@@ -196,10 +201,12 @@ class OuroForCausalLM(nn.Module):
             key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
             inputs = self.block_inputs(input_ids, 0, key_valid, FullSequenceKV(), return_attn_outputs)
         else:
+            if checkpoint is not None:
+                raise InvalidArgumentError("activation checkpointing is for training forwards, without a KV cache")
             start, key_valid = cache.begin(S, attention_mask)
             kv = PerLoopKV(cache.store, self.config.num_hidden_layers, start)
             inputs = self.block_inputs(input_ids, start, key_valid, kv, return_attn_outputs)
-        return self.loop_stack(self.model.embed_tokens(input_ids), inputs, loops), inputs.attn_taps
+        return self.loop_stack(self.model.embed_tokens(input_ids), inputs, loops, checkpoint), inputs.attn_taps
 
     def check_cache(self, cache: KVCache | None, loops: int) -> None:
         if cache is not None and cache.num_slots != sum(self.config.kv_slots_per_loop(loops)):
@@ -221,13 +228,18 @@ class OuroForCausalLM(nn.Module):
             attn_taps=[] if collect_attn else None,
         )
 
-    def loop_stack(self, x: Tensor, inputs: BlockInputs, loops: int) -> list[Tensor]:
-        """The looped stack over embeddings x (B, S, H): the per-loop normed outputs h_t, T x (B, S, H)."""
+    def loop_stack(
+        self, x: Tensor, inputs: BlockInputs, loops: int, checkpoint: Callable[..., Tensor] | None = None
+    ) -> list[Tensor]:
+        """The looped stack over embeddings x (B, S, H): the per-loop normed outputs h_t, T x (B, S, H).
+        ``checkpoint``: run each block through it (activation checkpointing; stateless KV only)."""
+        if checkpoint is not None and (not isinstance(inputs.kv, FullSequenceKV) or inputs.attn_taps is not None):
+            raise InvalidArgumentError("per-block activation checkpointing needs a forward without KV rows or taps")
         hidden = []
         for loop in range(loops):
             inputs.loop = loop
             for i, layer in enumerate(self.model.layers):
-                x = layer(x, i, inputs)
+                x = layer(x, i, inputs) if checkpoint is None else checkpoint(layer, x, i, inputs)
             x = self.model.norm(x)  # h_t: this loop's output and the next loop's input
             hidden.append(x)
         return hidden

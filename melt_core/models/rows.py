@@ -6,8 +6,9 @@ A store has ``num_slots`` slots; a slot holds one K row and one V row per positi
 - ``PreallocatedRows``: inference. Storage for ``max_len`` positions allocated up front (memory is
   predictable and ``nbytes()`` exact), written in place: run under ``torch.no_grad()``.
 - ``GrowingRows``: chunk-wise training and scoring. Earlier chunks' rows are tensors kept in the
-  autograd graph and the current chunk's rows are appended by concatenation, so gradients reach
-  earlier chunks.
+  autograd graph, one tensor per (slot, chunk) that every later chunk shares; a write concatenates
+  them with the current chunk's rows for that one attention, so gradients reach earlier chunks and
+  the rows a training step keeps grow linearly with the sequence, not with its square.
 
 ``TokenLedger`` records which positions of a batch hold real tokens (left padding does not), so
 that masks and positions are always built from the whole sequence seen so far, never from the new
@@ -16,6 +17,7 @@ tokens alone (the reference Ouro code's batched-generation bug).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -154,24 +156,54 @@ class PreallocatedRows:
         return self.keys.nbytes + self.values.nbytes
 
 
-RowState = tuple[list[Tensor], list[Tensor]]  # per-slot keys and values of the positions so far
+@dataclass(frozen=True)
+class RowState:
+    """The rows of the chunks processed so far: ``keys[slot]`` and ``values[slot]`` are lists with
+    one (B, kv_heads, chunk length, d) tensor per chunk, in order, stored in (at least) ``dtype``.
+    Each chunk's tensors are made once and shared by every later state (never copied into a longer
+    tensor), so a chunk checkpoint that keeps its input state keeps references, not copies."""
+
+    keys: list[list[Tensor]]
+    values: list[list[Tensor]]
+    dtype: torch.dtype
+
+    @property
+    def length(self) -> int:
+        """Positions held (those of slot 0; every slot holds the same)."""
+        return sum(t.shape[2] for t in self.keys[0]) if self.keys else 0
+
+    def slot_length(self, slot: int) -> int:
+        return sum(t.shape[2] for t in self.keys[slot])
+
+    def detached(self) -> RowState:
+        """The same rows cut from the autograd graph (``detach_history``)."""
+        return RowState(
+            [[t.detach() for t in slot] for slot in self.keys],
+            [[t.detach() for t in slot] for slot in self.values],
+            self.dtype,
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for slot in self.keys + self.values for t in slot)
 
 
 class GrowingRows:
-    """Differentiable rows: ``frozen`` holds each slot's rows of earlier chunks, (B, kv_heads,
-    start, d); ``write`` appends the current chunk's rows. The last rows written to a slot (its last
-    loop) become that slot's frozen rows for the next chunk (``state``)."""
+    """Differentiable rows over a ``RowState`` of earlier chunks (``frozen``). ``write`` returns
+    the slot's earlier rows concatenated with the new ones, (B, kv_heads, start + S, d): a tensor
+    made for that one attention (its backward slices the gradient back to each chunk's tensor).
+    The last rows written to a slot (its last loop) are that slot's rows of this chunk in the next
+    state (``state``)."""
 
     def __init__(self, frozen: RowState) -> None:
-        self.frozen_keys, self.frozen_values = frozen
-        self.latest_keys, self.latest_values = list(self.frozen_keys), list(self.frozen_values)
+        self.frozen = frozen
+        self.latest_keys: list[Tensor | None] = [None] * len(frozen.keys)
+        self.latest_values: list[Tensor | None] = [None] * len(frozen.values)
 
     @staticmethod
-    def empty(
-        num_slots: int, batch_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
-    ) -> RowState:
-        empty = torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device)
-        return [empty] * num_slots, [empty] * num_slots
+    def empty(num_slots: int, dtype: torch.dtype) -> RowState:
+        """No rows yet; rows will be kept in ``dtype`` or wider (a bf16 projection under autocast
+        is stored in an fp32 model's dtype, as it is attended over)."""
+        return RowState([[] for _ in range(num_slots)], [[] for _ in range(num_slots)], dtype)
 
     def write(
         self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
@@ -180,16 +212,25 @@ class GrowingRows:
             raise InvalidArgumentError(
                 "adaptive depth runs at inference, with a KV cache; training rows cover every token"
             )
-        if self.frozen_keys[slot].shape[2] != start:
-            raise ValueError(
-                f"slot {slot} holds {self.frozen_keys[slot].shape[2]} frozen rows, the chunk starts at {start}"
-            )
-        self.latest_keys[slot] = torch.cat([self.frozen_keys[slot], k], 2)
-        self.latest_values[slot] = torch.cat([self.frozen_values[slot], v], 2)
-        return self.latest_keys[slot], self.latest_values[slot]
+        held = self.frozen.slot_length(slot)
+        if held != start:
+            raise ValueError(f"slot {slot} holds {held} frozen rows, the chunk starts at {start}")
+        k, v = self._stored(k), self._stored(v)
+        self.latest_keys[slot], self.latest_values[slot] = k, v
+        return torch.cat([*self.frozen.keys[slot], k], 2), torch.cat([*self.frozen.values[slot], v], 2)
+
+    def _stored(self, rows: Tensor) -> Tensor:
+        dtype = torch.promote_types(self.frozen.dtype, rows.dtype)
+        return rows if rows.dtype == dtype else rows.to(dtype)
 
     def state(self) -> RowState:
-        return self.latest_keys, self.latest_values
+        """The frozen rows plus this chunk's last-written rows of every slot written."""
+
+        def grown(frozen: list[list[Tensor]], latest: list[Tensor | None]) -> list[list[Tensor]]:
+            return [chunks if new is None else [*chunks, new] for chunks, new in zip(frozen, latest, strict=True)]
+
+        keys, values = grown(self.frozen.keys, self.latest_keys), grown(self.frozen.values, self.latest_values)
+        return RowState(keys, values, self.frozen.dtype)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.latest_keys + self.latest_values)
+        return self.state().nbytes()

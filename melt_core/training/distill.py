@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..evaluation.heldout import finish, score_batch
 from ..models import MeltConfig, MeltForCausalLM, OuroConfig, OuroForCausalLM, is_melt, is_ouro
 from ..models.update_rules import is_gate_parameter
+from .flops import kv_gate_width, training_flops_per_token
 from .losses import attention_alignment, kl_divergence, next_token_cross_entropy, predicting
 from .trainer import (
     TrainingArgs,
@@ -47,7 +49,9 @@ if TYPE_CHECKING:
 # 320,000 per step, 500 + 300 steps; chunks of 500 come from the converted model).
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"steps": {1: 100, 2: 60}, "seq_len": 512, "batch_tokens": None},
-    "paper": {"steps": {1: 500, 2: 300}, "seq_len": 10000, "batch_tokens": 320000},
+    # 10,000-token sequences fit only with chunk checkpointing (`melt profile training`);
+    # `checkpoint_chunks` is a distillation setting, applied by the command
+    "paper": {"steps": {1: 500, 2: 300}, "seq_len": 10000, "batch_tokens": 320000, "checkpoint_chunks": True},
 }
 DEFAULT_STEPS = DISTILL_PRESETS["quick"]["steps"]  # optimizer steps of each phase when none are given
 
@@ -75,6 +79,7 @@ class DistillSettings:
     detach_history: bool = False
     checkpoint_chunks: bool = False
     freeze_base: bool = False  # train only the gates
+    shard_teacher: bool = False  # FSDP runs: shard the frozen teacher too (gathered for each of its forwards)
 
     def __post_init__(self) -> None:
         if self.phase not in (1, 2):
@@ -193,9 +198,35 @@ class DistillObjective:
             for name, p in self.student.named_parameters():
                 p.requires_grad_(is_gate_parameter(name))
         self.model = StudentLoss(self.student, settings)
+        # Phase 2's layers append their attention outputs to a list inside their BlockInputs argument;
+        # FSDP2 rebuilds a unit's inputs that hold tensors requiring grad, so under FSDP the phase-2
+        # student is one unit (its layers are not units of their own).
+        self.fsdp_per_layer = settings.phase != 2
+        self.teacher_sharded = False  # prepare() shards it (--shard-teacher)
 
     def prepare(self, accelerator: Accelerator) -> None:
+        """The teacher on the run's device; with ``shard_teacher``, sharded over the processes of the
+        FSDP run (one FSDP2 unit, its ``lm_head`` whole: the student's KD loss reads it)."""
         self.teacher.to(accelerator.device).eval()
+        self.teacher_sharded = self.settings.shard_teacher
+        if self.teacher_sharded:
+            if not accelerator.is_fsdp2:
+                raise InvalidArgumentError("--shard-teacher shards the teacher over an FSDP run: add --fsdp")
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.teacher, ignored_params={self.teacher.lm_head.weight})
+
+    @contextmanager
+    def teacher_gathered(self) -> Iterator[None]:
+        """A sharded teacher's weights all-gathered while the block runs (every process enters it)."""
+        if not self.teacher_sharded:
+            yield
+            return
+        self.teacher.unshard()
+        try:
+            yield
+        finally:
+            self.teacher.reshard()
 
     def param_groups(self, args: TrainingArgs) -> list[dict[str, Any]]:
         gate = [p for n, p in self.student.named_parameters() if is_gate_parameter(n) and p.requires_grad]
@@ -222,7 +253,7 @@ class DistillObjective:
     def loss(
         self, wrapped: nn.Module, input_ids: Tensor, step: int, targets: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_gathered():
             t_hidden, t_taps = self.teacher.forward_hidden(input_ids, return_attn_outputs=self.settings.phase == 2)
         loss, parts = wrapped(input_ids, self.alpha(step), t_hidden, t_taps, self.teacher.lm_head.weight, targets)
         return loss, {k: v.item() for k, v in parts.items()}
@@ -230,11 +261,26 @@ class DistillObjective:
     def evaluate(self, model: nn.Module, input_ids: Tensor, targets: Tensor | None = None) -> dict[str, float]:
         """Held-out next-token loss and KL to the teacher, per loop (student at alpha = 1)."""
         student = model.student if isinstance(model, StudentLoss) else model
-        stats = score_batch(student, input_ids, None, self.teacher, targets=targets)
+        with self.teacher_gathered():
+            stats = score_batch(student, input_ids, None, self.teacher, targets=targets)
         out = {}
         for r in finish(stats, with_teacher=True):
             out[f"loss_loop{r.loop}"], out[f"kl_loop{r.loop}"] = r.loss, r.kl_to_teacher
         return out
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The student's forward + backward with its KD (and CE) logits, the teacher's forward with
+        the KD logits (``flops.training_flops_per_token``)."""
+        s, loops = self.settings, self.student.config.total_ut_steps
+        kd = loops if s.kd_loops == "all" else 1
+        return training_flops_per_token(
+            self.student.config,
+            seq_len,
+            head_passes=kd + (loops if s.ce_weight > 0 else 0),
+            gate_width=kv_gate_width(self.student),
+            teacher=self.teacher.config,
+            teacher_head_passes=kd,
+        )
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None:
         student = model.student if isinstance(model, StudentLoss) else model

@@ -96,5 +96,17 @@ def attention_alignment(student_taps: list[Tensor], teacher_taps: list[Tensor]) 
     stop-gradient teacher attention sub-block outputs."""
     if len(student_taps) != len(teacher_taps):
         raise ValueError(f"{len(student_taps)} student taps vs {len(teacher_taps)} teacher taps")
-    losses = [F.mse_loss(upcast(s), upcast(t.detach())) for s, t in zip(student_taps, teacher_taps, strict=True)]
+    losses = [_checkpointed(_mse, s, t.detach()) for s, t in zip(student_taps, teacher_taps, strict=True)]
     return torch.stack(losses).mean()
+
+
+def _mse(s: Tensor, t: Tensor) -> Tensor:
+    return F.mse_loss(upcast(s), upcast(t))
+
+
+def _checkpointed(fn, *tensors: Tensor) -> Tensor:
+    """``fn(*tensors)``; checkpointed when an input is upcast (a bf16 teacher's taps on CUDA): the
+    backward then keeps the bf16 input, not a full-size fp32 copy of it."""
+    if torch.is_grad_enabled() and any(t.dtype != torch.promote_types(t.dtype, torch.float32) for t in tensors):
+        return checkpoint(fn, *tensors, use_reentrant=False)
+    return fn(*tensors)

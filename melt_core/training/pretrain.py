@@ -32,6 +32,7 @@ from ..models import OuroForCausalLM, is_ouro
 from ..models.config import validate_loops
 from ..models.ouro import exit_pdf
 from ..words import plural
+from .flops import training_flops_per_token
 from .losses import next_token_cross_entropy, per_token_cross_entropy
 from .trainer import (
     TrainingArgs,
@@ -183,6 +184,10 @@ class PretrainObjective:
         lm = model.lm if isinstance(model, LoopLMLoss) else model
         stats = score_batch(lm, input_ids, None, None, targets=targets)
         return {f"loss_loop{r.loop}": r.loss for r in finish(stats, False)}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward + backward of the model, with every loop's logits in the loss."""
+        return training_flops_per_token(self.lm.config, seq_len, head_passes=self.lm.config.total_ut_steps)
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None:
         lm = model.lm if isinstance(model, LoopLMLoss) else model

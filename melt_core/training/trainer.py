@@ -11,6 +11,7 @@ computed is an ``Objective``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,7 @@ from ..errors import InvalidArgumentError, MeltError, MissingDependencyError
 from ..outputs import check_output, writing
 from ..runtime import peak_memory_so_far, resolve_device
 from . import state as files
+from .flops import peak_flops_per_device
 from .run_lock import LOCK_NAME, check_unlocked, run_lock
 from .state import CHECKPOINTS, RUN_STATE, UnreadableCheckpoint
 
@@ -94,6 +96,8 @@ class TrainingArgs:
     save_dtype: str | None = None  # dtype of the final model; default: the trained model's source dtype
     log_every: int = 10  # steps between tracker logs (metrics.jsonl gets every step)
     log_with: list[str] | None = None  # accelerate trackers: tensorboard, wandb, trackio, ...
+    fsdp: bool = False  # shard weights, gradients and optimizer states over the processes (accelerate's FSDP2)
+    peak_tflops: float | None = None  # one device's peak TFLOP/s for the logged MFU (default: known CUDA GPUs)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -132,6 +136,8 @@ class TrainingArgs:
             raise InvalidArgumentError(f"--clip must be a finite number >= 0 (0: no clipping), got {self.clip}")
         if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
             raise InvalidArgumentError(f"--betas must lie in [0, 1), got {self.betas}")
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise InvalidArgumentError(f"--peak-tflops must be a finite number > 0, got {self.peak_tflops}")
         if not 0 <= self.seed < 2**32:  # numpy's generators take 32-bit seeds
             raise InvalidArgumentError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         for name in self.log_with or []:
@@ -147,8 +153,20 @@ class TrainingArgs:
 
     @property
     def on_cuda(self) -> bool:
-        """Whether the run trains on a CUDA GPU (where bf16 autocast and a bf16 teacher pay off)."""
-        return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        """Whether the run trains on a CUDA GPU (where bf16 autocast and a bf16 teacher pay off): ``--device
+        cuda``, or ``auto`` with a GPU that the launcher did not turn down (``accelerate launch --cpu``)."""
+        if self.device == "auto":
+            return torch.cuda.is_available() and not _env_flag("ACCELERATE_USE_CPU")
+        return self.device.startswith("cuda")
+
+    @property
+    def use_cpu(self) -> bool:
+        """Train on the CPU: ``--device cpu``, or ``auto`` in a launch of several processes on a machine
+        without CUDA (``torchrun``, ``accelerate launch --multi_gpu``: gloo DDP rather than each
+        process training alone). ``accelerate launch --cpu`` says so itself (ACCELERATE_USE_CPU)."""
+        if self.device == "cpu":
+            return True
+        return self.device == "auto" and launched_processes() > 1 and not torch.cuda.is_available()
 
     @property
     def warmup(self) -> int:
@@ -187,6 +205,14 @@ class Objective(Protocol):
 
     def save_model(self, model: nn.Module, out: Path, dtype: str | None) -> None: ...
 
+    # Optional: ``fsdp_per_layer`` (default True), False when each decoder layer cannot be its own FSDP
+    # unit (see DistillObjective).
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs of one training token (``flops.training_flops_per_token``); optional: without
+        it the trainer logs no MFU."""
+        ...
+
 
 @dataclass
 class TrainResult:
@@ -215,6 +241,105 @@ def get_available_trackers() -> list[Any]:
     from accelerate.tracking import get_available_trackers
 
     return get_available_trackers()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# The variables through which a launcher tells a process how many were started (torchrun/accelerate; MPI).
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without a launcher)."""
+    for name in WORLD_SIZE_VARS:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+CPU_LAUNCH = (
+    "accelerate launch --multi_gpu --num_processes N -m melt_cli ... --device cpu, or torchrun --nproc_per_node N "
+    "-m melt_cli ... (see docs/distributed-training.md)"
+)
+
+
+FSDP_ALONE = (
+    "FSDP shards the model over the processes of a launch, and this run has one: launch 2 or more "
+    "(accelerate launch --num_processes N ... --fsdp, or torchrun --nproc_per_node N), or train without it "
+    "(--no-fsdp: a resumed run reads --fsdp back from its run_config.json)"
+)
+FSDP_UNIT = "DecoderLayer"  # melt_core.models.layers.DecoderLayer: one FSDP unit per layer
+
+
+def wants_fsdp(fsdp_option: bool) -> bool:
+    """``--fsdp``, or an accelerate launch with an FSDP config (``accelerate launch --use_fsdp``)."""
+    return fsdp_option or _env_flag("ACCELERATE_USE_FSDP")
+
+
+def check_launch(args: TrainingArgs) -> None:
+    """Refuse, before anything is loaded, a launch that cannot run as asked:
+
+    - several processes asked for and one started: accelerate's single-process launcher, which it
+      uses for ``--cpu`` (and for a machine without GPUs unless ``--multi_gpu`` is given), runs its
+      script once whatever ``--num_processes N`` says (several CPU processes only under mpirun); it
+      exports ACCELERATE_USE_CPU always and MASTER_ADDR only when N > 1, and a process of a real
+      launch has its WORLD_SIZE (or an MPI size);
+    - FSDP (``--fsdp`` or an accelerate FSDP config) in a launch of one process, or FSDP1."""
+    one_of_many = "MASTER_ADDR" in os.environ and not any(name in os.environ for name in WORLD_SIZE_VARS)
+    if "ACCELERATE_USE_CPU" in os.environ and one_of_many:
+        raise InvalidArgumentError(
+            "accelerate launch started ONE process for --num_processes N (with --cpu, or without --multi_gpu on a "
+            "machine without GPUs, it runs the script once; more need mpirun); "
+            f"launch N CPU processes with {CPU_LAUNCH}"
+        )
+    from_config = _env_flag("ACCELERATE_USE_FSDP")
+    if from_config:
+        version = os.environ.get("FSDP_VERSION", "2").strip()  # `accelerate launch --use_fsdp` sets it (1 by default)
+        if version != "2":
+            raise InvalidArgumentError(
+                f"the accelerate launch asks for FSDP version {version}; melt trains with FSDP2: "
+                "set fsdp_version: 2 in the config's fsdp_config (or launch with --fsdp_version 2)"
+            )
+    if wants_fsdp(args.fsdp) and launched_processes() < 2:
+        raise InvalidArgumentError(FSDP_ALONE)
+
+
+def fsdp_plugin(args: TrainingArgs, per_layer: bool = True) -> Any:
+    """accelerate's FSDP2 plugin for ``--fsdp`` or an accelerate FSDP config (ACCELERATE_USE_FSDP, whose
+    FSDP_* settings accelerate reads), or None. ``per_layer``: each decoder layer is its own FSDP unit
+    (gathered before and freed after each of its loop passes) and the rest (embeddings, final norm,
+    heads, the loss module) the root unit; else the whole model is one unit (gathered for the forward
+    and backward; gradients and optimizer states stay sharded). FSDP1 is refused (``check_launch``):
+    melt's checkpoints use FSDP2's state-dict helpers."""
+    if not wants_fsdp(args.fsdp):
+        return None
+    from_config = _env_flag("ACCELERATE_USE_FSDP")
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if from_config:
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.transformer_cls_names_to_wrap is None:
+            plugin.transformer_cls_names_to_wrap = [FSDP_UNIT]
+    else:
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=[FSDP_UNIT],
+            reshard_after_forward=True,
+            state_dict_type="FULL_STATE_DICT",
+        )
+    if not per_layer:
+        plugin.auto_wrap_policy = None
+    return plugin
+
+
+def _flops_per_token(objective: Objective, seq_len: int) -> float | None:
+    """The objective's model FLOPs per training token (``flops.py``), if it counts them."""
+    count = getattr(objective, "flops_per_token", None)
+    return None if count is None else float(count(seq_len))
 
 
 def check_tracker(name: str) -> None:
@@ -320,6 +445,7 @@ def check_run_output(args: TrainingArgs, inputs: Sequence[PathLike | None]) -> N
     """The run directory may be written: a fresh one like any output (empty, or ``--force``d and not
     holding an input); a resumed one is the run ``--resume`` names, a melt run, and holds no input
     either. Cheap: callers run it before loading anything, the trainer again before writing."""
+    check_launch(args)
     if int(os.environ.get("RANK", "0")) != 0:  # in a launch, the main process checks and creates the run
         return
     out = Path(args.out)
@@ -390,7 +516,7 @@ class _Run:
         inputs: Sequence[PathLike | None] = (),
     ) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType, set_seed
+        from accelerate.utils import set_seed
 
         if args.data_order == "file":
             data = dataclasses.replace(data, ordered=True)
@@ -402,19 +528,26 @@ class _Run:
         if mp == "auto":
             mp = "bf16" if args.on_cuda else "no"
         log_with = [*(args.log_with or []), *trackers]
+        check_launch(args)
+        plugin = fsdp_plugin(args, per_layer=getattr(objective, "fsdp_per_layer", True))
         self.accelerator = Accelerator(
-            mixed_precision=mp, cpu=args.device == "cpu", log_with=log_with or None, project_dir=str(args.out / "logs")
+            mixed_precision=mp,
+            cpu=args.use_cpu,
+            log_with=log_with or None,
+            project_dir=str(args.out / "logs"),
+            fsdp_plugin=plugin,
         )
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise InvalidArgumentError("melt's trainer does not run FSDP yet; launch with DDP (multi_gpu) instead")
-        world = self.accelerator.num_processes
-        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if launched != world:  # e.g. --multi_gpu on a machine without GPUs: each process alone, one folder
+        acc = self.accelerator
+        world = acc.num_processes
+        launched = launched_processes()
+        if launched != world:  # e.g. --multi_gpu with --device cuda on a machine without GPUs
             raise InvalidArgumentError(
                 f"the launcher started {launched} processes but accelerate joined them into runs of {world} "
-                f"({self.accelerator.distributed_type.value}): on CPUs launch with torchrun --nproc_per_node "
-                f"{launched} ... --device cpu"
+                f"({acc.distributed_type.value}): on CPUs launch with {CPU_LAUNCH}"
             )
+        self.fsdp = plugin is not None
+        if self.fsdp:
+            self._apply_fsdp(plugin)
         per_micro = args.micro_batch * world
         global_seqs = (args.batch_tokens // args.seq_len) if args.batch_tokens else per_micro
         if global_seqs < per_micro or global_seqs % per_micro:
@@ -428,12 +561,34 @@ class _Run:
         # a step made every later optimizer step a silent no-op after --resume.
         self.accum = global_seqs // per_micro
         self.fingerprint = data_fingerprint(data)
-        acc = self.accelerator
+        self.peak_flops = peak_flops_per_device(acc.device, acc.mixed_precision, args.peak_tflops)
+        self.flops_per_token = _flops_per_token(objective, args.seq_len)
         self.on_event(
-            f"{world} process{'es' if world > 1 else ''} ({acc.distributed_type.value}) on {acc.device}, "
-            f"mixed precision {acc.mixed_precision}"
+            f"{world} process{'es' if world > 1 else ''} ({'FSDP2' if self.fsdp else acc.distributed_type.value}) "
+            f"on {acc.device}, mixed precision {acc.mixed_precision}"
         )
         set_seed(args.seed)
+
+    def _apply_fsdp(self, plugin: Any) -> None:
+        """FSDP2 needs a launch of several processes. accelerate turns a multi-GPU launch with an FSDP
+        plugin into an FSDP one by itself but leaves a multi-CPU (gloo) launch as DDP, dropping the
+        plugin; torch's FSDP2 runs on gloo, so melt sets the two fields of accelerate's state that
+        accelerate sets for GPUs, and accelerate's own FSDP2 preparation does the rest."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.num_processes < 2:
+            raise InvalidArgumentError(FSDP_ALONE)
+        if acc.distributed_type == DistributedType.MULTI_CPU:
+            if acc.mixed_precision != "no":
+                plugin.set_mixed_precision(acc.mixed_precision)
+            acc.state.distributed_type = DistributedType.FSDP
+            acc.state.fsdp_plugin = plugin
+        if not acc.is_fsdp2:
+            raise InvalidArgumentError(
+                f"FSDP cannot be applied to this {acc.distributed_type.value} launch; launch on CUDA GPUs or CPUs, "
+                "or drop --fsdp"
+            )
 
     # --- files -------------------------------------------------------------------------------
     def prepare_out(self) -> Path | None:
@@ -519,7 +674,7 @@ class _Run:
         acc = self.accelerator
         final = self.args.out / CHECKPOINTS / f"step-{step:06d}"
         tmp = final.parent / f".{final.name}.tmp"
-        model_state = acc.get_state_dict(self.wrapped)
+        model_state, optimizer_state = self.full_state()
         try:
             with writing(tmp):
                 if acc.is_main_process:
@@ -528,7 +683,7 @@ class _Run:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     files.save_model_state(model_state, tmp)
-                    files.save_optimizer_state(self.optimizer.state_dict(), tmp)
+                    files.save_optimizer_state(optimizer_state, tmp)
                 files.save_rng_state(tmp, acc.process_index)
                 acc.wait_for_everyone()
                 if acc.is_main_process:
@@ -553,6 +708,70 @@ class _Run:
         acc.wait_for_everyone()
         return final
 
+    # --- FSDP: checkpoints hold the full (unsharded) state, the same files as a DDP run's -----------
+    def _parameter_names(self) -> list[str]:
+        """The name of each of the optimizer's parameters, in its order (the index a saved
+        optimizer state is keyed by)."""
+        names = {id(p): n for n, p in self.accelerator.unwrap_model(self.wrapped).named_parameters()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+    def full_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The model's and the optimizer's state dicts as one process holds them without FSDP. Under
+        FSDP every process takes part in gathering them (torch.distributed.checkpoint's state-dict
+        helpers, to the main process's CPU memory); the optimizer's state is keyed by parameter index
+        as ``optimizer.state_dict()`` keys it, so a checkpoint resumes with or without FSDP and with any
+        number of processes."""
+        if not self.fsdp:
+            return self.accelerator.get_state_dict(self.wrapped), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # other processes get {}
+        model = get_model_state_dict(self.wrapped, options=options)
+        optimizer = get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
+        if not self.accelerator.is_main_process:
+            return {}, {}
+        index = {name: i for i, name in enumerate(self._parameter_names())}
+        optimizer = {
+            "state": {index[name]: value for name, value in optimizer["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optimizer["param_groups"]],
+        }
+        return model, optimizer
+
+    def _load_sharded(self, model: dict[str, Tensor], optimizer: dict[str, Any]) -> None:
+        """Load a checkpoint's full state into the sharded model and optimizer (every process read
+        the files: each keeps its own shards)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        names = self._parameter_names()
+        by_name = {
+            "state": {names[int(i)]: value for i, value in optimizer["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer["param_groups"]],
+        }
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.wrapped, model, options=options)
+        set_optimizer_state_dict(self.wrapped, self.optimizer, by_name, options=options)
+
+    def gathered_model(self, everywhere: bool = False) -> nn.Module | None:
+        """FSDP: an unsharded copy of the trained module, for the objective's own evaluation and saving
+        code; on the main process only (in its CPU memory; None elsewhere), or ``everywhere`` (on each
+        process's device). Every process takes part in gathering it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+        state = get_model_state_dict(self.wrapped, options=options)
+        if not (everywhere or self.accelerator.is_main_process):
+            return None
+        self.skeleton.load_state_dict(state, assign=True)
+        return self.skeleton
+
     def restore(self) -> int:
         """Load the newest intact checkpoint of ``--resume`` (the one whose settings were checked, or an
         older one) into the model, optimizer, schedule and generators; returns its step."""
@@ -563,8 +782,11 @@ class _Run:
             raise InvalidArgumentError(f"--resume {self.args.resume}: no intact checkpoint ({e})") from None
         for skipped, reason in state.skipped:
             self.on_event(f"skipped {skipped.name}: {reason}")
-        self.accelerator.unwrap_model(self.wrapped).load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
+        if self.fsdp:
+            self._load_sharded(state.model, state.optimizer)
+        else:
+            self.accelerator.unwrap_model(self.wrapped).load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
         if "scheduler" in state.run_state:
             self.scheduler.load_state_dict(state.run_state["scheduler"])
         if state.rng is not None:
@@ -582,7 +804,15 @@ class _Run:
         return [(batch[r].to(acc.device), None if targets is None else targets[r].to(acc.device)) for r in rows]
 
     def evaluate(self, wrapped: nn.Module) -> dict[str, float]:
-        model = self.accelerator.unwrap_model(wrapped)
+        """Held-out metrics; under FSDP of an unsharded copy of the model."""
+        if not self.fsdp:
+            return self._evaluate(self.accelerator.unwrap_model(wrapped))
+        # every process evaluates the gathered model: a sharded teacher's forward is collective
+        metrics = self._evaluate(self.gathered_model(everywhere=True))
+        self.skeleton = meta_copy(self.skeleton)  # the gathered weights are freed until they are needed again
+        return metrics
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
         was_training = model.training
         model.eval()
         totals: dict[str, float] = {}
@@ -628,6 +858,8 @@ class _Run:
         optimizer = torch.optim.AdamW(groups, betas=args.betas, weight_decay=args.weight_decay)
         self.scheduler = scheduler = _schedule(optimizer, args)
         objective.prepare(acc)
+        if self.fsdp:  # the unsharded module to load gathered weights into
+            self.skeleton = meta_copy(objective.model)
         self.wrapped, self.optimizer = wrapped, optimizer = acc.prepare(objective.model, optimizer)
         step = 0
         if resume_from is not None:
@@ -652,7 +884,14 @@ class _Run:
                         total += upcast(loss.detach()) / self.accum
                         for k, v in parts.items():
                             parts_sum[k] = parts_sum.get(k, 0.0) + v / self.accum
-                    mean_loss = acc.reduce(torch.as_tensor(total, device=acc.device), "mean").item()
+                    # the loss and its parts, averaged over the processes (one all-reduce)
+                    numbers = [torch.as_tensor(total, dtype=torch.float64)]
+                    numbers += [torch.as_tensor(v, dtype=torch.float64) for v in parts_sum.values()]
+                    means = torch.stack(numbers)
+                    if acc.num_processes > 1:
+                        means = acc.reduce(means.to(acc.device), "mean")
+                    means = means.tolist()
+                    mean_loss, parts_sum = means[0], dict(zip(parts_sum, means[1:], strict=True))
                     if not math.isfinite(mean_loss):
                         optimizer.zero_grad()
                         raise TrainingDivergedError(
@@ -681,6 +920,7 @@ class _Run:
                         **{f"lr_{k}": v for k, v in lrs.items()},
                         "grad_norm": float(grad_norm),
                         "tokens_per_s": tokens_per_step / elapsed,
+                        **self.mfu(tokens_per_step / elapsed),
                         "peak_memory_bytes": peak_memory_so_far(acc.device)[0],  # CUDA allocator / process RSS
                     }
                     self.log_metrics(last)
@@ -710,10 +950,18 @@ class _Run:
                 EXIT_CODES[signal.Signals(stop.signum)],
             ) from None
         acc.wait_for_everyone()
+        final = self.gathered_model() if self.fsdp else acc.unwrap_model(wrapped)
         if acc.is_main_process:
-            self.write_final_model(acc.unwrap_model(wrapped))
+            self.write_final_model(final)
         acc.wait_for_everyone()
         return TrainResult(args.out, step, last, eval_metrics)
+
+    def mfu(self, tokens_per_s: float) -> dict[str, float]:
+        """``{"mfu": model FLOPs per token x tokens/s / (peak FLOP/s x processes)}`` when both the
+        FLOPs (the objective's count) and the peak (``--peak-tflops``, or a known CUDA GPU) are known."""
+        if self.flops_per_token is None or self.peak_flops is None:
+            return {}
+        return {"mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.accelerator.num_processes)}
 
     def _interrupted(self, step: int, exit_code: int, why: str) -> TrainingInterruptedError:
         """Save the completed steps (if any) and say how to go on."""
@@ -751,6 +999,16 @@ class _Run:
         for name in [n for n in names if n != CONFIG_NAME] + [CONFIG_NAME]:
             os.replace(tmp / name, out / name)
         tmp.rmdir()
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are on the meta device (they take no memory; fill them
+    with ``load_state_dict(..., assign=True)``); buffers and everything else are copied."""
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in module.parameters()
+    }
+    return copy.deepcopy(module, memo)
 
 
 def train(
