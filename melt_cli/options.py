@@ -98,6 +98,18 @@ TRAINING_OPTIONS: dict[str, Any] = {
     "save_dtype": SaveDtype,
     "log_every": LogEvery,
     "log_with": LogWith,
+    "fsdp": Annotated[
+        bool,
+        typer.Option(
+            "--fsdp/--no-fsdp",
+            help="Shard weights, gradients and optimizer states over the processes (accelerate's FSDP2); needs a "
+            "launch of 2 or more processes (docs/distributed-training.md).",
+        ),
+    ],
+    "peak_tflops": Annotated[
+        float | None,
+        typer.Option(help="One device's peak TFLOP/s for the logged MFU (default: the bf16 peak of known GPUs)."),
+    ],
 }
 
 
