@@ -6,8 +6,10 @@ greedy decoding at batch 1 after a short prompt, the variants interleaved round 
 ``--rounds``):
 
 - ``eager``: the ordinary step (``model(ids, cache=cache)``);
-- ``compiled``: ``melt generate --compile``'s fixed-shape, ``torch.compile``d step; ``fused`` (the
-  example model only): the same with fused projections (the default on CUDA only);
+- ``compiled``: ``melt generate --compile``'s fixed-shape step, one ``torch.compile``d decoder block
+  that every layer and loop reuses; ``fused`` (the example model only): the same with fused
+  projections (the default on CUDA only); each compiled variant's start-up (its first call, which
+  compiles it; ``--cold``: into an empty inductor cache) is printed too;
 - ``matvecs``: the step's matrix-vector products alone, each weight matrix as the model stores it
   (what the step would cost with no other work, at this machine's speed on these matrix sizes).
 
@@ -22,6 +24,7 @@ minutes); "x floor" is the median over rounds of step / floor. The reference Our
 ``trust_remote_code``. Without them that row is skipped.
 
 Usage: python benchmarks/bench_decode.py [--medium] [--no-example] [--new-tokens 32] [--rounds 3]
+[--threads N] [--cold]
 """
 
 from __future__ import annotations
@@ -138,7 +141,13 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--cold", action="store_true", help="compile into an empty inductor cache (a cold start)")
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.cold:  # read when inductor first writes: every compilation below starts from nothing on disk
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1, {args.prompt_tokens}-token "
         f"prompt, {args.new_tokens} new tokens, median of {args.rounds} interleaved rounds"
@@ -158,8 +167,11 @@ def main() -> None:
         if label == "example":
             modes.append(("fused", True, True))
         variants = [(kind, model, *mode) for kind, model in (("ouro", ouro), ("melt", melt)) for mode in modes]
-        for _, model, _, compiled, fuse in variants:  # warm-up and compilation, at the measured shapes
+        startup: dict[tuple[str, str], float] = {}
+        for kind, model, mode, compiled, fuse in variants:  # warm-up and compilation, at the measured shapes
+            began = time.perf_counter()
             decode_step_seconds(model, prompt, args.new_tokens, compile=compiled, fuse=fuse)
+            startup[kind, mode] = time.perf_counter() - began
         loops = ouro.config.total_ut_steps
         kv_rows = args.prompt_tokens + args.new_tokens // 2  # rows attended, on average over the steps
         floors = {
@@ -208,6 +220,9 @@ def main() -> None:
                 f"{label:8} {kind:5} {mode:9} {step * 1e3:8.2f} {1 / step:7.1f} {floor_ms:8.2f} {x_floor:7.2f} "
                 f"{eager / step:7.2f}x"
             )
+        for (kind, mode), seconds in startup.items():
+            if mode != "eager":
+                print(f"{label:8} {kind:5} {mode:9} start-up {seconds:.1f} s (the first decode, compiling the step)")
         melt_ouro = statistics.median(times["ouro", "compiled"]) / statistics.median(times["melt", "compiled"])
         print(f"{label:8} melt / ouro decode speed, compiled: {melt_ouro:.2f}")
         if reference:

@@ -183,6 +183,65 @@ def test_profile_speed_json(tiny_ckpt):
     )
 
 
+def test_profile_speed_kv_dtype_and_floor(tiny_ckpt):
+    """--kv-dtype int8 decodes from int8 rows; every row reports its floor (the bytes a decode step
+    reads over the measured copy bandwidth) and the decode path."""
+    args = ["profile", "speed", str(tiny_ckpt), "--loops", "2", "--prompt-tokens", "8", "--new-tokens", "3"]
+    result = runner.invoke(app, [*args, "--kv-dtype", "int8", "--kv-group-size", "4", "--rounds", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["decode_path"] == "eager" and data["kv_dtype"] == "int8" and data["bandwidth_bytes_per_s"] > 0
+    assert data["compile_seconds"] == {"ouro": 0.0, "melt": 0.0}
+    row = data["rows"][0]
+    fp32 = json.loads(runner.invoke(app, [*args, "--rounds", "1", "--json"]).stdout)["rows"][0]
+    assert row["ouro"]["cache_bytes"] < fp32["ouro"]["cache_bytes"] / 2  # int8 rows and their scales
+    for name in ("ouro", "melt"):
+        assert 0 < row[f"{name}_floor_bytes"] < fp32[f"{name}_floor_bytes"]  # int8 rows read fewer bytes
+        assert row[f"{name}_x_floor"] > 0
+        assert row[f"{name}_floor_seconds"] == pytest.approx(row[f"{name}_floor_bytes"] / data["bandwidth_bytes_per_s"])
+        assert row[name]["decode_path"] == "eager"
+    assert "excludes --kv-dtype" in one_red_line(runner.invoke(app, [*args, "--compile", "--kv-dtype", "int8"]))
+
+
+def test_decode_step_bytes():
+    """The floor's bytes: weights (layers x loops, the rest once, an embedding row per sequence) + KV."""
+    from melt_core.checkpoints import build_model
+    from melt_core.models import OuroConfig
+    from melt_core.models.quantized import kv_format
+    from melt_core.profiling.speed import decode_step_bytes
+
+    config = OuroConfig(
+        vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, total_ut_steps=2,
+    )  # fmt: skip
+    model = build_model(config, dtype=torch.float32)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    rest = 8 + 8 + 1 + 100 * 8  # final norm, exit gate (weight, bias), lm_head
+    kv = 2 * 2 * 1 * 4  # K and V of one head of 4 channels, 2 layers, per loop
+    expected = 4 * (2 * 2 * layer + rest + 2 * 8 + 10 * 2 * kv * 2)
+    assert decode_step_bytes(model, 2, batch=2, positions=10, kv=kv_format("auto")) == expected
+
+
+@pytest.mark.slow
+def test_profile_speed_compiled(tiny_ckpt):
+    """--compile: the compiled step decodes; its start-up is compiled before the timed rounds, once
+    per model and shape: the second loop count reuses the compiled block (compile time does not grow
+    with loops)."""
+    result = runner.invoke(
+        app,
+        ["profile", "speed", str(tiny_ckpt), "--loops", "1,3", "--prompt-tokens", "8", "--new-tokens", "3"]
+        + ["--rounds", "1", "--compile", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["decode_path"] == "compiled"
+    first, second = data["rows"]
+    for name in ("ouro", "melt"):
+        assert first[name]["decode_path"] == "compiled" and first[name]["decode_tokens_per_s"] > 0
+        assert first[name]["compile_seconds"] > 10 * second[name]["compile_seconds"]
+        assert data["compile_seconds"][name] == first[name]["compile_seconds"] + second[name]["compile_seconds"]
+
+
 def test_speed_rounds_report_the_median_round():
     from melt_core.profiling.speed import _median_run
 

@@ -112,29 +112,71 @@ def _int8(model):
 
 
 def test_compiled_decoding_gives_the_same_text(melt_ckpt):
-    """torch.compile of the step (about half a minute to compile here): the same greedy tokens,
-    batched, through generate_text; the prompts span several chunks of 4, so full prefill chunks run
-    compiled too, and each shape compiles once (a guard on a changing stride would recompile)."""
+    """torch.compile of one decoder block, which every layer and loop reuse: the same greedy tokens
+    through generate_text, MELT (its first loop runs the same compiled block as the others), prompts
+    of several lengths. One compiled graph for the decode step's 3 layers x 4 loops: compile time
+    does not grow with depth, and no layer, loop or prompt length recompiles (a guard on a layer, a
+    loop or a stride would). Prefill chunks and padded batches: the slow tests below."""
     from torch._dynamo.utils import counters
 
-    model = load_model(melt_ckpt)
     from melt_core import load_tokenizer
 
+    model = load_model(melt_ckpt)
     tokenizer = load_tokenizer(melt_ckpt)
     prompts = ["Once upon a time there was a", "The capital of France is a city", "Paris is a city by the river"]
-    assert all(len(tokenizer(p)["input_ids"]) > 8 for p in prompts)
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1
-    settings = GenerationSettings(max_new_tokens=6, stop_token_ids=(), batch_size=1)
+    # one prefill chunk per prompt (an ordinary forward): only the decode step compiles
+    settings = GenerationSettings(max_new_tokens=6, stop_token_ids=(), batch_size=1, chunk_size=64)
     plain = generate_text(model, tokenizer, prompts, settings)
     graphs = counters["stats"]["unique_graphs"]
     compiled = generate_text(model, tokenizer, prompts, replace(settings, compile=True))
-    # one prefill chunk and one decode step for prompts of several lengths (caches rounded up to
-    # the same length, chunks passed contiguous)
-    assert counters["stats"]["unique_graphs"] - graphs == 2
+    # prompts of several lengths: caches rounded up to the same length
+    assert counters["stats"]["unique_graphs"] - graphs == 1
     assert [r.token_ids for r in compiled.results] == [r.token_ids for r in plain.results]
     # the first compiled step compiles: timed apart, not as decoding
     assert compiled.stats.compile_seconds > 0 and plain.stats.compile_seconds == 0
     assert compiled.stats.decode_tokens_per_s > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
+def test_compiled_step_matches_eager_batched_and_alone(name, request):
+    """The compiled block, Ouro and MELT: a left-padded batch and each row alone (full prefill
+    chunks compiled too) give the eager path's greedy tokens; one graph per shape."""
+    from torch._dynamo.utils import counters
+
+    model = load_model(request.getfixturevalue(name))
+    ids, mask = padded_batch(model.config.vocab_size)
+    expected = greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3)
+    graphs = counters["stats"]["unique_graphs"]
+
+    def compiled(ids, mask=None):
+        cache = model.new_cache(ids.shape[0], 16)  # one cache length: one shape per batch size
+        step = StaticDecoder(model, cache, compile=True)
+        sampler = Sampler(SamplingSettings())
+        steps = decode(model, ids, mask, cache, sampler, max_new_tokens=6, chunk_size=3, static=step)
+        return torch.stack(list(steps), dim=1)
+
+    assert torch.equal(compiled(ids, mask), expected)
+    for b in range(3):
+        row = ids[b : b + 1, int((mask[b] == 0).sum()) :]
+        assert torch.equal(compiled(row), expected[b : b + 1]), b
+    # batch 3 and batch 1, each a 3-token prefill chunk and a decode step
+    assert counters["stats"]["unique_graphs"] - graphs == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
+def test_compiled_step_on_cuda_gives_the_same_tokens(name, request):
+    """On CUDA (CUDA graphs, fused projections): the eager path's greedy tokens, padded batch."""
+    model = load_model(request.getfixturevalue(name), device="cuda")
+    ids, mask = (t.cuda() for t in padded_batch(model.config.vocab_size))
+    expected = greedy_tokens(model, ids, mask, max_new_tokens=8, chunk_size=3)
+    cache = model.new_cache(3, 18)
+    step = StaticDecoder(model, cache, compile=True)
+    steps = decode(model, ids, mask, cache, Sampler(SamplingSettings()), max_new_tokens=8, chunk_size=3, static=step)
+    assert torch.equal(torch.stack(list(steps), dim=1), expected)
 
 
 @pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])

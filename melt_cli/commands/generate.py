@@ -160,8 +160,8 @@ def generate(
         typer.Option(
             "--compile",
             help="torch.compile a fixed-shape step for decoding and MELT's full prefill chunks: the same tokens, "
-            "faster decoding where per-step overhead dominates (small models); each new shape is compiled once "
-            "first (CUDA graphs on CUDA). Float KV rows, no adaptive depth.",
+            "faster decoding where per-step overhead dominates (small models); one decoder block is compiled, "
+            "whatever the depth, once per new shape (CUDA graphs on CUDA). Float KV rows, no adaptive depth.",
         ),
     ] = G.compile,
     kv_dtype: KvDtype = G.kv_dtype,

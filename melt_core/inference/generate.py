@@ -57,8 +57,9 @@ class GenerationSettings:
       token; all loops run, because a later token's loop t reads every earlier token's loop-t row.
     chunk_size: prefill chunk size (None: MELT's trained chunk size; Ouro's whole prompt).
     batch_size: prompts decoded together (left-padded) in batch mode.
-    compile: decode (and prefill MELT's full chunks) through a fixed-shape, ``torch.compile``d step
-      (``inference.static_decode``): the same tokens; it pays most where per-step overhead, not
+    compile: decode (and prefill MELT's full chunks) through a fixed-shape step whose one decoder block
+      is ``torch.compile``d and reused by every layer and loop (``inference.static_decode``: compile
+      time does not grow with depth): the same tokens; it pays most where per-step overhead, not
       memory bandwidth, bounds decoding (small models), and each new shape is compiled once first
       (README, "Benchmark: decode speed against the reference and the bandwidth floor"). The cache
       length is rounded up to a multiple of ``COMPILE_LENGTH_STEP`` (one compiled step for many

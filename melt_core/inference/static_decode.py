@@ -3,14 +3,16 @@ optionally compiled.
 
 The ordinary decode step (``model(ids, cache=cache)``) rebuilds RoPE tables, positions and masks
 from the ledger and slices the cache to the positions written so far, so every step has new
-shapes. ``StaticDecoder`` runs the same blocks (``loop_stack``, the same KV policies) with
-everything fixed for the cache's lifetime, for one token (a decode step) or a chunk of C tokens
-(MELT's prefill chunks: every full chunk has the same shape):
+shapes. ``StaticDecoder`` runs the same blocks (``DecoderLayer``; the cache layout's slots, the
+model's update rule, through its own KV policy ``SlotRows``) with everything fixed for the cache's
+lifetime, for one token (a decode step) or a chunk of C tokens (MELT's prefill chunks: every full
+chunk has the same shape):
 
 - RoPE: one table for positions [0, max_len), computed as ``rope_cos_sin`` computes it, gathered
   by each row's position (bit-identical values);
 - keys: attention always covers the cache's ``max_len`` positions, masked by the ledger's validity
-  (unwritten positions and padding are invalid) and causally, so the shapes never change;
+  (unwritten positions and padding are invalid) and causally, so the shapes never change; the
+  mask is built once per step and shared by every layer and loop;
 - writes: rows go to the store at positions held in a tensor (``index_copy_``), not Python ints;
 - on CUDA, projections that read the same input run as one matrix product (``fuse_projections``:
   q/k/v for Ouro, k/v for MELT, gate/up), the weights stored once: fewer, larger kernels, which is
@@ -18,12 +20,18 @@ everything fixed for the cache's lifetime, for one token (a decode step) or a ch
   there;
 - the exit gate picks each token's loop by a gather, with no host sync.
 
-With ``compile=True`` the step (embedding, loops, head) is ``torch.compile``d
-(``mode="reduce-overhead"`` on CUDA: CUDA graphs; a C++ kernel wrapper on CPU); it compiles once
-per shape (batch x tokens x positions), which torch's caches then reuse; ``compile_seconds`` is
-the time of those first calls.
+With ``compile=True`` one decoder block is ``torch.compile``d (``decoder_block``: regional
+compilation) and every layer and loop calls that one compiled block, its weights and cache rows
+being inputs: compile time does not grow with depth (layers x loops), and MELT's first loop runs
+the same code as the others (``SlotRows``). The mask, RoPE rows and embedding are built once per
+step, outside; the per-loop norm and the head run eagerly. On CUDA the block is compiled with
+``mode="reduce-overhead"`` (CUDA graphs; the cache rows are marked as static addresses); on a CPU
+with options chosen for start-up (``CPU_COMPILE_OPTIONS``). It compiles once per shape (batch x
+tokens x positions), which torch's caches then reuse; ``compile_seconds`` is the time of those
+first calls.
 Greedy tokens equal the ordinary step's; logits agree to float rounding (attention over masked
-zeros runs another kernel; the fused projections sum in another order).
+zeros runs another kernel; the fused projections sum in another order; the compiled kernels
+order some sums otherwise).
 """
 
 from __future__ import annotations
@@ -41,27 +49,69 @@ from ..models.kv import PerLoopKV, SharedKV
 from ..models.layers import BlockInputs, rope_cos_sin
 from ..models.ouro import exit_pdf, exit_step, hidden_at
 from ..models.rows import PreallocatedRows
+from ..models.update_rules import GATE_MODULE, UpdateRule
 from ..runtime import synchronize
 
+# Inductor on a CPU, tuned for start-up (a cold compile is mostly the C++ compiler's time): the
+# wrapper in C++, kernels and wrapper one compilation unit (a Python wrapper would add interpreter
+# overhead to every kernel call, and compile each kernel apart); no precompiled header (building it
+# costs more than it saves for one unit); and plain C++ loops instead of ATen's vector classes,
+# which skips the instruction-set probes (a compile each) and the vector headers: a decode step's
+# element-wise kernels are tiny, the matrix products and attention are library calls either way.
+CPU_COMPILE_OPTIONS: dict[str, Any] = {
+    "cpp_wrapper": True,
+    "cpp_cache_precompile_headers": False,
+    "cpp.vec_isa_ok": False,
+}
 
-class StaticRows:
-    """A ``PreallocatedRows`` written at ``positions`` (a tensor, one per new token); ``write``
-    returns every slot's ``max_len`` rows (the mask hides those not written yet)."""
+COMPILED_SHAPES = 64  # compiled variants of the block kept per process (shapes x models)
 
-    def __init__(self, rows: PreallocatedRows, positions: Tensor) -> None:
-        self.rows, self.positions = rows, positions
 
-    def write(
-        self, slot: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None, keep: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        keys, values = self.rows.keys[slot], self.rows.values[slot]
-        keys.index_copy_(2, self.positions, k.to(keys.dtype))
-        values.index_copy_(2, self.positions, v.to(values.dtype))
-        dtype = self.rows.compute_dtype
-        return keys.to(dtype), values.to(dtype)
+class SlotRows:
+    """The KV policy of one block call of the static step (``layers.KVPolicy``): the new rows go to
+    the layer's slot, ``keys`` / ``values`` (B, kv_heads, max_len, d), at ``positions`` (C,), and
+    the block attends over all ``max_len`` rows (the mask hides those not written yet).
 
-    def nbytes(self) -> int:
-        return self.rows.nbytes()
+    MELT (an update ``rule``): the rows are projected from the latent state h, which ``source``
+    moves on from ``latent`` (the layer's h after the previous loop) and leaves in ``latent``. At
+    the first loop (``first``, a 0-dim bool tensor) h is the rule's first state: both are computed
+    and ``torch.where`` picks, so that the first loop runs the same code as the others (one
+    compiled block; the first loop's ``next`` is wasted work, and exact: ``where`` copies). Nothing
+    here reads the layer's index, and the loop only where the rule does (``mean``'s weight).
+    """
+
+    def __init__(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        compute_dtype: torch.dtype,
+        rule: UpdateRule | None = None,
+        latent: Tensor | None = None,
+        first: Tensor | None = None,
+    ) -> None:
+        self.keys, self.values, self.positions, self.compute_dtype = keys, values, positions, compute_dtype
+        self.rule, self.latent, self.first = rule, latent, first
+
+    def source(self, layer: nn.Module, layer_idx: int, loop: int, u: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        if self.rule is None:  # Ouro: keys and values of u itself
+            return u
+        gate = getattr(layer, GATE_MODULE, None)
+        h = self.rule.next(loop, u, self.latent, gate)
+        self.latent = torch.where(self.first, self.rule.first(u, gate), h)
+        return self.latent
+
+    def rows(self, layer_idx: int, loop: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.keys.index_copy_(2, self.positions, k.to(self.keys.dtype))
+        self.values.index_copy_(2, self.positions, v.to(self.values.dtype))
+        return self.keys.to(self.compute_dtype), self.values.to(self.compute_dtype)
+
+
+def decoder_block(layer: nn.Module, layer_idx: int, x: Tensor, inputs: BlockInputs) -> tuple[Tensor, Tensor | None]:
+    """One decoder block of the static step: (x after it, MELT's latent state h after it). The
+    unit ``compile`` compiles, once for every layer and loop."""
+    x = layer(x, layer_idx, inputs)
+    return x, inputs.kv.latent
 
 
 class StaticDecoder:
@@ -71,7 +121,7 @@ class StaticDecoder:
     ``exit_at_step`` / ``exit_threshold`` as in ``OuroForCausalLM.forward`` (``"config"``: the
     config's threshold). ``fuse``: fused projections (``fuse_projections``); None: on CUDA only.
     ``on_event(message)`` (with ``compile``): told when the first call of a shape starts compiling
-    and how long it took (a cold compile is tens of seconds on a CPU).
+    and how long it took (about ten seconds cold on a CPU, whatever the depth).
     """
 
     def __init__(
@@ -101,20 +151,26 @@ class StaticDecoder:
         cos, sin = rope_cos_sin(self.key_positions[None], model.config.head_dim, model.config.rope_theta, model.dtype)
         self.cos, self.sin = cos[0, 0], sin[0, 0]  # (max_len, d)
         self.rule = model.update_rule() if is_melt(model) else None
-        step = self._step
+        # the cache layout's slot of (loop, layer), and each slot's rows as a view made once (a
+        # compiled block sees the same tensors at every step)
+        N, store = model.config.num_hidden_layers, cache.store
+        layout: Any = SharedKV(self.rule, store, N, 0) if self.rule is not None else PerLoopKV(store, N, 0)
+        self.slots = [[layout.slot(loop, i) for i in range(N)] for loop in range(self.loops)]
+        self.rows = [(store.keys[slot], store.values[slot]) for slot in range(store.num_slots)]
+        self.first = [torch.tensor(loop == 0, device=device) for loop in range(2)]  # SlotRows.first
+        self.block = decoder_block
         if compile:
-            # CUDA: CUDA graphs replay the step without launch overhead. CPU: a C++ wrapper calls the
-            # kernels (a Python one adds interpreter overhead to every kernel call of every step)
-            if device.type == "cuda":
-                step = torch.compile(step, mode="reduce-overhead", dynamic=False)
-            else:
-                step = torch.compile(step, options={"cpp_wrapper": True}, dynamic=False)
-        self._compiled = step
+            self.block = _compiled(decoder_block, device)
+            if device.type == "cuda":  # the rows are written in place: CUDA graphs may keep their addresses
+                for keys, values in self.rows:
+                    torch._dynamo.mark_static_address(keys)
+                    torch._dynamo.mark_static_address(values)
         self.compiling = compile
         self.compile_seconds = 0.0  # the first call of each shape: compilation (or a cache load)
         self._shapes: set[tuple[int, ...]] = set()
         self.on_event = on_event
 
+    @torch.no_grad()
     def __call__(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Last-position logits (B, V) after feeding ``ids`` (B, C) (``attention_mask``: their
         real tokens, as for ``model(ids, attention_mask, cache=cache)``)."""
@@ -127,12 +183,14 @@ class StaticDecoder:
         positions = (real_before[:, start:] - 1).clamp(min=0)  # contiguous too
         # the compiled step is specialised to shapes and strides: every input is contiguous
         if not self.compiling or tuple(ids.shape) in self._shapes:
-            return self._compiled(ids, positions, index)
+            return self._step(ids, positions, index)
         step = "the decode step" if C == 1 else f"the {C}-token prefill step"
         if self.on_event is not None:
             self.on_event(f"compiling {step} (batch {ids.shape[0]}, {self.cache.max_len:,} positions) ...")
         began = time.perf_counter()
-        logits = self._compiled(ids, positions, index)
+        # every (shape, model) is an entry of the one compiled block: more than torch's default 8
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+            logits = self._step(ids, positions, index)
         synchronize(ids.device)
         seconds = time.perf_counter() - began
         self.compile_seconds += seconds
@@ -142,17 +200,30 @@ class StaticDecoder:
         return logits
 
     def _step(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
+        """Last-position logits (B, V) of ``ids`` (B, C) at ``positions`` (B, C), written at cache
+        positions ``index`` (C,)."""
         model = self.model
         rope = (self.cos[positions][:, None], self.sin[positions][:, None])  # (B, 1, C, d)
         keys, queries = self.key_positions[None], index[:, None]  # (1, max_len), (C, 1)
         valid = self.cache.ledger.valid[:, None, None, :]  # (B, 1, 1, max_len): real, written tokens
         mask = (valid & (keys <= queries)) | (keys == queries)  # causal; a padding query sees itself
-        N, store = model.config.num_hidden_layers, StaticRows(self.cache.store, index)
-        start = 0  # the static store writes at ``index``
-        kv: Any = SharedKV(self.rule, store, N, start) if self.rule is not None else PerLoopKV(store, N, start)
-        inputs = BlockInputs(rope=rope, mask=mask, kv=kv, fused=self.fused)
-        hidden = model.loop_stack(model.model.embed_tokens(ids), inputs, self.loops)
-        return self._logits([h[:, -1:] for h in hidden])[:, -1]
+        dtype = self.cache.store.compute_dtype
+        x = model.model.embed_tokens(ids)  # (B, C, H)
+        # MELT's h per layer; before the first loop any finite tensor of its shape (not used), not
+        # x itself (an input that aliases another would be another compiled block)
+        latent: list[Tensor | None] = [None if self.rule is None else torch.zeros_like(x)] * len(model.model.layers)
+        hidden = []
+        if self.compiling and ids.device.type == "cuda":  # the previous step's CUDA-graph outputs are dead
+            torch.compiler.cudagraph_mark_step_begin()
+        for loop in range(self.loops):
+            first = self.first[min(loop, 1)]
+            for i, layer in enumerate(model.model.layers):
+                kv = SlotRows(*self.rows[self.slots[loop][i]], index, dtype, self.rule, latent[i], first)
+                inputs = BlockInputs(rope=rope, mask=mask, kv=kv, loop=loop, fused=self.fused)
+                x, latent[i] = self.block(layer, i, x, inputs)
+            x = model.model.norm(x)  # h_t: this loop's output and the next loop's input
+            hidden.append(x[:, -1:])
+        return self._logits(hidden)[:, -1]
 
     def _logits(self, hidden: list[Tensor]) -> Tensor:
         """The exit gate's choice of loop per token without a host sync: one gather, one lm_head."""
@@ -163,3 +234,12 @@ class StaticDecoder:
             return model.lm_head(hidden[-1])
         pdf = exit_pdf([model.model.early_exit_gate(h).squeeze(-1) for h in hidden])  # (B, 1, T)
         return model.lm_head(hidden_at(hidden, exit_step(pdf, self.exit_threshold)))
+
+
+def _compiled(block: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """``block`` compiled for ``device``: one decoder block, whose code every layer and loop reuse
+    (the weights and rows are its inputs). CUDA: CUDA graphs replay it without launch overhead.
+    CPU: a C++ wrapper calls the kernels."""
+    if device.type == "cuda":
+        return torch.compile(block, mode="reduce-overhead", dynamic=False, fullgraph=True)
+    return torch.compile(block, options=CPU_COMPILE_OPTIONS, dynamic=False, fullgraph=True)
