@@ -31,7 +31,7 @@ from .words import plural
 TRAIN_TEXT = ASSETS / "quickstart" / "train.jsonl.gz"
 VALID_TEXT = ASSETS / "quickstart" / "valid.jsonl.gz"
 PROMPT = "The state of the Union is"
-REASONING_HOPS = (1, 2, 3, 4, 5, 6, 7)  # held-out hop counts: the trained ones and beyond
+REASONING_HOPS = tuple(TRAINED_HOPS)  # held-out hop counts: every depth the task has
 # Post-training the reasoning model: a small model trained from scratch takes far larger steps
 # than the paper's (8e-6 / 5e-4, for Ouro-1.4B); benchmarks/bench_reasoning.py uses the same.
 REASONING_LR = {"lr": 3e-4, "gate_lr": 3e-3}
@@ -195,27 +195,33 @@ def run_quickstart(
 
 
 def run_reasoning(s: QuickstartSettings, out: Path, report: QuickstartReport, stage, train, progress=None) -> None:
-    """The recipe on the ``reasoning`` LoopLM: MELT after both phases and ``last``, against the
-    teacher, by greedy-answer accuracy on held-out multi-hop problems."""
+    """The recipe on the ``reasoning`` LoopLM: MELT after both phases and the training-free ``mean``
+    and ``last``, against the teacher, by greedy-answer accuracy on held-out multi-hop problems."""
     progress = progress or (lambda done, total, unit, model: None)
-    stage(f"7/7 reasoning: {s.reasoning_teacher} -> MELT and 'last'; accuracy on multi-hop problems", None)
+    stage(f"7/7 reasoning: {s.reasoning_teacher} -> MELT, 'mean', 'last'; accuracy on multi-hop problems", None)
     out.mkdir()
     task = ChainTask()  # the reasoning model's task
     train_data, test_data = out / "train.jsonl", out / "test.jsonl"
     steps = s.reasoning_steps1 + s.reasoning_steps2
-    write_problems(make_problems(task, TRAINED_HOPS, s.reasoning_batch * steps, seed=1), train_data)
-    write_problems(make_problems(task, REASONING_HOPS, s.reasoning_problems * len(REASONING_HOPS), seed=2), test_data)
+    trained = make_problems(task, TRAINED_HOPS, s.reasoning_batch * steps, seed=1)
+    write_problems(trained, train_data)
+    held_out = s.reasoning_problems * len(REASONING_HOPS)
+    write_problems(make_problems(task, REASONING_HOPS, held_out, seed=2, exclude=trained), test_data)  # none trained on
     chunked = MeltSettings(chunk_size=s.reasoning_chunk_size)
     melt0 = convert_ouro_to_melt(s.reasoning_teacher, out / "melt-converted", chunked)
-    last = convert_ouro_to_melt(
-        s.reasoning_teacher, out / "melt-last", MeltSettings(policy="last", chunk_size=s.reasoning_chunk_size)
-    )
+    free = {  # the training-free policies a trained MELT must beat to be worth its training
+        policy: convert_ouro_to_melt(
+            s.reasoning_teacher, out / f"melt-{policy}", MeltSettings(policy=policy, chunk_size=s.reasoning_chunk_size)
+        )
+        for policy in ("mean", "last")
+    }
     stage(f"7/7 reasoning, phase 1: {plural(s.reasoning_steps1, 'step')}", s.reasoning_steps1)
     phase1 = train(melt0, 1, s.reasoning_steps1, f"{out.name}/phase1", s.reasoning_teacher, train_data)
     stage(f"7/7 reasoning, phase 2: {plural(s.reasoning_steps2, 'step')}", s.reasoning_steps2)
     melt = train(phase1, 2, s.reasoning_steps2, f"{out.name}/phase2", s.reasoning_teacher, train_data)
     bf16 = torch.bfloat16
-    models = {"Ouro teacher": s.reasoning_teacher, "MELT (phase 1 + 2)": melt, "training-free last": last}
+    models = {"Ouro teacher": s.reasoning_teacher, "MELT (phase 1 + 2)": melt}
+    models |= {f"training-free {policy}": path for policy, path in free.items()}
     stage("7/7 reasoning, evaluate: greedy-answer accuracy on held-out problems", None)
     for i, (name, path) in enumerate(models.items()):
         scores = evaluate_problems(

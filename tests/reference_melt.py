@@ -41,6 +41,8 @@ def _latent(sd: dict[str, Tensor], p: str, mc: dict, u: Tensor, h_prev: Tensor |
         h = z * h32 + (1 - z) * u32
     elif policy == "last":
         h = u32
+    elif policy == "first":
+        h = h32
     elif policy == "mean":
         h = ((tau - 1) / tau) * h32 + (1 / tau) * u32
     elif policy == "ema":

@@ -179,8 +179,8 @@ def test_one_loop_melt_is_one_loop_ouro(melt_ckpt, melt_dirs, ouro, policy):
 
 
 def test_mean_and_ema_rows_follow_their_definitions(melt_dirs):
-    """Row of the last loop = mean (EMA) over loops of Ouro's per-loop k/v: checked on the latent."""
-    for policy, weights in (("mean", [1 / 3, 1 / 3, 1 / 3]), ("ema", [0.64, 0.16, 0.2])):
+    """Row of the last loop = mean (EMA, first) over loops of Ouro's per-loop k/v: checked on the latent."""
+    for policy, weights in (("mean", [1 / 3, 1 / 3, 1 / 3]), ("ema", [0.64, 0.16, 0.2]), ("first", [1, 0, 0])):
         model = load_model(melt_dirs[policy], dtype="fp32")
         kv = SharedKV(model.update_rule(), store=None, num_layers=1, start=0)
         layer = model.model.layers[0]
@@ -316,7 +316,7 @@ def test_melt_config_round_trip_and_validation():
         MeltSettings(policy="gru")
     with pytest.raises(ConfigError, match="unknown key"):
         MeltConfig.from_dict({**cfg.to_dict(), "melt": {"policy": "gate", "colour": 1}})
-    for policy in ("last", "mean", "ema"):
+    for policy in ("last", "first", "mean", "ema"):
         with pytest.raises(ConfigError, match="applies to learned gates"):
             MeltSettings(policy=policy, h0="zeros")
     assert MeltSettings(policy="scalar", h0="zeros").learned

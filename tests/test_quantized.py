@@ -203,3 +203,32 @@ def test_default_group_size_fits_every_head_dim(tmp_path):
     assert result.exit_code == 0, result.output
     explicit = runner.invoke(app, ["generate", str(ckpt), "-p", "hi", "--kv-dtype", "int8", "--kv-group-size", "32"])
     assert explicit.exit_code == 1 and "must divide head_dim 16" in explicit.stderr
+
+
+def test_problem_accuracy_through_a_quantised_cache(melt_ckpt, tmp_path):
+    """melt eval problems --kv-dtype scores answers through the cache format asked for."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from melt_cli.app import app
+    from melt_core.evaluation.problems import answer_scores
+
+    model = load_model(melt_ckpt, dtype="fp32")
+    g = torch.Generator().manual_seed(3)
+    pairs = [(torch.randint(3, 200, (n,), generator=g).tolist(), [5, 7]) for n in (9, 13, 6)]
+    full = answer_scores(model, pairs, 4, kv_dtype="fp32")
+    assert answer_scores(model, pairs, 4) == full  # fp32 rows are the default of an fp32 model
+    for name, tolerance in (("int8", 0.02), ("int4", 0.3)):
+        quantised = answer_scores(model, pairs, 4, kv_dtype=name)
+        for (_, nll_full), (_, nll_q) in zip(full, quantised, strict=True):
+            assert nll_q != nll_full  # the rows really went through the quantised store
+            assert nll_q == pytest.approx(nll_full, rel=tolerance)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "a b c", "answer": "d"}) + "\n" for _ in range(3)))
+    result = CliRunner().invoke(
+        app, ["eval", "problems", str(melt_ckpt), "--data", str(path), "--kv-dtype", "int4", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    bad = CliRunner().invoke(app, ["eval", "problems", str(melt_ckpt), "--data", str(path), "--kv-dtype", "int3"])
+    assert bad.exit_code != 0 and "unknown KV dtype" in bad.output

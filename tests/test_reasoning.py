@@ -21,6 +21,7 @@ from melt_core.evaluation.problems import answer_scores
 from melt_core.models import is_melt
 from melt_core.models.chunks import chunk_lengths
 from melt_core.tasks import ChainTask, make_problems, write_problems
+from melt_core.tasks.chains import canonical_form
 
 runner = CliRunner()
 
@@ -46,38 +47,57 @@ def resolve_by_graph(prompt: str) -> tuple[str, int]:
     return found[name]
 
 
-@pytest.mark.parametrize("hops", [1, 2, 5, 10])
+@pytest.mark.parametrize("hops", [1, 2, 5, 7])
 def test_generator_answers_are_right_and_shaped_as_asked(hops):
-    task = ChainTask(statements=12, chains=3, names=26)
+    task = ChainTask(chains=3, names=26)
     problems = make_problems(task, [hops], 200, seed=7)
     for p in problems:
         answer, depth = resolve_by_graph(p.prompt)
         assert (p.answer, p.hops, depth) == (answer, hops, hops)
         statements = p.prompt.split()[:-1]
-        assert len(statements) == 12
+        assert len(statements) == 3 * hops  # every chain as long as the query's
         lefts = [s.split("=")[0] for s in statements]
-        assert len(set(lefts)) == 12  # every name is assigned once
+        assert len(set(lefts)) == 3 * hops  # every name is assigned at most once
         ends = {s.split("=")[1] for s in statements} - set(lefts)
         assert len(ends) == 3 and p.answer in ends  # one end per chain: reading one off is right 1/3 of the time
+        depths = sorted(resolve_by_graph(f"{' '.join(statements)} {name}?")[1] for name in lefts)
+        assert depths.count(hops) == 3  # three heads, each `hops` from its end
     # the answer is not tied to a letter or to the first chain written
     assert len({p.answer for p in problems}) > 20
 
 
 def test_generator_is_deterministic_per_seed():
     task = ChainTask()
-    a = make_problems(task, range(1, 7), 50, seed=3)
-    assert a == make_problems(task, range(1, 7), 50, seed=3)
-    assert a != make_problems(task, range(1, 7), 50, seed=4)
-    assert [p.hops for p in a[:7]] == [1, 2, 3, 4, 5, 6, 1]
+    a = make_problems(task, range(1, 6), 50, seed=3)
+    assert a == make_problems(task, range(1, 6), 50, seed=3)
+    assert a != make_problems(task, range(1, 6), 50, seed=4)
+    assert [p.hops for p in a[:7]] == [1, 2, 3, 4, 5, 1, 2]
 
 
 def test_generator_refuses_impossible_shapes():
-    with pytest.raises(InvalidArgumentError, match="--hops must be 1..10"):
-        make_problems(ChainTask(statements=12, chains=3, names=26), [11], 5, 0)
-    with pytest.raises(InvalidArgumentError, match="--statements must be 3..23"):
-        ChainTask(statements=24, chains=3, names=26)
-    with pytest.raises(InvalidArgumentError, match="--statements"):
-        ChainTask(statements=2, chains=3)
+    with pytest.raises(InvalidArgumentError, match="--hops must be 1..7 for 3 chains over 26 names"):
+        make_problems(ChainTask(chains=3, names=26), [8], 5, 0)
+    with pytest.raises(InvalidArgumentError, match="--chains must be 1..6 for 12 names"):
+        ChainTask(chains=7, names=12)
+    with pytest.raises(InvalidArgumentError, match="--names"):
+        ChainTask(names=1)
+
+
+def test_held_out_problems_exclude_training_problems_in_any_statement_order():
+    task = ChainTask()
+    trained = make_problems(task, [1, 2, 3], 600, seed=0)
+    plain = make_problems(task, [1, 2], 600, seed=0)
+    overlap = {canonical_form(p.prompt) for p in plain} & {canonical_form(p.prompt) for p in trained}
+    assert overlap  # files of one seed and other hop counts share problems: the reason to exclude
+    shuffled = []  # the same problems with their statements in another order are the same problems
+    for p in trained:
+        *statements, query = p.prompt.split()
+        random.Random(0).shuffle(statements)
+        shuffled.append(dataclasses.replace(p, prompt=" ".join([*statements, query])))
+    held_out = make_problems(task, [1, 2], 600, seed=0, exclude=shuffled)
+    assert not {canonical_form(p.prompt) for p in held_out} & {canonical_form(p.prompt) for p in trained}
+    assert [p.hops for p in held_out] == [p.hops for p in plain]
+    assert make_problems(task, [1, 2], 50, seed=0, exclude=[]) == plain[:50]
 
 
 def test_melt_data_reasoning_cli(tmp_path):
@@ -92,6 +112,27 @@ def test_melt_data_reasoning_cli(tmp_path):
     bad = runner.invoke(app, ["data", "reasoning", "--hops", "two", "--out", str(tmp_path / "q.jsonl")])
     assert "--hops takes numbers" in one_red_line(bad)
     assert not (tmp_path / "q.jsonl").exists()
+
+
+def test_melt_data_reasoning_excludes_training_files(tmp_path):
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    shape = ["--hops", "1-2", "--chains", "2", "--names", "6"]  # a small space: files of two seeds overlap
+    made = runner.invoke(app, ["data", "reasoning", *shape, "--n", "300", "--seed", "0", "--out", str(train)])
+    assert made.exit_code == 0, made.output
+    args = ["data", "reasoning", *shape, "--n", "100", "--seed", "1", "--out", str(test)]
+    assert runner.invoke(app, args).exit_code == 0
+    seen = {canonical_form(json.loads(line)["prompt"]) for line in train.read_text().splitlines()}
+    plain = [json.loads(line)["prompt"] for line in test.read_text().splitlines()]
+    assert any(canonical_form(p) in seen for p in plain)
+    assert runner.invoke(app, [*args, "--exclude", str(train), "--force"]).exit_code == 0
+    held_out = [json.loads(line)["prompt"] for line in test.read_text().splitlines()]
+    assert len(held_out) == 100 and not any(canonical_form(p) in seen for p in held_out)
+    missing = runner.invoke(app, [*args, "--exclude", str(tmp_path / "nope.jsonl"), "--force"])
+    assert "nope.jsonl" in one_red_line(missing)
+    every = ["data", "reasoning", "--hops", "1", "--chains", "1", "--names", "3", "--n", "50", "--seed", "2"]
+    assert runner.invoke(app, [*every, "--out", str(train), "--force"]).exit_code == 0  # all 6 problems
+    full = runner.invoke(app, [*every, "--exclude", str(train), "--out", str(test), "--force"])
+    assert "outside the excluded ones" in one_red_line(full)
 
 
 def test_problem_rows_train_on_the_answer_only(tmp_path, tokenizer):
@@ -266,8 +307,9 @@ def test_pretrain_and_distill_on_a_problem_file_in_file_order(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((run / "run_config.json").read_text())
     rows = training_sequences(data, load_tokenizer(run), 512)
-    # rows are as long as a problem (9 assignments, the query, the answer), not --seq-len's 256
-    assert config["data_order"] == "file" and config["seq_len"] == rows.seq_len == 11
+    # rows are as long as the longest problem (3 chains of 2 assignments, the query, the answer), not
+    # --seq-len's 256
+    assert config["data_order"] == "file" and config["seq_len"] == rows.seq_len == 8
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "loss_loop2" in metrics[-1]["eval"]
     ordered = dataclasses.replace(rows, ordered=True)

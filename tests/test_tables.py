@@ -48,9 +48,11 @@ def test_problem_tables_fit_80_columns_with_every_header_whole(hops):
 
 
 def test_melt_eval_problems_at_80_columns(tmp_path, monkeypatch):
-    """The command itself: `melt data reasoning --hops 1-7`, then `melt eval problems` at COLUMNS=80."""
+    """The command itself: `melt data reasoning --hops 1-7` (2 chains, over names the model knows), then
+    `melt eval problems` at COLUMNS=80."""
     data = tmp_path / "f.jsonl"
-    made = runner.invoke(app, ["data", "reasoning", "--hops", "1-7", "--n", "14", "--seed", "1", "--out", str(data)])
+    args = ["data", "reasoning", "--chains", "2", "--names", "16", "--hops", "1-7", "--n", "14", "--seed", "1"]
+    made = runner.invoke(app, [*args, "--out", str(data)])
     assert made.exit_code == 0, made.output
     monkeypatch.setenv("COLUMNS", "80")  # rich reads it when it lays a table out
     result = runner.invoke(app, ["eval", "problems", "reasoning", "--data", str(data), "--loops", "2"])

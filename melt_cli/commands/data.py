@@ -9,20 +9,21 @@ from typing import Annotated
 import typer
 
 from melt_core.checkpoints.tokenizer import save_tokenizer, word_level_tokenizer
+from melt_core.data import read_problems
 from melt_core.errors import InvalidArgumentError
 from melt_core.outputs import atomic_directory, check_output, writing
 from melt_core.tasks import ChainTask, make_problems, write_problems
-from melt_core.tasks.chains import parse_hops
+from melt_core.tasks.chains import parse_hops, teacher_training_problems
 
 from .. import console
 from ..options import int_parser
 
 EPILOG = """Examples:
 
-  melt data reasoning --hops 1-5 --curriculum --n 384000 --out train.jsonl --tokenizer-out chains-tokenizer
+  melt data reasoning --hops 1-5 --curriculum --n 768000 --out train.jsonl --tokenizer-out chains-tokenizer
   melt pretrain --data train.jsonl --data-order file --tokenizer chains-tokenizer --out runs/reasoning
 
-  melt data reasoning --hops 1-7 --n 700 --seed 1 --out test.jsonl
+  melt data reasoning --hops 1-5 --n 1000 --seed 1 --exclude train.jsonl --exclude-builtin --out test.jsonl
 
   melt eval problems reasoning --data test.jsonl --loops 1,2,4,8
 """
@@ -47,9 +48,6 @@ def reasoning(
             "(train on it with --data-order file).",
         ),
     ] = False,
-    statements: Annotated[int, typer.Option(help="Assignments per problem, the same for every hop count.")] = (
-        ChainTask.statements
-    ),
     chains: Annotated[int, typer.Option(help="Chains per problem: the queried one and distractors.")] = (
         ChainTask.chains
     ),
@@ -58,10 +56,24 @@ def reasoning(
         Path | None,
         typer.Option(help="Also write the task's word-level tokenizer (one token per assignment) to this folder."),
     ] = None,
+    exclude: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A problem file (repeatable) none of whose problems may be written, in any statement order: "
+            "held-out files that share no problem with training files."
+        ),
+    ] = None,
+    exclude_builtin: Annotated[
+        bool,
+        typer.Option(
+            "--exclude-builtin",
+            help="Also exclude the built-in `reasoning` model's training problems (docs/reasoning.md).",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT (and --tokenizer-out).")] = False,
 ) -> None:
     """Multi-hop variable-chain problems: from the queried name, follow K assignments to the end of its
-    chain (a name never assigned), past distractor chains (records: prompt, answer, hops)."""
+    chain (a name never assigned), past distractor chains of the same length (records: prompt, answer, hops)."""
     if not out.name.endswith(".jsonl"):
         raise InvalidArgumentError(f"--out must be a .jsonl file, got {out}")
     if out.exists() and not force:
@@ -71,8 +83,11 @@ def reasoning(
     check_output(out, force)
     if tokenizer_out is not None:
         check_output(tokenizer_out, force)
-    task = ChainTask(statements=statements, chains=chains, names=names)
-    problems = make_problems(task, parse_hops(hops), n, seed, curriculum=curriculum)
+    task = ChainTask(chains=chains, names=names)
+    excluded = [record for path in exclude or [] for record in read_problems(path)]
+    if exclude_builtin:
+        excluded += teacher_training_problems()
+    problems = make_problems(task, parse_hops(hops), n, seed, curriculum=curriculum, exclude=excluded)
     if tokenizer_out is not None:  # first: replacing it must not delete an OUT written inside it
         with atomic_directory(tokenizer_out, force) as tmp, writing(tokenizer_out):
             save_tokenizer(word_level_tokenizer(task.vocabulary()), tmp)

@@ -15,6 +15,7 @@ from melt_core.data import is_problem_file
 from melt_core.errors import InvalidArgumentError
 from melt_core.evaluation import EvalReport, EvalSettings, evaluate_checkpoint, evaluate_problems
 from melt_core.evaluation.problems import DEFAULT_BATCH as PROBLEM_BATCH
+from melt_core.models.quantized import kv_format
 from melt_core.words import plural
 
 from .. import console
@@ -27,8 +28,9 @@ EPILOG = """Examples:
 
   melt eval text ./Ouro-1.4B --data valid.jsonl.gz --loops 1,2,4,8 --json
 
-  melt data reasoning --hops 1-8 --n 800 --seed 1 --out test.jsonl
+  melt data reasoning --split test --hops 1-5 --n 500 --seed 1 --out test.jsonl
   melt eval problems reasoning --data test.jsonl --loops 1,2,4,8      (accuracy per loop and hop count)
+  melt eval problems reasoning --data test.jsonl --kv-dtype int4     (through an int4 KV cache)
 
   melt eval tasks ./MELT-1.6B --tasks arc_easy,hellaswag --loops 1,4,8 --limit 200      (needs melt[eval])
 
@@ -118,9 +120,13 @@ def problems(
     chunk_size: Annotated[int | None, typer.Option(help="MELT's prefill chunk size (default: the model's).")] = None,
     device: o.Device = E.device,
     dtype: o.Dtype = E.dtype,
+    kv_dtype: o.KvDtype = "auto",
+    kv_group_size: o.KvGroupSize = None,
+    kv_residual: o.KvResidual = 0,
     as_json: As_json = False,
 ) -> None:
     """Greedy-answer accuracy and answer loss per loop (and per hop count), decoded as melt generate decodes."""
+    kv = kv_format(kv_dtype, kv_group_size, kv_residual)
     with byte_progress("evaluating", unit="problems") as update:
         report = evaluate_problems(
             checkpoint,
@@ -131,6 +137,7 @@ def problems(
             chunk_size=chunk_size,
             device=device,
             dtype=dtype,
+            kv_dtype=kv,
             progress=update,
         )
     _print_problems(report, as_json)

@@ -9,7 +9,6 @@ from rich.panel import Panel
 from rich.table import Table
 
 from melt_core.quickstart import QuickstartReport, QuickstartSettings, run_quickstart
-from melt_core.tasks.chains import TRAINED_HOPS
 
 from .. import console
 from ..progress import stage_progress
@@ -117,19 +116,25 @@ def render(report: QuickstartReport) -> None:
 
 def render_reasoning(report: QuickstartReport) -> None:
     table = Table(title="Multi-hop reasoning, greedy accuracy on held-out problems", title_justify="left")
-    for col in ("model", "accuracy", "trained hops (1-5)", "longer (6-7)", "KV B/token (bf16)"):
+    hops = sorted({int(k) for r in report.reasoning.values() for k in r["by_hops"]})
+    per_hop = f"% by hop count ({hops[0]}..{hops[-1]})" if hops else "% by hop count"
+    for col in ("model", "accuracy", per_hop, "KV B/token (bf16)"):
         table.add_column(col, justify="right" if col != "model" else "left", no_wrap=col == "model")
     for name, r in report.reasoning.items():
-        trained = [v for k, v in r["by_hops"].items() if int(k) in TRAINED_HOPS]
-        longer = [v for k, v in r["by_hops"].items() if int(k) not in TRAINED_HOPS]
+        by_hops = {int(k): v for k, v in r["by_hops"].items()}
         table.add_row(
             name,
             f"{r['accuracy']:.1%}",
-            f"{sum(trained) / len(trained):.1%}",
-            f"{sum(longer) / len(longer):.1%}" if longer else "-",
+            " ".join(f"{100 * by_hops[k]:.0f}" if k in by_hops else "-" for k in hops),
             f"{r['kv_bytes_per_token']:,}",
         )
     console.out.print(table)
+    melt, mean = report.reasoning.get("MELT (phase 1 + 2)"), report.reasoning.get("training-free mean")
+    if melt and mean and melt["accuracy"] <= mean["accuracy"]:
+        console.out.print(
+            "At this budget the trained MELT is not above the training-free 'mean': the recipe needs more "
+            "steps (--reasoning-steps1/--reasoning-steps2; docs/reasoning.md measures longer budgets)."
+        )
 
 
 def register(app: typer.Typer) -> None:

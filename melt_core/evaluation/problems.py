@@ -23,6 +23,7 @@ from ..checkpoints import load_model, load_tokenizer
 from ..data import encode_problem, read_problems
 from ..errors import InvalidArgumentError
 from ..inference.decode import prefill
+from ..models.quantized import KVFormat
 from ..runtime import resolve_device
 from .heldout import EvalReport
 
@@ -51,9 +52,11 @@ def answer_scores(
     pairs: list[tuple[list[int], list[int]]],
     loops: int | None,
     chunk_size: int | None = None,
+    kv_dtype: str | KVFormat | None = None,
 ) -> list[tuple[list[bool], list[float]]]:
     """Per (prompt ids, answer ids) pair of one batch, per loop: whether the answer is greedy, and
-    its summed NLL. Prompts are left-padded; the answer is fed token by token through the cache."""
+    its summed NLL. Prompts are left-padded; the answer is fed token by token through the cache
+    (rows stored as ``kv_dtype``: ``models.quantized.kv_format``)."""
     device = model.device
     B = len(pairs)
     S = max(len(p) for p, _ in pairs)
@@ -67,7 +70,7 @@ def answer_scores(
     ids, answers = ids.to(device), answers.to(device)
     mask_arg = None if bool(mask.all()) else mask.to(device)
     count = model.config.resolve_loops(loops)
-    cache = model.new_cache(B, S + A, count)
+    cache = model.new_cache(B, S + A, count, kv_dtype=kv_dtype)
     # per answer position, per loop (B, V) log-probabilities: the prefill of `melt generate`, then decode steps
     logits = prefill(model, ids, mask_arg, cache, chunk_size, align="end", last_only=True, per_loop=True, loops=count)
     steps = []
@@ -98,10 +101,12 @@ def evaluate_problems(
     chunk_size: int | None = None,
     device: str = "auto",
     dtype: str | None = "auto",
+    kv_dtype: str | KVFormat | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Greedy-answer accuracy and answer loss per loop of a checkpoint on a problem file (its first
-    ``limit`` problems); ``loops``: the loop counts to run (None: the model's own)."""
+    ``limit`` problems); ``loops``: the loop counts to run (None: the model's own); ``kv_dtype``:
+    how the cache stores rows (``models.quantized.kv_format``; None: the model's dtype)."""
     if limit is not None and limit < 1:
         raise InvalidArgumentError(f"--limit must be >= 1, got {limit}")
     batch_size = DEFAULT_BATCH if batch_size is None else batch_size
@@ -128,7 +133,7 @@ def evaluate_problems(
         counts = [_Counts(solved=[False] * len(pairs)) for _ in range(n)]
         for first in range(0, len(order), batch_size):
             rows = order[first : first + batch_size]
-            for i, (greedy, nll) in zip(rows, answer_scores(model, [pairs[i] for i in rows], n, chunk_size)):
+            for i, (greedy, nll) in zip(rows, answer_scores(model, [pairs[i] for i in rows], n, chunk_size, kv_dtype)):
                 for t in range(n):
                     counts[t].solved[i] = greedy[t]
                     counts[t].nll += nll[t]

@@ -247,7 +247,8 @@ class MeltSettings:
 
     policy: how a token's shared KV row is updated from loop to loop — ``gate`` (MELT,
       element-wise learned gate), ``scalar`` (one learned gate value per layer and token), or the
-      training-free ``last`` (z = 0), ``mean`` (running mean over loops), ``ema`` (EMA over loops).
+      training-free ``last`` (z = 0), ``first`` (z = 1: the first loop's row), ``mean`` (running
+      mean over loops), ``ema`` (EMA over loops).
     h0: the latent state before loop 1 for ``gate``/``scalar``: ``first_input`` (h = u at loop 1,
       so loop 1 writes Ouro's loop-1 row) or ``zeros``. The other policies always start from u, so
       ``zeros`` with them is an error.

@@ -3,7 +3,7 @@
 The rules and their parameters are described in docs/melt-method.md ("Update rules").
 
 Every rule computes ``h = z * h_prev + (1 - z) * u`` with its own z: the learned element-wise gate
-(``gate``, MELT itself), a learned scalar gate (``scalar``), or a training-free z (``last``: 0,
+(``gate``, MELT itself), a learned scalar gate (``scalar``), or a training-free z (``last``: 0, ``first``: 1,
 ``mean``: a running mean over loops, ``ema``: a constant). A rule with a learned gate owns its
 parameters: ``make_gate`` builds the per-layer ``KVGate`` module (``model.layers.{i}.kv_gate``),
 and ``gate_width`` is the only place that decides its width.
@@ -130,6 +130,15 @@ class Last(UpdateRule):
         return u
 
 
+class First(UpdateRule):
+    """z = 1: the row stays the first loop's k/v (Ouro's "first-step" KV sharing)."""
+
+    name = "first"
+
+    def next(self, loop: int, u: Tensor, h_prev: Tensor, gate: KVGate | None) -> Tensor:
+        return h_prev
+
+
 class Mean(UpdateRule):
     """The running mean over loops 1..loop+1 of Ouro's per-loop k/v inputs."""
 
@@ -148,4 +157,6 @@ class Ema(UpdateRule):
         return mix(1.0 - self.settings.ema_factor, h_prev, u)
 
 
-UPDATE_RULES: dict[str, type[UpdateRule]] = {rule.name: rule for rule in (ElementwiseGate, ScalarGate, Last, Mean, Ema)}
+UPDATE_RULES: dict[str, type[UpdateRule]] = {
+    rule.name: rule for rule in (ElementwiseGate, ScalarGate, Last, First, Mean, Ema)
+}

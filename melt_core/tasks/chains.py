@@ -1,14 +1,25 @@
-"""Variable-chain problems: follow k assignments to the chain's end, past distractor chains.
+"""Variable-chain problems: follow k assignments to the chain's end, past distractor chains of the
+same length.
 
 A problem is a shuffled list of assignments and a query::
 
-    e=r q=b b=k d=e x=q f=d x?      answer: k   (x -> q -> b -> k: 3 hops)
+    j=o b=n l=e r=j e=h n=k l?      answer: h   (l -> e -> h: 3 chains of 2 hops)
 
-A chain ends in a name that is never assigned (its *end*: ``k`` and ``r`` above), and the answer is
-the end the queried name leads to. Every problem has ``chains`` chains, so reading off any end is
-right 1/chains of the time: the answer is only reachable by following the queried chain, one
-assignment per hop. The number of assignments is fixed (``ChainTask.statements``), so problems of
-every hop count have the same length and difficulty is depth alone, not length.
+A chain ends in a name that is never assigned (its *end*: ``o``, ``k`` and ``h`` above), and the
+answer is the end the queried name leads to. A problem of k hops has ``chains`` chains of k
+assignments each, the query being the head of one of them, so that nothing but following the
+queried chain for all k hops separates its end from the others:
+
+- following the other chains (from their heads, or backwards from their ends) for fewer than k
+  hops reaches no end and rules none out;
+- every name in a problem is a different variable, assignments are shuffled and names drawn at
+  random: no position, letter or "the name never assigned" picks the answer better than chance
+  (1/``chains``). tests/test_reasoning_shortcuts.py checks this with independent solvers.
+
+The prompt's length (``chains x k`` assignments) says how deep the query is, which does not say
+which end is the answer. (The generator before 2026-12-05 drew distractor chains from the
+statements a query left over, so long queries had short distractors, and one hop of elimination
+solved every 7-hop problem: docs/reasoning.md.)
 
 Why this task measures depth: each hop is one content lookup (find the assignment whose left side
 is the current name, read its right side), and a lookup needs the result of the one before it, so
@@ -58,47 +69,38 @@ class Problem:
 
 @dataclass(frozen=True)
 class ChainTask:
-    """The shape of a problem family: ``chains`` chains (the queried one and distractors) over
-    ``statements`` assignments in all."""
+    """The shape of a problem family: ``chains`` chains (the queried one and distractors), each as
+    long as the query, over ``names`` variable names (the first ``names`` letters)."""
 
-    statements: int = 9
     chains: int = 3
-    names: int = 12  # the first ``names`` letters name the variables
+    names: int = 18
 
     def __post_init__(self) -> None:
         if not 2 <= self.names <= len(NAMES):
             raise InvalidArgumentError(f"--names must be 2..{len(NAMES)}, got {self.names}")
-        if self.chains < 1:
-            raise InvalidArgumentError(f"--chains must be >= 1, got {self.chains}")
-        if not self.chains <= self.statements <= self.names - self.chains:
+        if not 1 <= self.chains <= self.names // 2:
             raise InvalidArgumentError(
-                f"--statements must be {self.chains}..{self.names - self.chains} (at least one per chain; every "
-                f"assigned name and every chain end is one of the {self.names} names), got {self.statements}"
+                f"--chains must be 1..{self.names // 2} for {self.names} names, got {self.chains}"
             )
 
     @property
     def max_hops(self) -> int:
-        """The queried chain's longest length: every distractor chain needs one statement."""
-        return self.statements - (self.chains - 1)
+        """The longest query: ``chains`` chains of k assignments use ``chains x (k + 1)`` names."""
+        return self.names // self.chains - 1
 
     def check_hops(self, hops: int) -> None:
         if not 1 <= hops <= self.max_hops:
             raise InvalidArgumentError(
-                f"--hops must be 1..{self.max_hops} for {self.statements} statements in {self.chains} chains, "
-                f"got {hops}"
+                f"--hops must be 1..{self.max_hops} for {self.chains} chains over {self.names} names, got {hops}"
             )
 
     def problem(self, hops: int, rng: random.Random) -> Problem:
-        """One problem whose queried chain has ``hops`` assignments."""
+        """One problem: ``chains`` chains of ``hops`` assignments each, the query the first one's head."""
         self.check_hops(hops)
-        # lengths of the distractor chains: a random composition of the remaining statements
-        rest, others = self.statements - hops, self.chains - 1
-        cuts = sorted(rng.sample(range(1, rest), others - 1)) if others > 1 else []
-        lengths = [hops] + [b - a for a, b in zip([0, *cuts], [*cuts, rest], strict=True)] if others else [hops]
-        names = rng.sample(NAMES[: self.names], self.statements + self.chains)
+        names = rng.sample(NAMES[: self.names], self.chains * (hops + 1))
         statements, heads, ends = [], [], []
-        for length in lengths:  # a chain of `length` assignments has length + 1 names, its end first
-            chain, names = names[: length + 1], names[length + 1 :]
+        for c in range(self.chains):  # a chain of `hops` assignments has hops + 1 names, its end first
+            chain = names[c * (hops + 1) : (c + 1) * (hops + 1)]
             statements += [f"{b}={a}" for a, b in zip(chain, chain[1:], strict=False)]
             ends.append(chain[0])
             heads.append(chain[-1])
@@ -138,12 +140,24 @@ def parse_hops(spec: str) -> list[int]:
     return hops
 
 
-def make_problems(task: ChainTask, hops: Iterable[int], n: int, seed: int, curriculum: bool = False) -> list[Problem]:
+MAX_REDRAWS = 10_000  # draws of one problem before the excluded ones are deemed to cover the task
+
+
+def make_problems(
+    task: ChainTask,
+    hops: Iterable[int],
+    n: int,
+    seed: int,
+    curriculum: bool = False,
+    exclude: Iterable[Problem] = (),
+) -> list[Problem]:
     """``n`` problems, hop counts cycling through ``hops`` (equal shares), deterministic in ``seed``.
 
     ``curriculum``: in stages of equal size, stage j cycling through the j smallest hop counts, so
     that a model trained in file order (``--data-order file``) meets longer chains only once it
     follows shorter ones (in melt's probes, models trained on all hop counts from the start stayed at chance).
+    ``exclude``: problems (e.g. a model's training set) none of the new ones may be, by
+    ``canonical_form``: a drawn problem that is one of them is drawn again.
     """
     hops = sorted(set(hops)) if curriculum else list(hops)
     for k in hops:
@@ -151,10 +165,35 @@ def make_problems(task: ChainTask, hops: Iterable[int], n: int, seed: int, curri
     if n < 1:
         raise InvalidArgumentError(f"--n must be >= 1, got {n}")
     rng = random.Random(f"melt-chains:{seed}")  # a string seed hashes the same on every platform
+    excluded = {canonical_form(p.prompt) for p in exclude}
+
+    def draw(k: int) -> Problem:
+        for _ in range(MAX_REDRAWS):
+            problem = task.problem(k, rng)
+            if not excluded or canonical_form(problem.prompt) not in excluded:
+                return problem
+        raise InvalidArgumentError(
+            f"no {k}-hop problem outside the excluded ones in {MAX_REDRAWS} draws: they hold (nearly) every "
+            "problem of this shape; use more --names"
+        )
+
     if not curriculum:
-        return [task.problem(hops[i % len(hops)], rng) for i in range(n)]
+        return [draw(hops[i % len(hops)]) for i in range(n)]
     stage = -(-n // len(hops))
-    return [task.problem(hops[(i % stage) % (i // stage + 1)], rng) for i in range(n)]
+    return [draw(hops[(i % stage) % (i // stage + 1)]) for i in range(n)]
+
+
+def canonical_form(prompt: str) -> str:
+    """A problem's identity, whatever order its statements were written in: the sorted statements,
+    then the query."""
+    *statements, query = prompt.split(STATEMENT_SEP)
+    return STATEMENT_SEP.join([*sorted(statements), query])
+
+
+def teacher_training_problems() -> list[Problem]:
+    """The built-in ``reasoning`` model's training problems (docs/reasoning.md: 768,000 problems of
+    1-5 hops, a curriculum, seed 0), for held-out sets that must exclude them."""
+    return make_problems(ChainTask(), TRAINED_HOPS, 768_000, seed=0, curriculum=True)
 
 
 def write_problems(problems: list[Problem], out: str | os.PathLike) -> None:
