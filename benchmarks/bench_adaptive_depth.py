@@ -25,7 +25,7 @@ from timing import decode_step_seconds
 from melt_core import load_model, load_tokenizer
 from melt_core.checkpoints import melt_from_ouro
 from melt_core.data import PackedSequences
-from melt_core.inference.decode import prefill
+from melt_core.inference.engine import Engine, EngineOptions
 from melt_core.models import MeltSettings, is_melt
 from melt_core.models.adaptive import AdaptiveDepth
 from melt_core.quickstart import VALID_TEXT
@@ -46,11 +46,12 @@ def depth_kwargs(depth: dict | None) -> dict:
 def score(model, data: torch.Tensor, loops: int, depth: dict | None) -> tuple[torch.Tensor, AdaptiveDepth | None]:
     """Per-position log-probabilities (N, S-1, V) of every sequence, fed one token per forward."""
     d = AdaptiveDepth(**depth) if depth is not None else None
-    kwargs = {"depth": d} if d is not None else {}
+    options = EngineOptions(loops=loops, chunk_size=1, decode="eager", **({"exit": d} if d is not None else {}))
+    engine = Engine(model, options)
     out = []
     for ids in data:
-        cache = model.new_cache(1, ids.shape[0], loops)
-        logits = prefill(model, ids[None, :-1], None, cache, chunk_size=1, loops=loops, **kwargs)[0]
+        cache = engine.new_cache(1, ids.shape[0])
+        logits = engine.prefill(cache, ids[None, :-1], all_positions=True)[0]
         out.append(F.log_softmax(logits.float(), -1))
     return torch.stack(out), d
 

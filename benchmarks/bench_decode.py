@@ -170,7 +170,7 @@ def main() -> None:
         startup: dict[tuple[str, str], float] = {}
         for kind, model, mode, compiled, fuse in variants:  # warm-up and compilation, at the measured shapes
             began = time.perf_counter()
-            decode_step_seconds(model, prompt, args.new_tokens, compile=compiled, fuse=fuse)
+            decode_step_seconds(model, prompt, args.new_tokens, decode="compiled" if compiled else "eager", fuse=fuse)
             startup[kind, mode] = time.perf_counter() - began
         loops = ouro.config.total_ut_steps
         kv_rows = args.prompt_tokens + args.new_tokens // 2  # rows attended, on average over the steps
@@ -188,7 +188,9 @@ def main() -> None:
             for kind, model in (("ouro", ouro), ("melt", melt)):
                 matvec[kind].append(matvec_seconds(model, loops))
             for kind, model, mode, compiled, fuse in variants[r % len(variants) :] + variants[: r % len(variants)]:
-                seconds = decode_step_seconds(model, prompt, args.new_tokens, compile=compiled, fuse=fuse)
+                seconds = decode_step_seconds(
+                    model, prompt, args.new_tokens, decode="compiled" if compiled else "eager", fuse=fuse
+                )
                 times[kind, mode].append(seconds)
                 ratios[kind, mode].append(seconds * bandwidth / floors[kind])
             bandwidths.append(bandwidth)

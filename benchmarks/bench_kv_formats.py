@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from melt_core import load_model, load_tokenizer
+from melt_core.cache.quantized import KV_DTYPES, kv_format
 from melt_core.checkpoints import melt_from_ouro
 from melt_core.data import PackedSequences
-from melt_core.inference.decode import prefill
+from melt_core.inference.engine import Engine, EngineOptions
 from melt_core.models import MeltSettings
-from melt_core.models.quantized import KV_DTYPES, kv_format
 from melt_core.quickstart import VALID_TEXT
 
 
@@ -31,8 +31,9 @@ def run(model, sequences, chunk: int, name: str, group: int, residual: int = 0) 
     fmt = kv_format(name, group, residual)
     logits, nbytes = [], 0
     for ids in sequences:
-        cache = model.new_cache(1, ids.shape[0], kv_dtype=fmt)
-        logits.append(prefill(model, ids[None], None, cache, chunk_size=chunk)[0].float())
+        engine = Engine(model, EngineOptions(chunk_size=chunk, kv_dtype=fmt))
+        cache = engine.new_cache(1, ids.shape[0])
+        logits.append(engine.prefill(cache, ids[None], all_positions=True)[0].float())
         nbytes = cache.nbytes() // ids.shape[0]
     return torch.stack(logits), nbytes
 

@@ -7,6 +7,8 @@ model's loop count) and 2T loops:
   shared last / first / mean / ema            MELT's one row per layer, training-free update rules
                                               (``last``: overwritten each loop, no gate; ``first``:
                                               the first loop's row; ``mean``; ``ema``)
+  first-then-shared last / mean               the ``first_then_shared`` cache layout: loop 1's rows
+                                              kept apart, later loops share one row per layer
   shared mean, int8 / int4 / int4 + window    the same rows quantised (+ the newest 64 positions fp32)
   trained gate / scalar / mean / ema / last   MELT's two phases (transition, then distillation) from
                                               the teacher, per update rule (the paper's ablations)
@@ -23,6 +25,8 @@ Usage:
   python benchmarks/bench_kv_policies.py --teacher example --text valid.jsonl.gz --train train.jsonl.gz
   python benchmarks/bench_kv_policies.py --teacher reasoning --problems test.jsonl --train train.jsonl \\
       --chunk-size 4 --micro-batch 64 --lr 3e-4 --gate-lr 3e-3
+  --only NAME (repeatable; a substring of a row's name) runs those rows alone and merges them into
+  an existing OUT/kv-policies.json (the other rows are kept as they were measured).
 Writes OUT/kv-policies.json, OUT/kv-policies.png and prints a Markdown table.
 """
 
@@ -39,17 +43,18 @@ import torch
 import torch.nn.functional as F
 
 from melt_core import load_model, load_tokenizer
+from melt_core.cache.quantized import kv_format
 from melt_core.checkpoints.convert import convert_ouro_to_melt
 from melt_core.data import PackedSequences
 from melt_core.evaluation import evaluate_problems
-from melt_core.inference.decode import prefill
+from melt_core.inference.engine import Engine, EngineOptions
 from melt_core.models import MeltSettings
-from melt_core.models.quantized import kv_format
 from melt_core.profiling.measure import measure_generation
 from melt_core.training.distill import DataArgs, DistillSettings, run_phase
 from melt_core.training.trainer import TrainingArgs
 
 FREE_RULES = ("last", "first", "mean", "ema")
+FIRST_THEN_SHARED_RULES = ("last", "mean")
 TRAINED_RULES = ("gate", "scalar", "mean", "ema", "last")
 WINDOW = 64  # positions kept in full precision by "int4 + window"
 
@@ -82,6 +87,7 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=Path("runs/kv-policies"))
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--only", action="append", help="run the rows whose name contains this; merge into OUT's JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if (args.steps1 or args.steps2) and args.train is None:
@@ -89,7 +95,7 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    entries = build_entries(args, out)
+    entries = [e for e in build_entries(args, out) if wanted(args, e.name)]
     teacher_loops = load_model(args.teacher).config.total_ut_steps
     loop_counts = [teacher_loops, 2 * teacher_loops]
     rows = []
@@ -120,29 +126,40 @@ def main() -> None:
             row["by_loops"][str(loops)] = cell
         rows.append(row)
         print(f"  {entry.name}: {json.dumps(row['by_loops'])} ({time.time() - t0:.0f} s)", flush=True)
+    setup = {
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "minutes": round((time.time() - started) / 60, 1),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if args.only:  # the rows measured before, with these replaced or added; the earlier run's setup kept
+        earlier = json.loads((out / "kv-policies.json").read_text())
+        new = {row["name"] for row in rows}
+        rows = [r for r in earlier["rows"] if r["name"] not in new] + rows
+        setup = {**earlier["setup"], "added": [*earlier["setup"].get("added", []), {**setup, "rows": sorted(new)}]}
     results = {
         "teacher": args.teacher,
         "metric": "loss" if args.text is not None else "accuracy",
         "data": str(args.text or args.problems),
         "loops": loop_counts,
         "rows": rows,
-        "setup": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}",
-            "minutes": round((time.time() - started) / 60, 1),
-        },
+        "setup": setup,
     }
     (out / "kv-policies.json").write_text(json.dumps(results, indent=2) + "\n")
     print_markdown(results)
     plot(results, out / "kv-policies.png")
 
 
+def wanted(args: argparse.Namespace, name: str) -> bool:
+    return not args.only or any(part in name for part in args.only)
+
+
 def build_entries(args: argparse.Namespace, out: Path) -> list[Entry]:
     """The teacher, the training-free conversions, and (with steps) the trained rows, on disk."""
 
-    def convert(rule: str, name: str) -> str:
-        settings = MeltSettings(policy=rule, chunk_size=args.chunk_size)
+    def convert(rule: str, name: str, layout: str = "shared") -> str:
+        settings = MeltSettings(policy=rule, layout=layout, chunk_size=args.chunk_size)
         return str(convert_ouro_to_melt(args.teacher, out / name, settings, force=True))
 
     entries = [
@@ -156,9 +173,14 @@ def build_entries(args: argparse.Namespace, out: Path) -> list[Entry]:
         Entry("shared mean (training-free), int4", free["mean"], "int4"),
         Entry(f"shared mean (training-free), int4 + {WINDOW} fp32", free["mean"], "int4", WINDOW),
     ]
+    for rule in FIRST_THEN_SHARED_RULES:
+        path = convert(rule, f"free-fts-{rule}", layout="first_then_shared")
+        entries.append(Entry(f"first-then-shared {rule} (training-free)", path, "auto"))
     if not (args.steps1 or args.steps2):
         return entries
     for rule in TRAINED_RULES:
+        if not any(wanted(args, name) for name in [f"{rule} (trained)"] + ["gate (trained), int4"] * (rule == "gate")):
+            continue
         student = convert(rule, f"trained-{rule}")
         for phase, steps in ((1, args.steps1), (2, args.steps2)):
             if steps:
@@ -197,11 +219,11 @@ def kv_bytes_per_token(model: torch.nn.Module, loops: int, fmt) -> float:
 def text_loss(model: torch.nn.Module, checkpoint: str, args: argparse.Namespace, loops: int, fmt) -> float:
     """Mean next-token loss of every position, prefilled through the cache in the model's chunks."""
     data = PackedSequences.from_path(args.text, load_tokenizer(checkpoint), args.seq_len).sequences[: args.sequences]
-    chunk = args.chunk_size
+    engine = Engine(model, EngineOptions(loops=loops, chunk_size=args.chunk_size, kv_dtype=fmt))
     total, count = 0.0, 0
     for ids in data:
-        cache = model.new_cache(1, ids.shape[0], loops, kv_dtype=fmt)
-        logits = prefill(model, ids[None], None, cache, chunk, loops=loops)[0].float()
+        cache = engine.new_cache(1, ids.shape[0])
+        logits = engine.prefill(cache, ids[None], all_positions=True)[0].float()
         total += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
         count += ids.shape[0] - 1
     return total / count

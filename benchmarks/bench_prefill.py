@@ -24,8 +24,7 @@ import torch
 from melt_core import load_model
 from melt_core.checkpoints import melt_from_ouro
 from melt_core.checkpoints.builtin import resolve as resolve_checkpoint
-from melt_core.inference.decode import prefill
-from melt_core.inference.static_decode import StaticDecoder
+from melt_core.inference.engine import Engine, EngineOptions
 from melt_core.models import MeltSettings
 from melt_core.runtime import synchronize
 
@@ -33,11 +32,11 @@ from melt_core.runtime import synchronize
 @torch.no_grad()
 def prefill_seconds(model, ids: torch.Tensor, chunk: int | None, compiled: bool = False) -> float:
     """Seconds to prefill ``ids`` into a new cache (chunks end-aligned, as generation runs them)."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + 1)
-    static = StaticDecoder(model, cache, compile=True) if compiled else None
+    engine = Engine(model, EngineOptions(chunk_size=chunk, decode="compiled" if compiled else "eager"))
+    cache = engine.new_cache(ids.shape[0], ids.shape[1] + 1)
     synchronize(model.device)
     start = time.perf_counter()
-    prefill(model, ids, None, cache, chunk, align="end", last_only=True, static=static)
+    engine.prefill(cache, ids)
     synchronize(model.device)
     return time.perf_counter() - start
 

@@ -6,15 +6,22 @@ melt makes itself. Every section prints its numbers; a failed section prints its
 next one runs.
 
 1. correctness: the example LoopLM and its MELT conversion, CUDA bf16 and fp32 vs CPU fp32 logits
-   (max error, top-1 agreement), and greedy decoding on CUDA == on CPU (fp32);
-2. decode speed of an Ouro-1.4B-shaped model with random weights (bf16): eager and compiled (CUDA
-   graphs; MELT's full prefill chunks too) at batch 1 and batched, against the HBM floor (the
-   layers' weights x loops, the head once, + KV read, over the bandwidth of a large on-device copy);
-3. CUDA peak memory of prefill + decode vs the analytic KV bytes, Ouro vs MELT, 1 and 4 loops;
-4. a few training steps under accelerate in bf16 (``melt transition`` on the example's MELT);
-5. training throughput and memory (``bench_training.py``): phases 1 and 2 of the Ouro-1.4B shape at
+   (max error, top-1 agreement), greedy decoding on CUDA == on CPU (fp32), and every decode path of
+   the engine (static, graph, compiled) == eager, padded batch;
+2. decode speed of an Ouro-1.4B-shaped model with random weights (bf16), every decode path (eager,
+   CUDA graph, compiled) at batch 1 and 32, against the HBM floor (the layers' weights x loops, the
+   head once, + KV read, over the bandwidth of a large on-device copy), MELT/Ouro, start-up times;
+3. prefill: MELT in chunks of 500 (full chunks as captured graphs) vs Ouro's one-pass prefill;
+4. transformers ``generate()`` through melt's AutoModel vs the engine's own decode, per token;
+5. throughput at a fixed KV budget (40 GB of cache, 8K context): the largest batch each model's cache
+   allows, decode tokens/s there;
+6. CUDA peak memory of prefill + decode vs the analytic KV bytes, Ouro vs MELT, 1 and 4 loops;
+7. a few training steps under accelerate in bf16 (``melt transition`` on the example's MELT);
+8. training throughput and memory (``bench_training.py``): phases 1 and 2 of the Ouro-1.4B shape at
    2,048 and 10,000 tokens, tokens/s, MFU and the measured peak vs ``melt profile training``'s plan,
    under its own time cap (``TRAINING_BENCH_CAP_S``).
+
+Every section stops at its own time cap (``CAPS``) and the next one runs.
 
 Usage: PYTHONPATH=. python benchmarks/gpu_check.py [--device cuda] [--quick]
 (``--device cpu --quick`` runs the same code on a CPU, small, as a smoke test.)
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,20 +49,37 @@ from melt_core.checkpoints import build_model, melt_from_ouro
 from melt_core.checkpoints.presets import preset_config
 from melt_core.checkpoints.random_model import init_weights
 from melt_core.inference import Sampler, SamplingSettings
-from melt_core.inference.decode import decode
+from melt_core.inference.engine import Engine, EngineOptions
 from melt_core.models import MeltSettings, config_from_dict
 from melt_core.profiling.measure import measure_generation
 
 
-def section(title: str):
+class SectionTimeout(Exception):
+    pass
+
+
+def _timeout(signum, frame):
+    raise SectionTimeout
+
+
+def section(title: str, cap_s: int = 120):
+    """A section of the check: its title, then its lines; an error or ``cap_s`` seconds end it (the
+    next one runs)."""
+
     def wrap(fn):
         def run(*args, **kwargs):
-            print(f"\n== {title}", flush=True)
+            print(f"\n== {title} (cap {cap_s} s)", flush=True)
             start = time.perf_counter()
+            signal.signal(signal.SIGALRM, _timeout)
+            signal.alarm(cap_s)
             try:
                 fn(*args, **kwargs)
+            except SectionTimeout:
+                print(f"   stopped at the section's cap of {cap_s} s", flush=True)
             except Exception:  # report and go on: one short run should say as much as it can
                 traceback.print_exc(limit=3)
+            finally:
+                signal.alarm(0)
             print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
 
         return run
@@ -67,7 +92,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@section("1. correctness: CUDA bf16 / fp32 vs CPU fp32")
+@section("1. correctness: CUDA bf16 / fp32 vs CPU fp32, every decode path", 150)
 def correctness(device: torch.device) -> None:
     ids = torch.randint(3, 4096, (4, 128), generator=torch.Generator().manual_seed(0))
     ouro = load_model("example", dtype="fp32")
@@ -85,9 +110,24 @@ def correctness(device: torch.device) -> None:
         tokens = []
         for model in (cpu, copy.deepcopy(cpu).to(device)):
             prompt = ids[:2, :16].to(model.device)
-            steps = decode(model, prompt, None, model.new_cache(2, 48), Sampler(SamplingSettings()), max_new_tokens=32)
+            engine = Engine(model)
+            steps = engine.generate(engine.new_cache(2, 48), prompt, None, Sampler(SamplingSettings()), 32)
             tokens.append(torch.stack(list(steps), 1).cpu())
         print(f"   {kind} greedy decode fp32, 32 tokens x 2 rows: {device} == cpu: {torch.equal(*tokens)}")
+        model = copy.deepcopy(cpu).to(device)
+        prompt, mask = ids[:3, :20].to(device), torch.ones(3, 20, dtype=torch.long, device=device)
+        mask[1, :5] = mask[2, :11] = 0
+        by_path = {}
+        for path in decode_paths(device):
+            engine = Engine(model, EngineOptions(decode=path, chunk_size=8 if kind == "melt" else None))
+            steps = engine.generate(engine.new_cache(3, 64), prompt, mask, Sampler(SamplingSettings()), 24)
+            by_path[path] = torch.stack(list(steps), 1)
+        same = {path: torch.equal(tokens, by_path["eager"]) for path, tokens in by_path.items()}
+        print(f"   {kind} greedy, padded batch of 3, every decode path == eager: {same}")
+
+
+def decode_paths(device: torch.device) -> tuple[str, ...]:
+    return ("eager", "static", "graph", "compiled") if device.type == "cuda" else ("eager", "static", "compiled")
 
 
 def hbm_bandwidth(device: torch.device) -> float:
@@ -125,35 +165,123 @@ def random_model(device: torch.device, quick: bool, melt: bool):
     return model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
 
 
-def step_seconds(model, batch: int, prompt: int, steps: int, compile: bool, device: torch.device) -> float:
+def step_seconds(model, batch: int, prompt: int, steps: int, path: str, device: torch.device) -> float:
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
-    return decode_step_seconds(model, ids, steps, compile=compile)
+    return decode_step_seconds(model, ids, steps, decode=path)
 
 
-@section("2. decode speed vs the HBM floor (Ouro-1.4B shape, random bf16 weights)")
+@section("2. decode speed vs the HBM floor, every path (Ouro-1.4B shape, random bf16 weights)", 240)
 def speed(device: torch.device, quick: bool) -> None:
     bandwidth = hbm_bandwidth(device)
     print(f"   measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    prompt, steps = (64, 16) if quick else (512, 64)
+    prompt, steps = (64, 16) if quick else (512, 48)
+    times: dict[tuple[str, int, str], float] = {}
     for melt in (False, True):
+        kind = "melt" if melt else "ouro"
         model = random_model(device, quick, melt)
         loops = model.config.total_ut_steps
         weights = step_weight_bytes(model, loops)
         for batch in (1, 8) if quick else (1, 32):
-            for compile in (False, True):
-                step_seconds(model, batch, prompt, steps, compile, device)  # warm-up / compile (same shapes)
-                step = step_seconds(model, batch, prompt, steps, compile, device)
+            for path in decode_paths(device)[:1] + decode_paths(device)[2:]:  # eager, graph (CUDA), compiled
+                began = time.perf_counter()
+                step_seconds(model, batch, prompt, 4, path, device)  # start-up: compile / capture, warm-up
+                startup = time.perf_counter() - began
+                step = times[kind, batch, path] = step_seconds(model, batch, prompt, steps, path, device)
                 kv = batch * (prompt + steps // 2) * model.config.kv_bytes_per_token(model.dtype, loops)
                 floor = (weights + kv) / bandwidth
+                ratio = f", MELT/Ouro {times['ouro', batch, path] / step:.2f}" if melt else ""
                 print(
-                    f"   {'melt' if melt else 'ouro'} batch {batch:3} {'compiled' if compile else 'eager':8}: "
-                    f"{step * 1e3:7.2f} ms/step, {batch / step:8.1f} tok/s, floor {floor * 1e3:6.2f} ms "
-                    f"({step / floor:.2f}x floor)"
+                    f"   {kind} batch {batch:3} {path:8}: {step * 1e3:7.2f} ms/step, {batch / step:8.1f} tok/s, "
+                    f"floor {floor * 1e3:6.2f} ms ({step / floor:.2f}x floor){ratio}; start-up {startup:.1f} s",
+                    flush=True,
                 )
         del model
 
 
-@section("3. CUDA peak memory vs analytic KV")
+@section("3. prefill: MELT chunks of 500 vs Ouro's one pass", 90)
+def prefill_speed(device: torch.device, quick: bool) -> None:
+    tokens = 512 if quick else 8000
+    seconds = {}
+    for melt in (False, True):
+        kind = "melt" if melt else "ouro"
+        model = random_model(device, quick, melt)
+        ids = torch.randint(3, model.config.vocab_size, (1, tokens), device=device)
+        engine = Engine(model, EngineOptions(chunk_size=500 if melt else None))
+        cache = engine.new_cache(1, tokens + 1)
+        engine.prefill(cache, ids)  # start-up: the chunk's graph, kernels
+        cache.reset()
+        sync(device)
+        began = time.perf_counter()
+        engine.prefill(cache, ids)
+        sync(device)
+        seconds[kind] = time.perf_counter() - began
+        print(f"   {kind} prefill {tokens:,} tokens ({engine.path}): {tokens / seconds[kind]:,.0f} tok/s", flush=True)
+        del model, cache, engine
+    print(f"   MELT/Ouro prefill throughput: {seconds['ouro'] / seconds['melt']:.2f}")
+
+
+@section("4. transformers generate() through melt's AutoModel vs the engine", 120)
+def hf_generate(device: torch.device, quick: bool) -> None:
+    from melt_core.integrations.hf import HFMeltForCausalLM, MeltHFConfig
+
+    model = random_model(device, quick, True)
+    hf = HFMeltForCausalLM(MeltHFConfig(**model.config.to_dict()))
+    hf.load_state_dict(model.state_dict())
+    hf = hf.to(device=device, dtype=model.dtype).eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 128), device=device)
+    new = 16 if quick else 64
+
+    def per_token(run) -> float:
+        run(4)  # start-up
+        sync(device)
+        began = time.perf_counter()
+        run(new)
+        sync(device)
+        short = time.perf_counter() - began
+        began = time.perf_counter()
+        run(2 * new)
+        sync(device)
+        return (time.perf_counter() - began - short) / new  # the prefill cancels out
+
+    def melt_run(n: int) -> torch.Tensor:
+        engine = Engine(model)
+        return torch.stack(
+            list(engine.generate(engine.new_cache(1, 128 + n), ids, None, Sampler(SamplingSettings()), n)), 1
+        )
+
+    def hf_run(n: int) -> torch.Tensor:
+        return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[:, 128:]
+
+    same = torch.equal(melt_run(new), hf_run(new))
+    engine_s, hf_s = per_token(melt_run), per_token(hf_run)
+    print(
+        f"   per token: engine {engine_s * 1e3:.2f} ms, transformers generate() {hf_s * 1e3:.2f} ms "
+        f"({hf_s / engine_s:.2f}x); same greedy tokens: {same}"
+    )
+
+
+@section("5. throughput at a fixed KV budget (40 GB of cache, 8K context)", 150)
+def fixed_budget(device: torch.device, quick: bool) -> None:
+    budget, context, new = (2**28, 512, 8) if quick else (40 * 10**9, 8192, 16)
+    tok_s = {}
+    for melt in (False, True):
+        kind = "melt" if melt else "ouro"
+        model = random_model(device, quick, melt)
+        per_row = model.config.kv_bytes_per_token(model.dtype) * (context + new)
+        batch = max(1, budget // per_row)
+        ids = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
+        step = decode_step_seconds(model, ids, new, decode="auto")
+        tok_s[kind] = batch / step
+        print(
+            f"   {kind}: batch {batch} fits {budget / 1e9:.1f} GB of cache; decode {tok_s[kind]:,.0f} tok/s", flush=True
+        )
+        del model, ids
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"   MELT/Ouro tokens/s at the same KV budget: {tok_s['melt'] / tok_s['ouro']:.2f}")
+
+
+@section("6. CUDA peak memory vs analytic KV", 90)
 def memory(device: torch.device, quick: bool) -> None:
     seq = 256 if quick else 4096
     for melt in (False, True):
@@ -169,7 +297,7 @@ def memory(device: torch.device, quick: bool) -> None:
         del model
 
 
-@section("4. training steps under accelerate (bf16 mixed precision)")
+@section("7. training steps under accelerate (bf16 mixed precision)", 90)
 def training(device: torch.device) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         melt = Path(tmp) / "melt"
@@ -198,7 +326,7 @@ def training(device: torch.device) -> None:
 TRAINING_BENCH_CAP_S = 420  # the whole section; each config gets a share (``--time-cap``)
 
 
-@section("5. training tokens/s, MFU and peak memory vs the plan (bench_training.py)")
+@section("8. training tokens/s, MFU and peak memory vs the plan (bench_training.py)", TRAINING_BENCH_CAP_S + 30)
 def training_benchmark(device: torch.device, quick: bool) -> None:
     script = Path(__file__).with_name("bench_training.py")
     seq_lens, cap = ("256", 60) if quick else ("2048,10000", 100)
@@ -224,6 +352,9 @@ def main() -> None:
     print(f"melt GPU check on {name}; torch {torch.__version__}")
     correctness(device)
     speed(device, args.quick)
+    prefill_speed(device, args.quick)
+    hf_generate(device, args.quick)
+    fixed_budget(device, args.quick)
     memory(device, args.quick)
     training(device)
     training_benchmark(device, args.quick)

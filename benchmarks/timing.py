@@ -4,13 +4,11 @@ weight bytes a decode step reads (the numerator of the bandwidth floor)."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
 from melt_core.inference import Sampler, SamplingSettings
-from melt_core.inference.decode import decode
-from melt_core.inference.static_decode import StaticDecoder
+from melt_core.inference.engine import Engine, EngineOptions
 from melt_core.runtime import synchronize
 
 
@@ -25,21 +23,27 @@ def step_weight_bytes(model, loops: int) -> int:
 
 @torch.no_grad()
 def decode_step_seconds(
-    model, ids: torch.Tensor, new_tokens: int, loops: int | None = None, fuse: bool | None = None, **decode_kwargs: Any
+    model,
+    ids: torch.Tensor,
+    new_tokens: int,
+    loops: int | None = None,
+    decode: str = "eager",
+    fuse: bool | None = None,
+    depth=None,
 ) -> float:
     """Seconds per decode step of greedy decoding after the prompt ``ids`` (B, S): the mean over the
-    ``new_tokens - 1`` one-token steps (the first new token comes from the prefill, not timed).
-    ``fuse`` with ``compile``: the compiled step with (True) or without (False) fused projections
-    (None: ``StaticDecoder``'s default)."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + new_tokens, loops)
-    if decode_kwargs.pop("compile", False):
-        decode_kwargs["static"] = StaticDecoder(model, cache, loops=loops, compile=True, fuse=fuse)
-    sampler = Sampler(SamplingSettings())
-    steps = decode(model, ids, None, cache, sampler, max_new_tokens=new_tokens, loops=loops, **decode_kwargs)
-    next(steps)
+    last ``new_tokens - 2`` one-token steps (the first new token comes from the prefill, the first
+    step may compile or capture its shape: neither is timed; ``new_tokens`` >= 3), on
+    the engine's ``decode`` path. ``fuse`` (fixed-shape paths): with (True) or without (False) fused
+    projections (None: the engine's default, CUDA only). ``depth``: MELT's adaptive depth (eager)."""
+    exit = {} if depth is None else {"exit": depth}
+    engine = Engine(model, EngineOptions(loops=loops, decode=decode, fuse=fuse, **exit))
+    cache = engine.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
+    steps = engine.generate(cache, ids, None, Sampler(SamplingSettings()), new_tokens)
+    next(steps)  # the prefill's token
+    next(steps)  # the first decode step: a fixed shape's compilation or CUDA-graph capture
     synchronize(model.device)
     start = time.perf_counter()
-    for _ in steps:
-        pass
+    count = sum(1 for _ in steps)
     synchronize(model.device)
-    return (time.perf_counter() - start) / (new_tokens - 1)
+    return (time.perf_counter() - start) / count

@@ -203,3 +203,23 @@ def int_list(text: str, name: str) -> list[int]:
     if not values:
         raise InvalidArgumentError(f"{name} needs at least one value")
     return values
+
+
+DecodePath = Annotated[
+    str,
+    typer.Option(
+        "--decode",
+        help="Decode path: auto (CUDA graphs on CUDA, eager elsewhere), eager, static (a fixed-shape step), "
+        "graph (it captured as CUDA graphs, CUDA only) or compiled (one decoder block torch.compiled, reused by "
+        "every layer and loop). The same tokens on every path; the fixed-shape ones need float KV rows and no "
+        "adaptive depth, and compile or capture each new shape once.",
+    ),
+]
+Compile = Annotated[bool, typer.Option("--compile", help="Shorthand for --decode compiled.")]
+
+
+def decode_path(decode: str, compile: bool) -> str:
+    """``--decode``, or ``compiled`` for ``--compile`` (which excludes another --decode)."""
+    if compile and decode not in ("auto", "compiled"):
+        raise InvalidArgumentError(f"--compile means --decode compiled; it excludes --decode {decode}")
+    return "compiled" if compile else decode

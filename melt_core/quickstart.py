@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from .cache import KVCache
 from .checkpoints import convert_ouro_to_melt, fresh_output_dir, load_config, load_model, load_tokenizer
 from .checkpoints.builtin import ASSETS
 from .errors import InvalidArgumentError
 from .evaluation import EvalSettings, LoopResult, evaluate_checkpoint, evaluate_problems
 from .inference import GenerationSettings, SamplingSettings, generate_text
-from .models import KVCache, MeltSettings
+from .models import MeltSettings
 from .tasks import ChainTask, make_problems, write_problems
 from .tasks.chains import TRAINED_HOPS
 from .training import DataArgs, DistillSettings, TrainingArgs, run_phase

@@ -8,15 +8,14 @@ import json
 import pytest
 import torch
 from cli_helpers import one_red_line
-from greedy import greedy_tokens
+from greedy import greedy_tokens, prefill_logits
 from typer.testing import CliRunner
 
 from melt_cli.app import app
 from melt_core import load_model
+from melt_core.cache.quantized import kv_format
 from melt_core.errors import InvalidArgumentError
-from melt_core.inference.decode import prefill
 from melt_core.models.adaptive import AdaptiveDepth
-from melt_core.models.quantized import kv_format
 
 runner = CliRunner()
 
@@ -31,9 +30,9 @@ def test_threshold_one_is_bit_identical_to_full_depth(melt_ckpt, chunk):
     ids = random_ids(model, (3, 13))
     mask = torch.ones(3, 13, dtype=torch.long)
     mask[1, :5] = mask[2, :2] = 0  # left padding
-    full = prefill(model, ids, mask, model.new_cache(3, 13), chunk_size=chunk)
+    full = prefill_logits(model, ids, mask, model.new_cache(3, 13), chunk_size=chunk)
     depth = AdaptiveDepth(threshold=1.0)
-    adaptive = prefill(model, ids, mask, model.new_cache(3, 13), chunk_size=chunk, depth=depth)
+    adaptive = prefill_logits(model, ids, mask, model.new_cache(3, 13), chunk_size=chunk, depth=depth)
     real = mask.bool()  # padding stops after loop 1: its logits are nobody's
     assert torch.equal(full[real], adaptive[real])
     assert depth.stats.mean_loops == model.config.total_ut_steps
@@ -55,7 +54,7 @@ def test_an_exited_token_keeps_its_exit_loop_row(melt_ckpt):
     T = model.config.total_ut_steps
     prompt, token = random_ids(model, (1, 9)), random_ids(model, (1, 1), seed=1)
     cache = model.new_cache(1, 10)
-    prefill(model, prompt, None, cache, chunk_size=4)
+    prefill_logits(model, prompt, None, cache, chunk_size=4)
     exits = {}
     for threshold in (0.0, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99):
         adaptive = copy.deepcopy(cache)
@@ -100,9 +99,9 @@ def test_batched_adaptive_decoding_equals_each_prompt_alone(melt_ckpt):
 def test_quantised_cache_and_adaptive_depth_work_together(melt_ckpt):
     model = load_model(melt_ckpt)
     ids = random_ids(model, (2, 12))
-    full = prefill(model, ids, None, model.new_cache(2, 12), chunk_size=1, depth=AdaptiveDepth(threshold=0.7))
+    full = prefill_logits(model, ids, None, model.new_cache(2, 12), chunk_size=1, depth=AdaptiveDepth(threshold=0.7))
     int8 = model.new_cache(2, 12, kv_dtype=kv_format("int8", group_size=4, residual=3))
-    quant = prefill(model, ids, None, int8, chunk_size=1, depth=AdaptiveDepth(threshold=0.7))
+    quant = prefill_logits(model, ids, None, int8, chunk_size=1, depth=AdaptiveDepth(threshold=0.7))
     assert (full - quant).abs().max().item() < 0.05
 
 

@@ -18,14 +18,15 @@ LAYERS = {
     "runtime": 2,
     "data": 2,
     "tasks": 2,
-    "models": 3,
-    "checkpoints": 4,
-    "inference": 5,
-    "evaluation": 6,  # scores as the model decodes (inference.decode.prefill)
-    "training": 7,
-    "profiling": 8,  # the training planner measures a step with the trainer's own objectives
-    "integrations": 7,
-    "quickstart": 8,
+    "cache": 3,  # layouts and row stores: no model code
+    "models": 4,
+    "checkpoints": 5,
+    "inference": 6,
+    "evaluation": 7,  # scores as the model decodes (inference.engine)
+    "training": 8,
+    "profiling": 9,  # the training planner measures a step with the trainer's own objectives
+    "integrations": 8,
+    "quickstart": 9,
 }
 
 
@@ -130,3 +131,19 @@ def test_nothing_shipped_names_the_internal_notes_or_the_shared_folder():
         if name in line
     ]
     assert not found, "internal names users do not have:\n" + "\n".join(found)
+
+
+def test_one_decode_loop():
+    """Every forward through a KV cache outside the model code is the inference engine's: no other
+    module feeds a model ``cache=`` (the prefill + decode loops of generation, problem accuracy,
+    profiling and the transformers integration all call ``inference.engine.Engine``)."""
+    allowed = {"melt_core/inference/engine.py"}
+    found = []
+    for file in sorted((ROOT / "melt_core").rglob("*.py")):
+        name = str(file.relative_to(ROOT))
+        if name.startswith("melt_core/models/") or name in allowed:
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Call) and any(k.arg == "cache" for k in node.keywords):
+                found.append(f"{name}:{node.lineno}")
+    assert not found, "forwards through a cache outside the engine: " + ", ".join(found)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from melt_core import load_model
-from melt_core.models import rows as rows_module
-from melt_core.models.rows import GrowingRows
+from melt_core.cache import rows as rows_module
+from melt_core.cache.rows import GrowingRows
 
 S, C = 18, 4  # 5 chunks, the last one short
 

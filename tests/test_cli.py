@@ -133,7 +133,7 @@ def test_one_device_and_dtype_vocabulary():
     auto: the stored dtype), and the same spellings are accepted everywhere (--kv-dtype too)."""
     import typer.main
 
-    from melt_core.models.quantized import kv_format
+    from melt_core.cache.quantized import kv_format
 
     root = typer.main.get_command(app)
     devices, dtypes = {}, {}

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from greedy import greedy_tokens
+from greedy import greedy_tokens, prefill_logits
 from reference_melt import reference_melt_forward
 from reference_ouro import reference_forward
 
 from melt_core import load_model
 from melt_core.checkpoints import convert_ouro_to_melt
 from melt_core.errors import ConfigError
-from melt_core.inference.decode import prefill
 from melt_core.models.config import MeltConfig, MeltSettings
 from melt_core.models.kv import SharedKV
 from melt_core.models.update_rules import UPDATE_RULES, KVGate, is_gate_parameter
@@ -111,7 +110,7 @@ def test_chunk_size_one_equals_token_by_token_decode(melt):
     # the training-mode forward with C = 1 over the whole sequence gives the same logits...
     training = melt(seq, chunk_size=1).logits
     cache = melt.new_cache(1, seq.shape[1])
-    decoded = prefill(melt, seq, None, cache, chunk_size=1)
+    decoded = prefill_logits(melt, seq, None, cache, chunk_size=1)
     torch.testing.assert_close(decoded, training, atol=ATOL, rtol=1e-4)
     # ...and the same greedy tokens
     assert torch.equal(training[:, 3:-1].argmax(-1), gen)
@@ -121,11 +120,12 @@ def test_prefill_with_chunk_then_decode_matches_training_forward(melt):
     V, C = melt.config.vocab_size, 4
     prompt = _ids(V, 2, 10, seed=3)
     cache = melt.new_cache(2, 16)
-    prefill_logits = melt(prompt, cache=cache).logits  # the config's chunk size, 4
-    torch.testing.assert_close(prefill_logits, melt(prompt, chunk_size=C).logits, atol=ATOL, rtol=1e-4)
+    # the config's chunk size, 4, aligned to the prompt's end (generation's chunking): 2, 4, 4
+    prefilled = melt(prompt, cache=cache).logits
+    torch.testing.assert_close(prefilled, melt(prompt, chunk_size=[2, C, C]).logits, atol=ATOL, rtol=1e-4)
     new = _ids(V, 2, 6, seed=4)
     decoded = torch.cat([melt(new[:, i : i + 1], cache=cache).logits for i in range(6)], 1)
-    reference = melt(torch.cat([prompt, new], 1), chunk_size=[4, 4, 2] + [1] * 6).logits[:, 10:]
+    reference = melt(torch.cat([prompt, new], 1), chunk_size=[2, 4, 4] + [1] * 6).logits[:, 10:]
     torch.testing.assert_close(decoded, reference, atol=ATOL, rtol=1e-4)
     # deterministic: a second run gives identical logits
     cache2 = melt.new_cache(2, 16)
@@ -149,7 +149,9 @@ def test_alpha_one_is_pure_melt(melt):
     ids = _ids(melt.config.vocab_size, 2, 11, seed=6)
     pure = melt(ids, chunk_size=3).logits
     cache = melt.new_cache(2, 11)
-    torch.testing.assert_close(prefill(melt, ids, None, cache, 3), pure, atol=ATOL, rtol=1e-4)
+    # the engine's chunks end with the prompt: 2, 3, 3, 3
+    end_aligned = melt(ids, chunk_size=[2, 3, 3, 3]).logits
+    torch.testing.assert_close(prefill_logits(melt, ids, None, cache, chunk_size=3), end_aligned, atol=ATOL, rtol=1e-4)
     assert torch.equal(melt.head(melt.forward_chunkwise(ids, chunk_size=3, alpha=1.0)[0]).logits, pure)
     # the interpolation is continuous at alpha -> 1 (base rows computed and weighted by ~0)
     near = melt.head(melt.forward_chunkwise(ids, chunk_size=3, alpha=1 - 1e-6)[0]).logits
@@ -182,7 +184,7 @@ def test_mean_and_ema_rows_follow_their_definitions(melt_dirs):
     """Row of the last loop = mean (EMA, first) over loops of Ouro's per-loop k/v: checked on the latent."""
     for policy, weights in (("mean", [1 / 3, 1 / 3, 1 / 3]), ("ema", [0.64, 0.16, 0.2]), ("first", [1, 0, 0])):
         model = load_model(melt_dirs[policy], dtype="fp32")
-        kv = SharedKV(model.update_rule(), store=None, num_layers=1, start=0)
+        kv = SharedKV(model.update_rule(), store=None, layout=model.config.cache_layout(), start=0)
         layer = model.model.layers[0]
         us = [torch.randn(1, 2, model.config.hidden_size) for _ in range(3)]
         for loop, u in enumerate(us):
@@ -224,7 +226,10 @@ def test_more_loops_than_trained_with_shared_cache(melt):
     ids = _ids(melt.config.vocab_size, 1, 7)
     cache = melt.new_cache(1, 7)
     torch.testing.assert_close(
-        prefill(melt, ids, None, cache, 1, loops=8), melt(ids, loops=8, chunk_size=1).logits, atol=ATOL, rtol=1e-4
+        prefill_logits(melt, ids, None, cache, chunk_size=1, loops=8),
+        melt(ids, loops=8, chunk_size=1).logits,
+        atol=ATOL,
+        rtol=1e-4,
     )
 
 

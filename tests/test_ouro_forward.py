@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from greedy import greedy_tokens
+from greedy import greedy_tokens, prefill_logits
 from reference_ouro import reference_forward
 
 from melt_core import load_model
 from melt_core.checkpoints.io import read_config_dict
 from melt_core.errors import InvalidArgumentError
-from melt_core.inference.decode import prefill
 from melt_core.models.ouro import exit_pdf
 
 ATOL = 1e-5
@@ -44,7 +43,7 @@ def test_chunked_forward_equals_full_forward(model, chunk):
     ids = _ids(model, 2, 13)
     full = model(ids).logits
     cache = model.new_cache(2, 13)
-    chunked = prefill(model, ids, None, cache, chunk)
+    chunked = prefill_logits(model, ids, None, cache, chunk_size=chunk)
     torch.testing.assert_close(chunked, full, atol=ATOL, rtol=1e-4)
     assert cache.length == 13
 
@@ -60,7 +59,7 @@ def test_cached_decode_equals_full_recompute(model):
     assert torch.equal(result, seq[:, 5:])
     # and the cached logits at every step agree with the recomputed ones
     cache = model.new_cache(1, seq.shape[1])
-    stepwise = prefill(model, seq, None, cache, chunk_size=1)
+    stepwise = prefill_logits(model, seq, None, cache, chunk_size=1)
     torch.testing.assert_close(stepwise, model(seq).logits, atol=ATOL, rtol=1e-4)
 
 
@@ -85,7 +84,7 @@ def test_padded_chunked_prefill_equals_full(model):
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, :4] = 0
     full = model(ids, mask).logits
-    chunked = prefill(model, ids, mask, model.new_cache(2, 10), chunk_size=3)
+    chunked = prefill_logits(model, ids, mask, model.new_cache(2, 10), chunk_size=3)
     torch.testing.assert_close(chunked[mask.bool()], full[mask.bool()], atol=ATOL, rtol=1e-4)
 
 
@@ -144,7 +143,9 @@ def test_loop_count_override_and_cache_loops(model):
         full = model(ids, loops=loops)
         assert full.exit_pdf.shape[-1] == loops
         cache = model.new_cache(1, 6, loops=loops)
-        torch.testing.assert_close(prefill(model, ids, None, cache, 2, loops=loops), full.logits, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(
+            prefill_logits(model, ids, None, cache, chunk_size=2, loops=loops), full.logits, atol=ATOL, rtol=1e-4
+        )
         assert cache.nbytes() == loops * model.new_cache(1, 6, loops=1).nbytes()
 
 

@@ -191,7 +191,7 @@ def test_profile_speed_kv_dtype_and_floor(tiny_ckpt):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["decode_path"] == "eager" and data["kv_dtype"] == "int8" and data["bandwidth_bytes_per_s"] > 0
-    assert data["compile_seconds"] == {"ouro": 0.0, "melt": 0.0}
+    assert data["startup_seconds"] == {"ouro": 0.0, "melt": 0.0}
     row = data["rows"][0]
     fp32 = json.loads(runner.invoke(app, [*args, "--rounds", "1", "--json"]).stdout)["rows"][0]
     assert row["ouro"]["cache_bytes"] < fp32["ouro"]["cache_bytes"] / 2  # int8 rows and their scales
@@ -200,14 +200,18 @@ def test_profile_speed_kv_dtype_and_floor(tiny_ckpt):
         assert row[f"{name}_x_floor"] > 0
         assert row[f"{name}_floor_seconds"] == pytest.approx(row[f"{name}_floor_bytes"] / data["bandwidth_bytes_per_s"])
         assert row[name]["decode_path"] == "eager"
-    assert "excludes --kv-dtype" in one_red_line(runner.invoke(app, [*args, "--compile", "--kv-dtype", "int8"]))
+    assert "excludes int8 / int4 rows" in one_red_line(runner.invoke(app, [*args, "--compile", "--kv-dtype", "int8"]))
+    # the fixed-shape step without compilation: no start-up to speak of, the path in the report
+    static = json.loads(runner.invoke(app, [*args, "--decode", "static", "--rounds", "1", "--json"]).stdout)
+    assert static["decode_path"] == "static" and static["rows"][0]["melt"]["decode_tokens_per_s"] > 0
+    assert "excludes --decode eager" in one_red_line(runner.invoke(app, [*args, "--compile", "--decode", "eager"]))
 
 
 def test_decode_step_bytes():
     """The floor's bytes: weights (layers x loops, the rest once, an embedding row per sequence) + KV."""
+    from melt_core.cache.quantized import kv_format
     from melt_core.checkpoints import build_model
     from melt_core.models import OuroConfig
-    from melt_core.models.quantized import kv_format
     from melt_core.profiling.speed import decode_step_bytes
 
     config = OuroConfig(
@@ -238,8 +242,8 @@ def test_profile_speed_compiled(tiny_ckpt):
     first, second = data["rows"]
     for name in ("ouro", "melt"):
         assert first[name]["decode_path"] == "compiled" and first[name]["decode_tokens_per_s"] > 0
-        assert first[name]["compile_seconds"] > 10 * second[name]["compile_seconds"]
-        assert data["compile_seconds"][name] == first[name]["compile_seconds"] + second[name]["compile_seconds"]
+        assert first[name]["startup_seconds"] > 10 * second[name]["startup_seconds"]
+        assert data["startup_seconds"][name] == first[name]["startup_seconds"] + second[name]["startup_seconds"]
 
 
 def test_speed_rounds_report_the_median_round():

@@ -6,14 +6,25 @@ from dataclasses import replace
 
 import pytest
 import torch
-from greedy import greedy_tokens
+from greedy import engine, greedy_tokens
 
 from melt_core import load_model
 from melt_core.errors import InvalidArgumentError
 from melt_core.inference import GenerationSettings, Sampler, SamplingSettings, generate_text
-from melt_core.inference.decode import decode, prefill
+from melt_core.inference.engine import EngineOptions
 from melt_core.inference.static_decode import StaticDecoder
 from melt_core.models.adaptive import AdaptiveDepth
+
+
+def stepped_greedy(model, ids, mask, step: StaticDecoder, max_new_tokens: int, chunk_size: int = 3) -> torch.Tensor:
+    """Greedy tokens with the prompt prefilled eagerly into ``step``'s cache and every decode step
+    run by ``step`` (a fixed-shape step built by hand: fused, compiled ...)."""
+    logits = engine(model, chunk_size=chunk_size).prefill(step.cache, ids, mask)
+    tokens = []
+    for _ in range(max_new_tokens):
+        tokens.append(logits.argmax(-1))
+        logits = step(tokens[-1][:, None])
+    return torch.stack(tokens, dim=1)
 
 
 def padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,14 +39,14 @@ def test_static_step_matches_the_ordinary_step(name, request):
     model = load_model(request.getfixturevalue(name))
     ids, mask = padded_batch(model.config.vocab_size)
     expected = greedy_tokens(model, ids, mask, max_new_tokens=8)
-    assert torch.equal(greedy_tokens(model, ids, mask, max_new_tokens=8, static=True), expected)
+    assert torch.equal(greedy_tokens(model, ids, mask, max_new_tokens=8, decode="static"), expected)
     for b in range(3):  # and each row alone
         row = ids[b : b + 1, int((mask[b] == 0).sum()) :]
-        assert torch.equal(greedy_tokens(model, row, max_new_tokens=8, static=True), expected[b : b + 1])
+        assert torch.equal(greedy_tokens(model, row, max_new_tokens=8, decode="static"), expected[b : b + 1])
     # logits: equal to float rounding (attention over the masked, not-yet-written positions)
     cache, static_cache = model.new_cache(3, 12), model.new_cache(3, 12)
-    last = prefill(model, ids, mask, cache, last_only=True).argmax(-1)[:, None]
-    prefill(model, ids, mask, static_cache, last_only=True)
+    last = engine(model).prefill(cache, ids, mask).argmax(-1)[:, None]
+    engine(model).prefill(static_cache, ids, mask)
     plain = model(last, cache=cache).logits[:, -1]
     torch.testing.assert_close(StaticDecoder(model, static_cache)(last), plain, atol=1e-5, rtol=1e-5)
 
@@ -47,13 +58,11 @@ def test_fused_static_step_matches_the_ordinary_step(name, request):
     model = load_model(request.getfixturevalue(name))
     ids, mask = padded_batch(model.config.vocab_size)
     expected = greedy_tokens(model, ids, mask, max_new_tokens=8, chunk_size=3)
-    cache = model.new_cache(3, 18)
-    fused = StaticDecoder(model, cache, fuse=True)
-    steps = decode(model, ids, mask, cache, Sampler(SamplingSettings()), max_new_tokens=8, chunk_size=3, static=fused)
-    assert torch.equal(torch.stack(list(steps), dim=1), expected)
+    fused = StaticDecoder(model, model.new_cache(3, 18), fuse=True)
+    assert torch.equal(stepped_greedy(model, ids, mask, fused, 8), expected)
     cache, fused_cache = model.new_cache(3, 12), model.new_cache(3, 12)
-    last = prefill(model, ids, mask, cache, last_only=True).argmax(-1)[:, None]
-    prefill(model, ids, mask, fused_cache, last_only=True)
+    last = engine(model).prefill(cache, ids, mask).argmax(-1)[:, None]
+    engine(model).prefill(fused_cache, ids, mask)
     plain = model(last, cache=cache).logits[:, -1]
     torch.testing.assert_close(StaticDecoder(model, fused_cache, fuse=True)(last), plain, atol=1e-5, rtol=1e-5)
 
@@ -65,14 +74,15 @@ def test_static_prefill_chunks_match_the_ordinary_prefill(name, request):
     model = load_model(request.getfixturevalue(name))
     ids, mask = padded_batch(model.config.vocab_size)
     expected = greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3)
-    assert torch.equal(greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3, static=True), expected)
+    assert torch.equal(greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3, decode="static"), expected)
     for b in range(3):
         row = ids[b : b + 1, int((mask[b] == 0).sum()) :]
-        assert torch.equal(greedy_tokens(model, row, max_new_tokens=6, chunk_size=3, static=True), expected[b : b + 1])
+        assert torch.equal(
+            greedy_tokens(model, row, max_new_tokens=6, chunk_size=3, decode="static"), expected[b : b + 1]
+        )
     cache, static_cache = model.new_cache(3, 12), model.new_cache(3, 12)
-    plain = prefill(model, ids, mask, cache, 3, align="end", last_only=True)
-    step = StaticDecoder(model, static_cache)
-    fixed = prefill(model, ids, mask, static_cache, 3, align="end", last_only=True, static=step)
+    plain = engine(model, chunk_size=3).prefill(cache, ids, mask)
+    fixed = engine(model, chunk_size=3, decode="static").prefill(static_cache, ids, mask)
     torch.testing.assert_close(fixed, plain, atol=1e-5, rtol=1e-5)
     real = mask.bool()[:, None, :, None]  # rows of padding positions are never read
     for plain_rows, static_rows in (
@@ -82,8 +92,17 @@ def test_static_prefill_chunks_match_the_ordinary_prefill(name, request):
         torch.testing.assert_close(
             static_rows[..., :10, :] * real, plain_rows[..., :10, :] * real, atol=1e-5, rtol=1e-5
         )
-    with pytest.raises(InvalidArgumentError, match="last position"):
-        prefill(model, ids, mask, model.new_cache(3, 12), 3, static=StaticDecoder(model, model.new_cache(3, 12)))
+    # every loop's logits of the last position, as the eager path gives them (melt eval problems)
+    for path in ("eager", "static"):
+        runner = engine(model, chunk_size=3, decode=path)
+        cache = runner.new_cache(3, 13)
+        per_loop = runner.prefill(cache, ids, mask, per_loop=True)
+        if path == "eager":
+            expected_loops = per_loop + runner.step(cache, ids[:, :1], per_loop=True)
+        else:
+            got = per_loop + runner.step(cache, ids[:, :1], per_loop=True)
+    for a, b in zip(got, expected_loops, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_static_step_keeps_exit_options(tiny_ckpt):
@@ -91,7 +110,9 @@ def test_static_step_keeps_exit_options(tiny_ckpt):
     ids, mask = padded_batch(model.config.vocab_size)
     for kwargs in ({"exit_at_step": 0}, {"exit_threshold": 0.3}, {"loops": 2}):
         expected = greedy_tokens(model, ids, mask, max_new_tokens=5, **kwargs)
-        assert torch.equal(greedy_tokens(model, ids, mask, max_new_tokens=5, static=True, **kwargs), expected), kwargs
+        assert torch.equal(greedy_tokens(model, ids, mask, max_new_tokens=5, decode="static", **kwargs), expected), (
+            kwargs
+        )
 
 
 def test_static_step_refuses_what_it_cannot_do(melt_ckpt):
@@ -100,13 +121,19 @@ def test_static_step_refuses_what_it_cannot_do(melt_ckpt):
         StaticDecoder(model, _int8(model))
     ids = torch.randint(3, model.config.vocab_size, (1, 4))
     with pytest.raises(InvalidArgumentError, match="adaptive depth"):
-        greedy_tokens(model, ids, max_new_tokens=3, static=True, depth=AdaptiveDepth(threshold=0.5))
+        greedy_tokens(model, ids, max_new_tokens=3, decode="static", depth=AdaptiveDepth(threshold=0.5))
     with pytest.raises(InvalidArgumentError, match="excludes --kv-dtype"):
-        GenerationSettings(compile=True, kv_dtype="int8", kv_group_size=4)
+        GenerationSettings(decode="compiled", kv_dtype="int8", kv_group_size=4)
+    with pytest.raises(InvalidArgumentError, match="excludes int8 / int4"):
+        EngineOptions(decode="static", kv_dtype="int8")
+    with pytest.raises(InvalidArgumentError, match="CUDA graphs need a CUDA device"):
+        engine(model, decode="graph")
+    # auto: eager on a CPU, and wherever a fixed-shape step cannot run
+    assert engine(model).path == "eager" and engine(model, decode="auto").path == "eager"
 
 
 def _int8(model):
-    from melt_core.models.quantized import kv_format
+    from melt_core.cache.quantized import kv_format
 
     return model.new_cache(1, 8, kv_dtype=kv_format("int8", group_size=4))
 
@@ -129,12 +156,13 @@ def test_compiled_decoding_gives_the_same_text(melt_ckpt):
     settings = GenerationSettings(max_new_tokens=6, stop_token_ids=(), batch_size=1, chunk_size=64)
     plain = generate_text(model, tokenizer, prompts, settings)
     graphs = counters["stats"]["unique_graphs"]
-    compiled = generate_text(model, tokenizer, prompts, replace(settings, compile=True))
+    compiled = generate_text(model, tokenizer, prompts, replace(settings, decode="compiled"))
     # prompts of several lengths: caches rounded up to the same length
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert [r.token_ids for r in compiled.results] == [r.token_ids for r in plain.results]
     # the first compiled step compiles: timed apart, not as decoding
-    assert compiled.stats.compile_seconds > 0 and plain.stats.compile_seconds == 0
+    assert compiled.stats.startup_seconds > 0 and plain.stats.startup_seconds == 0
+    assert (compiled.stats.decode_path, plain.stats.decode_path) == ("compiled", "eager")
     assert compiled.stats.decode_tokens_per_s > 0
 
 
@@ -151,11 +179,9 @@ def test_compiled_step_matches_eager_batched_and_alone(name, request):
     graphs = counters["stats"]["unique_graphs"]
 
     def compiled(ids, mask=None):
-        cache = model.new_cache(ids.shape[0], 16)  # one cache length: one shape per batch size
-        step = StaticDecoder(model, cache, compile=True)
-        sampler = Sampler(SamplingSettings())
-        steps = decode(model, ids, mask, cache, sampler, max_new_tokens=6, chunk_size=3, static=step)
-        return torch.stack(list(steps), dim=1)
+        runner = engine(model, chunk_size=3, decode="compiled")
+        cache = runner.new_cache(ids.shape[0], 16)  # one cache length: one shape per batch size
+        return torch.stack(list(runner.generate(cache, ids, mask, Sampler(SamplingSettings()), 6)), dim=1)
 
     assert torch.equal(compiled(ids, mask), expected)
     for b in range(3):
@@ -168,15 +194,20 @@ def test_compiled_step_matches_eager_batched_and_alone(name, request):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
-def test_compiled_step_on_cuda_gives_the_same_tokens(name, request):
-    """On CUDA (CUDA graphs, fused projections): the eager path's greedy tokens, padded batch."""
+def test_every_cuda_path_gives_the_eager_tokens(name, request):
+    """On CUDA (fused projections): the static step, the CUDA graph (the default) and the compiled
+    block give the eager path's greedy tokens, padded batch and each row alone; a graph is
+    captured once per shape and replayed."""
     model = load_model(request.getfixturevalue(name), device="cuda")
     ids, mask = (t.cuda() for t in padded_batch(model.config.vocab_size))
     expected = greedy_tokens(model, ids, mask, max_new_tokens=8, chunk_size=3)
-    cache = model.new_cache(3, 18)
-    step = StaticDecoder(model, cache, compile=True)
-    steps = decode(model, ids, mask, cache, Sampler(SamplingSettings()), max_new_tokens=8, chunk_size=3, static=step)
-    assert torch.equal(torch.stack(list(steps), dim=1), expected)
+    assert engine(model, decode="auto").path == "graph"
+    for path in ("static", "graph", "compiled"):
+        assert torch.equal(greedy_tokens(model, ids, mask, max_new_tokens=8, chunk_size=3, decode=path), expected)
+        for b in range(3):
+            row = ids[b : b + 1, int((mask[b] == 0).sum()) :]
+            got = greedy_tokens(model, row, max_new_tokens=8, chunk_size=3, decode=path)
+            assert torch.equal(got, expected[b : b + 1]), (path, b)
 
 
 @pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
@@ -221,7 +252,5 @@ def test_compiled_fused_step_gives_the_same_tokens(tiny_ckpt):
     model = load_model(tiny_ckpt)
     ids, mask = padded_batch(model.config.vocab_size)
     expected = greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3)
-    cache = model.new_cache(3, 16)
-    step = StaticDecoder(model, cache, compile=True, fuse=True)
-    steps = decode(model, ids, mask, cache, Sampler(SamplingSettings()), max_new_tokens=6, chunk_size=3, static=step)
-    assert torch.equal(torch.stack(list(steps), dim=1), expected)
+    step = StaticDecoder(model, model.new_cache(3, 16), compile=True, fuse=True)
+    assert torch.equal(stepped_greedy(model, ids, mask, step, 6), expected)

@@ -11,11 +11,11 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
+from melt_core.cache.quantized import kv_format
 from melt_core.data import is_problem_file
 from melt_core.errors import InvalidArgumentError
 from melt_core.evaluation import EvalReport, EvalSettings, evaluate_checkpoint, evaluate_problems
 from melt_core.evaluation.problems import DEFAULT_BATCH as PROBLEM_BATCH
-from melt_core.models.quantized import kv_format
 from melt_core.words import plural
 
 from .. import console

@@ -23,7 +23,19 @@ from melt_core.models import is_melt
 from melt_core.words import plural
 
 from .. import console
-from ..options import ChunkSize, Device, Dtype, Json, KvDtype, KvGroupSize, KvResidual, int_parser
+from ..options import (
+    ChunkSize,
+    Compile,
+    DecodePath,
+    Device,
+    Dtype,
+    Json,
+    KvDtype,
+    KvGroupSize,
+    KvResidual,
+    decode_path,
+    int_parser,
+)
 from ..progress import note
 
 EPILOG = """Examples:
@@ -39,6 +51,8 @@ EPILOG = """Examples:
   melt generate ./Ouro-1.4B --prompt "2 + 2 =" --json | jq .kv_cache_bytes_per_loop
 
   melt generate ./MELT-1.6B --prompt "2 + 2 =" --loops 8 --exit-threshold 0.9 --json | jq .mean_loops
+
+  melt generate ./MELT-1.6B --prompt "Once" --decode graph --json | jq .startup_seconds
 """
 
 
@@ -84,7 +98,8 @@ def _print_stats(report: GenerationReport) -> None:
     err(
         f"prefill: {s.prefill_tokens_per_s:,.1f} tokens/s ({s.prefill_seconds:.3f} s) | "
         f"decode: {s.decode_tokens_per_s:,.1f} tokens/s ({s.decode_seconds:.3f} s)"
-        + (f" | compile: {s.compile_seconds:.1f} s (first call of each step shape)" if s.compile_seconds else "")
+        + f" | decode path: {s.decode_path}"
+        + (f" | start-up: {s.startup_seconds:.1f} s (first call of each step shape)" if s.startup_seconds else "")
     )
     if is_melt(s):
         err(
@@ -155,15 +170,8 @@ def generate(
     ] = G.exit_kl,
     chunk_size: ChunkSize = G.chunk_size,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = G.batch_size,
-    compile: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="torch.compile a fixed-shape step for decoding and MELT's full prefill chunks: the same tokens, "
-            "faster decoding where per-step overhead dominates (small models); one decoder block is compiled, "
-            "whatever the depth, once per new shape (CUDA graphs on CUDA). Float KV rows, no adaptive depth.",
-        ),
-    ] = G.compile,
+    decode: DecodePath = G.decode,
+    compile: Compile = False,
     kv_dtype: KvDtype = G.kv_dtype,
     kv_group_size: KvGroupSize = G.kv_group_size,
     kv_residual: KvResidual = G.kv_residual,
@@ -184,7 +192,7 @@ def generate(
         kv_dtype=kv_dtype,
         kv_group_size=kv_group_size,
         kv_residual=kv_residual,
-        compile=compile,
+        decode=decode_path(decode, compile),
     )
     stdin_text = None
     if prompt is None and prompt_file is None and prompts_file is None and not sys.stdin.isatty():
@@ -210,7 +218,7 @@ def generate(
         _write(delta)
         line_open = not delta.endswith("\n")
 
-    def on_event(message: str) -> None:  # --compile: "compiling the decode step ...", then how long it took
+    def on_event(message: str) -> None:  # "compiling the decode step ..." / "capturing ...", then how long it took
         nonlocal line_open
         if line_open:  # on a line of its own, not inside the text streamed so far (one terminal, or 2>&1)
             console.err.print()

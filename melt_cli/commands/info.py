@@ -22,6 +22,12 @@ EPILOG = """Examples:
 """
 
 
+LAYOUT_ROWS = {
+    "shared": "one shared row per layer, any loop count",
+    "first_then_shared": "per layer: loop 1's row and one shared by later loops",
+}
+
+
 def info(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json is enough).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
@@ -55,9 +61,10 @@ def info(
         rows.append(("KV cache per token", f"{summary.kv_bytes_per_token:,} B ({plural(summary.loops, 'loop')})"))
     else:
         rows += [
-            ("KV cache per token", f"{summary.kv_bytes_per_token:,} B (one shared row per layer, any loop count)"),
+            ("KV cache per token", f"{summary.kv_bytes_per_token:,} B ({LAYOUT_ROWS[summary.melt['layout']]})"),
             ("gate parameters", f"{summary.gate_parameters:,}"),
             ("MELT policy / h0 / z0", f"{summary.melt['policy']} / {summary.melt['h0']} / {summary.melt['z0']}"),
+            ("MELT cache layout", summary.melt["layout"]),
             ("chunk size", str(summary.melt["chunk_size"])),
             ("converted from", str(summary.melt["source"])),
         ]

@@ -23,7 +23,20 @@ from melt_core.profiling import (
 )
 
 from .. import console
-from ..options import ChunkSize, Device, Dtype, Json, KvDtype, KvGroupSize, KvResidual, int_list, int_parser
+from ..options import (
+    ChunkSize,
+    Compile,
+    DecodePath,
+    Device,
+    Dtype,
+    Json,
+    KvDtype,
+    KvGroupSize,
+    KvResidual,
+    decode_path,
+    int_list,
+    int_parser,
+)
 
 MEMORY_EPILOG = """Examples:
 
@@ -183,8 +196,8 @@ def memory(
 
 def _speed_table(report: SpeedReport) -> Table:
     startup = ""
-    if report.decode_path == "compiled":
-        seconds = report.compile_seconds
+    if report.decode_path != "eager":
+        seconds = report.startup_seconds
         startup = f" (start-up: Ouro {seconds['ouro']:.1f} s, MELT {seconds['melt']:.1f} s)"
     table = Table(
         title=f"speed on {report.device}, {report.dtype}, KV rows {report.kv_dtype}, batch {report.batch}: "
@@ -246,14 +259,8 @@ def speed(
     rounds: Annotated[
         int, typer.Option(help="Timed rounds; Ouro and MELT alternate every round, the median round is shown.")
     ] = SP.rounds,
-    compile: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="Decode (and prefill MELT's full chunks) through melt generate --compile's compiled step; "
-            "its start-up is compiled before the timed rounds and reported apart. Float KV rows.",
-        ),
-    ] = SP.compile,
+    decode: DecodePath = SP.decode,
+    compile: Compile = False,
     kv_dtype: KvDtype = SP.kv_dtype,
     kv_group_size: KvGroupSize = SP.kv_group_size,
     kv_residual: KvResidual = SP.kv_residual,
@@ -271,7 +278,7 @@ def speed(
         chunk_size=chunk_size,
         seed=seed,
         rounds=rounds,
-        compile=compile,
+        decode=decode_path(decode, compile),
         kv_dtype=kv_dtype,
         kv_group_size=kv_group_size,
         kv_residual=kv_residual,

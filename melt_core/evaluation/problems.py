@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache.quantized import KVFormat
 from ..checkpoints import load_model, load_tokenizer
 from ..data import encode_problem, read_problems
 from ..errors import InvalidArgumentError
-from ..inference.decode import prefill
-from ..models.quantized import KVFormat
+from ..inference.engine import Engine, EngineOptions
 from ..runtime import resolve_device
 from .heldout import EvalReport
 
@@ -53,10 +53,11 @@ def answer_scores(
     loops: int | None,
     chunk_size: int | None = None,
     kv_dtype: str | KVFormat | None = None,
+    decode: str = "auto",
 ) -> list[tuple[list[bool], list[float]]]:
     """Per (prompt ids, answer ids) pair of one batch, per loop: whether the answer is greedy, and
     its summed NLL. Prompts are left-padded; the answer is fed token by token through the cache
-    (rows stored as ``kv_dtype``: ``models.quantized.kv_format``)."""
+    (rows stored as ``kv_dtype``: ``cache.quantized.kv_format``), on the engine's ``decode`` path."""
     device = model.device
     B = len(pairs)
     S = max(len(p) for p, _ in pairs)
@@ -70,15 +71,15 @@ def answer_scores(
     ids, answers = ids.to(device), answers.to(device)
     mask_arg = None if bool(mask.all()) else mask.to(device)
     count = model.config.resolve_loops(loops)
-    cache = model.new_cache(B, S + A, count, kv_dtype=kv_dtype)
+    engine = Engine(model, EngineOptions(loops=count, chunk_size=chunk_size, kv_dtype=kv_dtype, decode=decode))
+    cache = engine.new_cache(B, S + A)
     # per answer position, per loop (B, V) log-probabilities: the prefill of `melt generate`, then decode steps
-    logits = prefill(model, ids, mask_arg, cache, chunk_size, align="end", last_only=True, per_loop=True, loops=count)
+    logits = engine.prefill(cache, ids, mask_arg, per_loop=True)
     steps = []
     for j in range(A):
         steps.append([F.log_softmax(lg.float(), -1) for lg in logits])
         if j + 1 < A:
-            logits = model(answers[:, j : j + 1], cache=cache, loops=count, return_loop_logits=True).loop_logits
-            logits = [lg[:, -1] for lg in logits]
+            logits = engine.step(cache, answers[:, j : j + 1], per_loop=True)
     out = []
     for b, (_, answer) in enumerate(pairs):
         greedy, nll = [], []
@@ -106,7 +107,7 @@ def evaluate_problems(
 ) -> EvalReport:
     """Greedy-answer accuracy and answer loss per loop of a checkpoint on a problem file (its first
     ``limit`` problems); ``loops``: the loop counts to run (None: the model's own); ``kv_dtype``:
-    how the cache stores rows (``models.quantized.kv_format``; None: the model's dtype)."""
+    how the cache stores rows (``cache.quantized.kv_format``; None: the model's dtype)."""
     if limit is not None and limit < 1:
         raise InvalidArgumentError(f"--limit must be >= 1, got {limit}")
     batch_size = DEFAULT_BATCH if batch_size is None else batch_size

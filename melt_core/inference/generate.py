@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..cache.quantized import KVFormat, kv_format
 from ..checkpoints import load_config, load_model, load_tokenizer
 from ..checkpoints.io import read_weight_headers, stored_dtype
 from ..data import read_jsonl_field, read_text_file
@@ -26,18 +27,16 @@ from ..errors import InvalidArgumentError
 from ..models import OuroConfig, is_melt
 from ..models.adaptive import AdaptiveDepth, ExitStats
 from ..models.config import validate_loops
-from ..models.quantized import KVFormat, kv_format
 from ..runtime import check_fits, peak_memory_so_far, reset_peak_memory, resolve_device
 from ..words import plural
-from .decode import decode
+from .engine import DECODE_PATHS, DecodePath, Engine, EngineOptions, ExitAtLoop, ExitPolicy, ExitThreshold
 from .sampling import Sampler, SamplingSettings
-from .static_decode import StaticDecoder
 from .text import TextStream, default_stop_token_ids, encode_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-COMPILE_LENGTH_STEP = 256  # --compile rounds a batch's cache length up to a multiple of this
+FIXED_LENGTH_STEP = 256  # a fixed-shape decode path rounds a batch's cache length up to a multiple of this
 
 
 @dataclass
@@ -57,13 +56,14 @@ class GenerationSettings:
       token; all loops run, because a later token's loop t reads every earlier token's loop-t row.
     chunk_size: prefill chunk size (None: MELT's trained chunk size; Ouro's whole prompt).
     batch_size: prompts decoded together (left-padded) in batch mode.
-    compile: decode (and prefill MELT's full chunks) through a fixed-shape step whose one decoder block
-      is ``torch.compile``d and reused by every layer and loop (``inference.static_decode``: compile
-      time does not grow with depth): the same tokens; it pays most where per-step overhead, not
-      memory bandwidth, bounds decoding (small models), and each new shape is compiled once first
-      (README, "Benchmark: decode speed against the reference and the bandwidth floor"). The cache
-      length is rounded up to a multiple of ``COMPILE_LENGTH_STEP`` (one compiled step for many
-      prompt lengths); ``kv_cache_bytes`` counts those positions.
+    decode: the decode path (``inference.engine``): ``auto`` (CUDA graphs on CUDA, eager elsewhere),
+      ``eager``, ``static`` (the fixed-shape step), ``graph`` (it, captured as CUDA graphs) or
+      ``compiled`` (its one decoder block ``torch.compile``d and reused by every layer and loop:
+      compile time does not grow with depth). The same tokens on every path; the fixed-shape ones
+      pay where per-step overhead, not memory bandwidth, bounds decoding, and each new shape is
+      compiled or captured once first (README, "Benchmark: decode speed"). Their cache length is
+      rounded up to a multiple of ``FIXED_LENGTH_STEP`` (one step for many prompt lengths);
+      ``kv_cache_bytes`` counts those positions.
     """
 
     max_new_tokens: int = 256
@@ -82,7 +82,7 @@ class GenerationSettings:
         None  # channels per scale for int8 / int4 (None: the largest even divisor of head_dim up to 32)
     )
     kv_residual: int = 0  # int8 / int4: the most recent positions kept in full precision
-    compile: bool = False
+    decode: DecodePath = "auto"
 
     def __post_init__(self) -> None:
         self.kv_format()  # a bad name, group size or window fails now
@@ -106,8 +106,10 @@ class GenerationSettings:
             if self.exit_at_step is not None:
                 raise InvalidArgumentError("exit-at-step and exit-kl exclude each other: exit-at-step always wins")
             AdaptiveDepth(kl=self.exit_kl)  # checks the value
-        if self.compile and self.kv_format().quant is not None:
-            raise InvalidArgumentError("--compile decodes from float rows: it excludes --kv-dtype int8 / int4")
+        if self.decode not in DECODE_PATHS:
+            raise InvalidArgumentError(f"unknown decode path {self.decode!r}; use one of {', '.join(DECODE_PATHS)}")
+        if self.decode in ("static", "graph", "compiled") and self.kv_format().quant is not None:
+            raise InvalidArgumentError(f"--decode {self.decode} reads float rows: it excludes --kv-dtype int8 / int4")
 
     def adaptive_depth(self, model: nn.Module) -> AdaptiveDepth | None:
         """MELT's adaptive depth when an exit criterion is given; None: every token runs every loop."""
@@ -125,16 +127,22 @@ class GenerationSettings:
     def kv_format(self) -> KVFormat:
         return kv_format(self.kv_dtype, self.kv_group_size, self.kv_residual)
 
-    def forward_kwargs(self, depth: AdaptiveDepth | None = None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"loops": self.loops}
+    def exit_policy(self, depth: AdaptiveDepth | None = None) -> ExitPolicy:
+        """The engine's exit policy: adaptive depth (MELT), a fixed loop, or the exit gate's threshold."""
         if depth is not None:
-            kwargs["depth"] = depth
-            return kwargs
+            return depth
         if self.exit_at_step is not None:
-            kwargs["exit_at_step"] = self.exit_at_step
-        if self.exit_threshold is not None:
-            kwargs["exit_threshold"] = self.exit_threshold
-        return kwargs
+            return ExitAtLoop(self.exit_at_step)
+        return ExitThreshold("config" if self.exit_threshold is None else self.exit_threshold)
+
+    def engine_options(self, depth: AdaptiveDepth | None = None) -> EngineOptions:
+        return EngineOptions(
+            loops=self.loops,
+            exit=self.exit_policy(depth),
+            chunk_size=self.chunk_size,
+            kv_dtype=self.kv_format(),
+            decode=self.decode,
+        )
 
 
 @dataclass
@@ -157,9 +165,9 @@ class GenerationStats:
     """Numbers of one run (all batches).
 
     Throughput counts positions fed to the model: prefill = rows x padded prompt length per second
-    of prefill; decode = rows x one-token steps per second of decoding. With ``compile`` the first
-    call of each shape of the step compiles it: its time is ``compile_seconds``, not prefill or
-    decoding.
+    of prefill; decode = rows x one-token steps per second of decoding. decode_path: the engine's
+    (``eager``, ``static``, ``graph``, ``compiled``); on the last two the first call of each shape of
+    the step compiles or captures it: its time is ``startup_seconds``, not prefill or decoding.
     kv_cache_bytes: exact K/V storage of the (largest) preallocated cache (prompt + max new tokens).
     kv_cache_bytes_per_loop: the storage each loop adds — Ouro: its own (loop, layer) slots, equal
       for every loop; MELT: loop 1 holds the one shared row per token and layer, later loops add 0.
@@ -183,7 +191,8 @@ class GenerationStats:
     prefill_tokens_per_s: float
     decode_seconds: float
     decode_tokens_per_s: float
-    compile_seconds: float
+    decode_path: str
+    startup_seconds: float
     kv_cache_bytes: int
     kv_cache_bytes_per_loop: list[int]
     kv_cache_positions: int
@@ -224,7 +233,7 @@ def generate_text(
     prefill chunks are aligned to the end of the prompt, so that greedy results are identical to
     generating each prompt alone. ``on_text(index, delta)`` receives each prompt's text as it
     becomes final; ``on_result`` each finished prompt's result; ``on_event(message)`` what takes
-    long between tokens (``compile``: each compilation of the step, started and done).
+    long between tokens (a fixed-shape step's compilation or CUDA-graph capture, started and done).
     """
     settings = settings or GenerationSettings()
     config = model.config
@@ -251,14 +260,12 @@ def generate_text(
     sampler = Sampler(settings.sampling, device)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     depth = settings.adaptive_depth(model)
-    if depth is not None and settings.compile:
-        raise InvalidArgumentError("adaptive depth changes the work per row at every step: it excludes --compile")
-    forward_kwargs = settings.forward_kwargs(depth)
+    engine = Engine(model, settings.engine_options(depth), on_event=on_event)
     decode_depth = ExitStats()  # adaptive depth's counters of decode steps only
 
     reset_peak_memory(device)
     results: list[GenerationResult] = []
-    prefill_s = decode_s = compile_s = 0.0
+    prefill_s = decode_s = startup_s = 0.0
     prefill_positions = decode_positions = 0
     kv_bytes, kv_per_loop, kv_positions = 0, [0] * loops, 0
     for first in range(0, len(prompts), settings.batch_size):
@@ -274,47 +281,31 @@ def generate_text(
         input_ids, mask = input_ids.to(device), mask.to(device)
         mask_arg = None if bool(mask.all()) else mask
         positions = S + steps
-        if settings.compile:  # the compiled step is specialised to the cache length: few lengths, few compiles
-            positions = -(-positions // COMPILE_LENGTH_STEP) * COMPILE_LENGTH_STEP
+        if engine.path != "eager":  # a fixed-shape step is specialised to the cache length: few lengths
+            positions = min(limit, -(-positions // FIXED_LENGTH_STEP) * FIXED_LENGTH_STEP)
         check_kv_fits(config, model.dtype, settings, loops, B, positions, device)
-        cache = model.new_cache(B, positions, loops, kv_dtype=settings.kv_format())
+        cache = engine.new_cache(B, positions)
         if cache.nbytes() > kv_bytes:
             kv_bytes, kv_per_loop, kv_positions = cache.nbytes(), cache.nbytes_per_loop(), positions
         streams = [TextStream(tokenizer, settings.stop) for _ in rows]
         counts, reasons = [0] * B, [""] * B
-        # --compile: the fixed-shape step (decoding, full prefill chunks); the first call of each of
-        # its shapes compiles (or loads) it, which is timed apart, as compile_seconds
-        static = (
-            StaticDecoder(model, cache, compile=True, on_event=on_event, **forward_kwargs) if settings.compile else None
-        )
-        compiled_so_far = 0.0
+        # the first call of each fixed shape compiles or captures it: timed apart, as startup_seconds
+        started_so_far = engine.startup_seconds
 
         start = time.perf_counter()
         last = start
         yielded = 0
-        with closing(
-            decode(
-                model,
-                input_ids,
-                mask_arg,
-                cache,
-                sampler,
-                max_new_tokens=steps,
-                chunk_size=settings.chunk_size,
-                static=static,
-                **forward_kwargs,
-            )
-        ) as tokens:
+        with closing(engine.generate(cache, input_ids, mask_arg, sampler, steps)) as tokens:
             for next_ids in tokens:
                 next_list = next_ids.tolist()  # waits for the device: the timings below are honest
                 now = time.perf_counter()
-                compiled = 0.0 if static is None else static.compile_seconds - compiled_so_far
-                compiled_so_far, compile_s = compiled_so_far + compiled, compile_s + compiled
+                started = engine.startup_seconds - started_so_far
+                started_so_far, startup_s = started_so_far + started, startup_s + started
                 if yielded == 0:
-                    prefill_s += now - start - compiled
+                    prefill_s += now - start - started
                     prefill_positions += B * S
                     after_prefill = replace(depth.stats) if depth is not None else None
-                elif compiled == 0.0:  # a step that compiled is not decoding time
+                elif started == 0.0:  # a step that compiled or was captured is not decoding time
                     decode_s += now - last
                     decode_positions += B
                 last, yielded = now, yielded + 1
@@ -372,7 +363,8 @@ def generate_text(
         prefill_tokens_per_s=prefill_positions / prefill_s if prefill_s else 0.0,
         decode_seconds=decode_s,
         decode_tokens_per_s=decode_positions / decode_s if decode_s else 0.0,
-        compile_seconds=compile_s,
+        decode_path=engine.path,
+        startup_seconds=startup_s,
         kv_cache_bytes=kv_bytes,
         kv_cache_bytes_per_loop=kv_per_loop,
         kv_cache_positions=kv_positions,

@@ -27,8 +27,11 @@ the same code as the others (``SlotRows``). The mask, RoPE rows and embedding ar
 step, outside; the per-loop norm and the head run eagerly. On CUDA the block is compiled with
 ``mode="reduce-overhead"`` (CUDA graphs; the cache rows are marked as static addresses); on a CPU
 with options chosen for start-up (``CPU_COMPILE_OPTIONS``). It compiles once per shape (batch x
-tokens x positions), which torch's caches then reuse; ``compile_seconds`` is the time of those
+tokens x positions), which torch's caches then reuse; ``startup_seconds`` is the time of those
 first calls.
+
+With ``cuda_graph=True`` (CUDA, no torch.compile) each shape's eager step is captured once as a CUDA
+graph (``CapturedStep``) and replayed: the ~50 kernels of every layer and loop launch as one graph.
 Greedy tokens equal the ordinary step's; logits agree to float rounding (attention over masked
 zeros runs another kernel; the fused projections sum in another order; the compiled kernels
 order some sums otherwise).
@@ -43,12 +46,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..cache import KVCache
+from ..cache.rows import PreallocatedRows
 from ..errors import InvalidArgumentError
-from ..models import KVCache, is_melt
-from ..models.kv import PerLoopKV, SharedKV
+from ..models import is_melt
 from ..models.layers import BlockInputs, rope_cos_sin
 from ..models.ouro import exit_pdf, exit_step, hidden_at
-from ..models.rows import PreallocatedRows
 from ..models.update_rules import GATE_MODULE, UpdateRule
 from ..runtime import synchronize
 
@@ -120,8 +123,10 @@ class StaticDecoder:
 
     ``exit_at_step`` / ``exit_threshold`` as in ``OuroForCausalLM.forward`` (``"config"``: the
     config's threshold). ``fuse``: fused projections (``fuse_projections``); None: on CUDA only.
-    ``on_event(message)`` (with ``compile``): told when the first call of a shape starts compiling
-    and how long it took (about ten seconds cold on a CPU, whatever the depth).
+    ``compile``: the block compiled; ``cuda_graph``: each shape's step captured as a CUDA graph on
+    its first call (``CapturedStep``) and replayed after. ``on_event(message)``: told when the first
+    call of a shape starts compiling (about ten seconds cold on a CPU, whatever the depth) or
+    capturing, and how long it took (``startup_seconds``: their sum).
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class StaticDecoder:
         exit_at_step: int | None = None,
         exit_threshold: float | None | str = "config",
         compile: bool = False,
+        cuda_graph: bool = False,
         fuse: bool | None = None,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
@@ -154,8 +160,7 @@ class StaticDecoder:
         # the cache layout's slot of (loop, layer), and each slot's rows as a view made once (a
         # compiled block sees the same tensors at every step)
         N, store = model.config.num_hidden_layers, cache.store
-        layout: Any = SharedKV(self.rule, store, N, 0) if self.rule is not None else PerLoopKV(store, N, 0)
-        self.slots = [[layout.slot(loop, i) for i in range(N)] for loop in range(self.loops)]
+        self.slots = [[cache.layout.slot(loop, i) for i in range(N)] for loop in range(self.loops)]
         self.rows = [(store.keys[slot], store.values[slot]) for slot in range(store.num_slots)]
         self.first = [torch.tensor(loop == 0, device=device) for loop in range(2)]  # SlotRows.first
         self.block = decoder_block
@@ -165,15 +170,20 @@ class StaticDecoder:
                 for keys, values in self.rows:
                     torch._dynamo.mark_static_address(keys)
                     torch._dynamo.mark_static_address(values)
-        self.compiling = compile
-        self.compile_seconds = 0.0  # the first call of each shape: compilation (or a cache load)
-        self._shapes: set[tuple[int, ...]] = set()
+        if cuda_graph and (compile or device.type != "cuda"):
+            raise InvalidArgumentError("a CUDA graph captures the eager fixed-shape step, on a CUDA device")
+        self.compiling, self.cuda_graph = compile, cuda_graph
+        self.startup_seconds = 0.0  # the first call of each shape: compilation (or a cache load), or capture
+        self._shapes: set[tuple[int | bool, ...]] = set()
+        self._graphs: dict[tuple[int | bool, ...], CapturedStep] = {}
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graph else None  # one memory pool for every shape
         self.on_event = on_event
 
     @torch.no_grad()
-    def __call__(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def __call__(self, ids: Tensor, attention_mask: Tensor | None = None, *, per_loop: bool = False) -> Tensor:
         """Last-position logits (B, V) after feeding ``ids`` (B, C) (``attention_mask``: their
-        real tokens, as for ``model(ids, attention_mask, cache=cache)``)."""
+        real tokens, as for ``model(ids, attention_mask, cache=cache)``); ``per_loop``: every
+        loop's, (T, B, V)."""
         # a chunk sliced from a prompt has the prompt's row stride (kept by .contiguous() for one row)
         ids, C = ids.clone(memory_format=torch.contiguous_format), ids.shape[1]
         start, _ = self.cache.begin(C, attention_mask)
@@ -181,27 +191,35 @@ class StaticDecoder:
         # real tokens before each one: the same positions as left-padded alone (``position_ids_for``)
         real_before = self.cache.ledger.valid[:, : start + C].long().cumsum(-1)
         positions = (real_before[:, start:] - 1).clamp(min=0)  # contiguous too
+        shape = (*ids.shape, per_loop)
+        if shape in self._graphs:
+            return self._graphs[shape](ids, positions, index)
         # the compiled step is specialised to shapes and strides: every input is contiguous
-        if not self.compiling or tuple(ids.shape) in self._shapes:
-            return self._step(ids, positions, index)
+        if not (self.compiling or self.cuda_graph) or shape in self._shapes:
+            return self._step(ids, positions, index, per_loop)
         step = "the decode step" if C == 1 else f"the {C}-token prefill step"
+        doing = "capturing" if self.cuda_graph else "compiling"
         if self.on_event is not None:
-            self.on_event(f"compiling {step} (batch {ids.shape[0]}, {self.cache.max_len:,} positions) ...")
+            self.on_event(f"{doing} {step} (batch {ids.shape[0]}, {self.cache.max_len:,} positions) ...")
         began = time.perf_counter()
-        # every (shape, model) is an entry of the one compiled block: more than torch's default 8
-        with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-            logits = self._step(ids, positions, index)
+        if self.cuda_graph:
+            self._graphs[shape] = CapturedStep(self._step, ids, positions, index, per_loop, self._pool)
+            logits = self._graphs[shape].outputs.clone()
+        else:
+            # every (shape, model) is an entry of the one compiled block: more than torch's default 8
+            with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+                logits = self._step(ids, positions, index, per_loop)
         synchronize(ids.device)
         seconds = time.perf_counter() - began
-        self.compile_seconds += seconds
-        self._shapes.add(tuple(ids.shape))
+        self.startup_seconds += seconds
+        self._shapes.add(shape)
         if self.on_event is not None:
-            self.on_event(f"compiled {step} in {seconds:.1f} s")
+            self.on_event(f"{'captured' if self.cuda_graph else 'compiled'} {step} in {seconds:.1f} s")
         return logits
 
-    def _step(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
+    def _step(self, ids: Tensor, positions: Tensor, index: Tensor, per_loop: bool = False) -> Tensor:
         """Last-position logits (B, V) of ``ids`` (B, C) at ``positions`` (B, C), written at cache
-        positions ``index`` (C,)."""
+        positions ``index`` (C,); ``per_loop``: every loop's, (T, B, V)."""
         model = self.model
         rope = (self.cos[positions][:, None], self.sin[positions][:, None])  # (B, 1, C, d)
         keys, queries = self.key_positions[None], index[:, None]  # (1, max_len), (C, 1)
@@ -223,6 +241,8 @@ class StaticDecoder:
                 x, latent[i] = self.block(layer, i, x, inputs)
             x = model.model.norm(x)  # h_t: this loop's output and the next loop's input
             hidden.append(x[:, -1:])
+        if per_loop:
+            return model.lm_head(torch.stack(hidden))[:, :, -1]
         return self._logits(hidden)[:, -1]
 
     def _logits(self, hidden: list[Tensor]) -> Tensor:
@@ -234,6 +254,46 @@ class StaticDecoder:
             return model.lm_head(hidden[-1])
         pdf = exit_pdf([model.model.early_exit_gate(h).squeeze(-1) for h in hidden])  # (B, 1, T)
         return model.lm_head(hidden_at(hidden, exit_step(pdf, self.exit_threshold)))
+
+
+class CapturedStep:
+    """A fixed-shape step captured as one CUDA graph: static input buffers (``ids``, ``positions``,
+    ``index``) copied into before each ``replay``, static ``outputs`` (the logits) cloned after.
+
+    Capture does not run kernels, and the step writes the cache in place, so the first call runs the
+    step eagerly (twice, on a side stream: kernels are chosen and workspaces allocated) and then
+    captures it; every run writes the same rows at the same positions from the same inputs and the
+    cache's earlier rows, so those runs leave the cache as one step does. The cache rows, the
+    ledger's validity and the RoPE tables are the step's own tensors, whose addresses never change.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[Tensor, Tensor, Tensor, bool], Tensor],
+        ids: Tensor,
+        positions: Tensor,
+        index: Tensor,
+        per_loop: bool,
+        pool: Any,
+    ) -> None:
+        self.ids, self.positions, self.index = ids.clone(), positions.clone(), index.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(self.ids, self.positions, self.index, per_loop)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = step(self.ids, self.positions, self.index, per_loop)
+        self.graph.replay()
+
+    def __call__(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.index.copy_(index)
+        self.graph.replay()
+        return self.outputs.clone()  # the next replay overwrites the buffer
 
 
 def _compiled(block: Callable[..., Any], device: torch.device) -> Callable[..., Any]:

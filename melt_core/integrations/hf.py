@@ -5,10 +5,10 @@ transformers' auto classes are imported: ``autoregister``) makes ``AutoConfig`` 
 load ``ouro`` and ``melt`` checkpoint directories into ``HFOuroForCausalLM`` / ``HFMeltForCausalLM``:
 real ``PreTrainedModel`` + ``GenerationMixin`` classes whose ``model`` and ``lm_head`` submodules
 ARE melt's (the same modules, so the checkpoint's tensor names load as they are, and ``dtype``,
-``device_map`` and ``save_pretrained`` work as for any transformers model). The forward is melt's:
-``generate()`` decodes through melt's per-loop (Ouro) or shared (MELT) cache wrapped in a
-transformers ``Cache`` (``LoopedCache``), MELT's prefill is chunked as ``melt generate`` chunks it
-(aligned to the prompt's end), and left-padded batches are exact.
+``device_map`` and ``save_pretrained`` work as for any transformers model). The forward is melt's: ``generate()``
+decodes through melt's inference engine (``inference.engine``, the one ``melt generate`` runs:
+MELT's prefill chunked as it chunks it, left-padded batches exact, CUDA graphs on CUDA) and its
+cache, wrapped in a transformers ``Cache`` (``LoopedCache``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..cache import KVCache
 from ..errors import InvalidArgumentError
-from ..models import KVCache, OuroConfig, is_melt
-from ..models.chunks import chunk_lengths
+from ..inference.engine import Engine, EngineOptions
+from ..models import OuroConfig, is_melt
 from ..models.layers import RMSNorm
 from ..models.registry import config_from_dict, model_class
 from ..models.update_rules import KVGate
@@ -67,14 +68,16 @@ class MeltHFConfig(_LoopedConfig):
 
 
 class LoopedCache(Cache):
-    """A transformers ``Cache`` over a melt ``KVCache`` (Ouro: a slot per (loop, layer); MELT: one
-    per layer, shared by all loops), grown by doubling as ``generate`` asks for more positions."""
+    """A transformers ``Cache`` over a melt ``KVCache`` (its layout: Ouro's slot per (loop, layer),
+    MELT's one per layer shared by all loops) and the engine that runs it, grown by doubling as
+    ``generate`` asks for more positions."""
 
     is_compileable = False
 
     def __init__(self, model: nn.Module, batch_size: int, loops: int | None) -> None:
         super().__init__(layers=[])
         self.model, self.batch_size_, self.loops = model, batch_size, loops
+        self.engine = Engine(model, EngineOptions(loops=loops))
         self.kv: KVCache | None = None
 
     def reserve(self, num_tokens: int) -> KVCache:
@@ -86,7 +89,7 @@ class LoopedCache(Cache):
                 f"{needed} positions exceed the model's maximum {limit} (max_position_embeddings)"
             )
         if self.kv is None:
-            self.kv = self.model.new_cache(self.batch_size_, min(limit, max(needed, 256)), self.loops)
+            self.kv = self.engine.new_cache(self.batch_size_, min(limit, max(needed, 256)))
         elif needed > self.kv.max_len:
             self.kv = self.kv.resized(min(limit, max(needed, 2 * self.kv.max_len)))
         return self.kv
@@ -183,9 +186,9 @@ class _LoopedForCausalLM(PreTrainedModel, GenerationMixin):
                 hidden, taps = self.looped.forward_hidden(
                     input_ids, attention_mask, loops=loops, checkpoint=self._gradient_checkpointing_func
                 )
-            out = self.looped.head(hidden, taps, num_logits_to_keep=logits_to_keep)
+            logits = self.looped.head(hidden, taps, num_logits_to_keep=logits_to_keep).logits
         elif not use_cache:
-            out = self.looped(input_ids, attention_mask, loops=loops, num_logits_to_keep=logits_to_keep)
+            logits = self.looped(input_ids, attention_mask, loops=loops, num_logits_to_keep=logits_to_keep).logits
         else:
             if not isinstance(cache, LoopedCache):
                 if cache is not None and cache.get_seq_length() > 0:
@@ -197,15 +200,17 @@ class _LoopedForCausalLM(PreTrainedModel, GenerationMixin):
                     "a batch to generate from must be left-padded: load the tokenizer with padding_side='left'"
                 )
             kv = cache.reserve(S)
-            body: dict[str, Any] = {"cache": kv, "loops": cache.loops}
-            if is_melt(self.looped):  # prefill chunks aligned to the end of the prompt, as melt generate
-                body["chunk_size"] = chunk_lengths(S, self.looped.config.melt.chunk_size, "end")
-            out = self.looped(input_ids, new_mask, num_logits_to_keep=logits_to_keep, **body)
+            if kv.length and S == 1:  # a decode step
+                logits = cache.engine.step(kv, input_ids)[:, None]
+            elif logits_to_keep == 1:  # generate()'s prefill: the last position's logits
+                logits = cache.engine.prefill(kv, input_ids, new_mask)[:, None]
+            else:
+                logits = cache.engine.prefill(kv, input_ids, new_mask, all_positions=True)[:, -logits_to_keep:]
         loss = None
         if labels is not None:
-            logits = out.logits[:, :-1].float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{_CACHE_FIELD: cache if use_cache else None})
+            shifted = logits[:, :-1].float()
+            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
 
 class HFOuroForCausalLM(_LoopedForCausalLM):

@@ -1,11 +1,11 @@
-"""The model code: configs, the shared block, KV policies and row stores, Ouro and MELT.
+"""The model code: configs, the shared block, KV policies, Ouro and MELT (the cache itself: ``melt_core.cache``).
 
 No I/O, no training, no sampling here: loading lives in ``melt_core.checkpoints``, generation in
 ``melt_core.inference``, training in ``melt_core.training``.
 """
 
+from ..cache import KVCache
 from .config import MeltConfig, MeltSettings, OuroConfig
-from .kv import KVCache
 from .melt import MeltForCausalLM
 from .ouro import LoopLMOutput, OuroForCausalLM
 from .registry import MODEL_TYPES, config_from_dict, is_melt, is_ouro

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from ..cache.layout import MELT_LAYOUTS, CacheLayout, cache_layout
+from ..cache.quantized import KVFormat
 from ..errors import ConfigError, InvalidArgumentError, UnsupportedModelError
-from .quantized import KVFormat
 from .update_rules import UPDATE_RULES
 
 # Keys melt writes itself and does not keep in ``extra``.
@@ -178,10 +179,14 @@ class OuroConfig:
         """The loop count of a forward: ``loops``, or the trained ``total_ut_steps`` when None."""
         return self.total_ut_steps if loops is None else validate_loops(loops)
 
+    def cache_layout(self) -> CacheLayout:
+        """Which slot each (loop, layer) writes (``cache.layout``): Ouro's ``per_loop``."""
+        return cache_layout("per_loop", self.num_hidden_layers)
+
     def kv_slots_per_loop(self, loops: int | None = None) -> list[int]:
-        """Cache slots (one K and one V row per token each) that every loop adds: Ouro keeps one per
-        (loop, layer), so each loop adds a layer stack. The one place that sizes a KV cache."""
-        return [self.num_hidden_layers] * self.resolve_loops(loops)
+        """Cache slots (one K and one V row per token each) that every loop adds, by the layout:
+        Ouro keeps one per (loop, layer), so each loop adds a layer stack."""
+        return self.cache_layout().slots_per_loop(self.resolve_loops(loops))
 
     def kv_bytes_per_loop(self, dtype: torch.dtype, loops: int | None = None, kv: KVFormat | None = None) -> list[int]:
         """KV bytes per token that each loop adds; ``kv``: how rows are stored (default: in ``dtype``)."""
@@ -249,6 +254,9 @@ class MeltSettings:
       element-wise learned gate), ``scalar`` (one learned gate value per layer and token), or the
       training-free ``last`` (z = 0), ``first`` (z = 1: the first loop's row), ``mean`` (running
       mean over loops), ``ema`` (EMA over loops).
+    layout: the cache layout (``cache.layout``) — ``shared`` (MELT: one slot per layer, every loop
+      overwrites it) or ``first_then_shared`` (loop 1's rows kept apart, later loops share a slot:
+      twice the memory).
     h0: the latent state before loop 1 for ``gate``/``scalar``: ``first_input`` (h = u at loop 1,
       so loop 1 writes Ouro's loop-1 row) or ``zeros``. The other policies always start from u, so
       ``zeros`` with them is an error.
@@ -259,6 +267,7 @@ class MeltSettings:
     """
 
     policy: str = "gate"
+    layout: str = "shared"
     h0: str = "first_input"
     z0: float = 0.1
     chunk_size: int = 500
@@ -271,6 +280,8 @@ class MeltSettings:
                 raise ConfigError(f"melt.{name} must be a number, got {_kind(getattr(self, name))}")
         if not isinstance(self.policy, str) or self.policy not in MELT_POLICIES:
             raise ConfigError(f"melt.policy must be one of {', '.join(MELT_POLICIES)}, got {self.policy!r}")
+        if not isinstance(self.layout, str) or self.layout not in MELT_LAYOUTS:
+            raise ConfigError(f"melt.layout must be one of {', '.join(MELT_LAYOUTS)}, got {self.layout!r}")
         if not isinstance(self.h0, str) or self.h0 not in MELT_H0:
             raise ConfigError(f"melt.h0 must be one of {', '.join(MELT_H0)}, got {self.h0!r}")
         if self.h0 != "first_input" and not self.learned:
@@ -315,9 +326,10 @@ class MeltConfig(OuroConfig):
                 raise ConfigError(f"unknown key(s) in the melt section: {', '.join(sorted(unknown))}")
             self.melt = MeltSettings(**self.melt)
 
-    def kv_slots_per_loop(self, loops: int | None = None) -> list[int]:
-        """One shared slot per layer, created at loop 1 and overwritten by later loops."""
-        return [self.num_hidden_layers] + [0] * (self.resolve_loops(loops) - 1)
+    def cache_layout(self) -> CacheLayout:
+        """The MELT section's layout: ``shared`` (one slot per layer, created at loop 1 and
+        overwritten by later loops) or ``first_then_shared``."""
+        return cache_layout(self.melt.layout, self.num_hidden_layers)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

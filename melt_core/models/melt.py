@@ -23,13 +23,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..cache import KVCache
+from ..cache.rows import GrowingRows, RowState, TokenLedger
 from ..errors import InvalidArgumentError
 from .adaptive import AdaptiveDepth, adaptive_loop_stack
-from .chunks import RowShift, chunk_lengths
+from .chunks import ChunkAlign, RowShift, chunk_lengths
 from .config import MeltConfig, OuroConfig
-from .kv import InterpolatedKV, KVCache, PerLoopKV, SharedKV
+from .kv import InterpolatedKV, PerLoopKV, SharedKV
 from .ouro import LoopLMOutput, OuroForCausalLM
-from .rows import GrowingRows, RowState, TokenLedger
 from .update_rules import GATE_MODULE, UPDATE_RULES, UpdateRule, is_gate_parameter
 
 
@@ -84,8 +85,11 @@ class MeltForCausalLM(OuroForCausalLM):
         Chunks of ``chunk_size`` tokens (default: the config's; or a list of chunk lengths) run
         sequentially, all loops and layers per chunk; each chunk
         attends to the final rows of earlier chunks. With a ``cache`` the rows go to its store
-        (prefill, decoding: a chunk of one token); without one, see ``forward_chunkwise``.
-        ``depth``: adaptive depth (``models.adaptive``), tokens leave the loop early; needs a cache.
+        (prefill, decoding: a chunk of one token) and an int ``chunk_size`` is aligned to the end of
+        the input (generation's alignment: every row of a left-padded batch falls into the chunks it
+        gets alone); without one, see ``forward_chunkwise``.
+        ``depth``: adaptive depth (``models.adaptive``), tokens leave the loop early; needs a cache
+        whose layout leaves each token's final row where later tokens read it (``shared``).
         """
         if cache is None:
             if depth is not None:
@@ -95,14 +99,19 @@ class MeltForCausalLM(OuroForCausalLM):
             )
         if depth is not None and return_attn_outputs:
             raise InvalidArgumentError("adaptive depth skips loops: it has no per-loop attention outputs to return")
+        if depth is not None and not cache.layout.final_rows_only:
+            raise InvalidArgumentError(
+                f"adaptive depth needs the shared cache layout: with {cache.layout.name}, a token that "
+                "stops early would leave a later loop's slot unwritten"
+            )
         loops = self.config.resolve_loops(loops)
         self.check_cache(cache, loops)
         rule = self.update_rule()
         parts = []
-        for offset, size in self._chunks(input_ids.shape[1], chunk_size):
+        for offset, size in self._chunks(input_ids.shape[1], chunk_size, "end"):
             ids, mask = _slice(input_ids, attention_mask, offset, size)
             start, key_valid = cache.begin(size, mask)
-            kv = SharedKV(rule, cache.store, self.config.num_hidden_layers, start)
+            kv = SharedKV(rule, cache.store, cache.layout, start)
             parts.append(self._run_chunk(ids, start, key_valid, kv, loops, return_attn_outputs, depth, mask))
         return _concat(parts)
 
@@ -133,8 +142,8 @@ class MeltForCausalLM(OuroForCausalLM):
         if not 0.0 <= alpha <= 1.0:
             raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
         config, B = self.config, input_ids.shape[0]
-        rows = GrowingRows.empty(config.num_hidden_layers, self.dtype)
-        base_slots = sum(OuroConfig.kv_slots_per_loop(config, loops))  # Ouro's own per-(loop, layer) rows
+        rows = GrowingRows.empty(config.cache_layout().num_slots(loops), self.dtype)
+        base_slots = OuroConfig.cache_layout(config).num_slots(loops)  # Ouro's own per-(loop, layer) rows
         base = GrowingRows.empty(base_slots, self.dtype) if alpha < 1.0 else None
         ledger = TokenLedger(B, input_ids.shape[1], input_ids.device)
         parts = []
@@ -156,9 +165,11 @@ class MeltForCausalLM(OuroForCausalLM):
             taps = None if taps is None else [shift.unpack(t) for t in taps]
         return hidden, taps
 
-    def _chunks(self, length: int, chunk_size: int | Sequence[int] | None) -> list[tuple[int, int]]:
-        """(offset, size) of each chunk, full chunks first (the training forward's chunking)."""
-        sizes = chunk_lengths(length, self.config.melt.chunk_size if chunk_size is None else chunk_size)
+    def _chunks(
+        self, length: int, chunk_size: int | Sequence[int] | None, align: ChunkAlign = "start"
+    ) -> list[tuple[int, int]]:
+        """(offset, size) of each chunk (``chunks.chunk_lengths``)."""
+        sizes = chunk_lengths(length, self.config.melt.chunk_size if chunk_size is None else chunk_size, align)
         return list(zip(accumulate(sizes, initial=0), sizes, strict=False))
 
     def _run_chunk(
@@ -192,12 +203,11 @@ class MeltForCausalLM(OuroForCausalLM):
         base: RowState | None,
     ) -> tuple:
         """One chunk with differentiable row stores; pure in its inputs, so it can be checkpointed."""
-        N = self.config.num_hidden_layers
         store = GrowingRows(rows)
-        kv = SharedKV(self.update_rule(), store, N, start)
+        kv = SharedKV(self.update_rule(), store, self.config.cache_layout(), start)
         base_store = GrowingRows(base) if base is not None else None
         if base_store is not None:
-            kv = InterpolatedKV(kv, PerLoopKV(base_store, N, start), alpha)
+            kv = InterpolatedKV(kv, PerLoopKV(base_store, OuroConfig.cache_layout(self.config), start), alpha)
         hidden, taps = self._run_chunk(ids, start, key_valid, kv, loops, collect_attn)
         return hidden, taps, store.state(), (base_store.state() if base_store is not None else None)
 

@@ -14,12 +14,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..cache import KVCache
+from ..cache.quantized import KVFormat
 from ..errors import InvalidArgumentError
 from ..words import plural
 from .config import OuroConfig
-from .kv import FullSequenceKV, KVCache, PerLoopKV
+from .kv import FullSequenceKV, PerLoopKV
 from .layers import BlockInputs, DecoderLayer, KVPolicy, RMSNorm, rope_cos_sin
-from .quantized import KVFormat
 
 ConfigDefault = Literal["config"]
 
@@ -204,11 +205,16 @@ class OuroForCausalLM(nn.Module):
             if checkpoint is not None:
                 raise InvalidArgumentError("activation checkpointing is for training forwards, without a KV cache")
             start, key_valid = cache.begin(S, attention_mask)
-            kv = PerLoopKV(cache.store, self.config.num_hidden_layers, start)
+            kv = PerLoopKV(cache.store, cache.layout, start)
             inputs = self.block_inputs(input_ids, start, key_valid, kv, return_attn_outputs)
         return self.loop_stack(self.model.embed_tokens(input_ids), inputs, loops, checkpoint), inputs.attn_taps
 
     def check_cache(self, cache: KVCache | None, loops: int) -> None:
+        if cache is not None and cache.layout != self.config.cache_layout():
+            raise InvalidArgumentError(
+                f"the cache has the {cache.layout.name} layout of another model; this one needs "
+                f"{self.config.cache_layout().name} (model.new_cache)"
+            )
         if cache is not None and cache.num_slots != sum(self.config.kv_slots_per_loop(loops)):
             raise InvalidArgumentError(
                 f"the cache was built for {plural(cache.loops, 'loop')}, the forward asks for {loops}"

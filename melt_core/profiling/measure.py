@@ -6,10 +6,12 @@ which records the (slot, position) rows written, and a forward hook on the per-l
 layer stack of rows at every loop (slot (loop, layer)); MELT writes the token's row of each layer
 at loop 1 and overwrites it at later loops.
 
-Decoding runs the ordinary step (``decode_path`` ``eager``) or ``melt generate --compile``'s
-compiled fixed-shape step (``compiled``: ``inference.static_decode``; MELT's full prefill chunks
-too), compiled first on a cache of the same shape that is then dropped, so that the timed run
-excludes its start-up (``compile_seconds``).
+Prefill and decoding run through the inference engine (``inference.engine``) on a decode path:
+the ordinary step (``eager``), or a fixed-shape one (``static``, ``graph``: CUDA graphs,
+``compiled``; MELT's full prefill chunks too). A fixed-shape path first runs the run's shapes once
+on the run's cache, which is then emptied (``KVCache.reset``: the same tensors, so captured graphs
+stay valid), so that the timed run excludes its start-up (``startup_seconds``: compilation or
+capture).
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..cache.quantized import KVFormat
+from ..cache.rows import RowStore
 from ..errors import InvalidArgumentError
-from ..inference.decode import default_chunk_size, prefill
-from ..inference.static_decode import StaticDecoder
+from ..inference.engine import Engine, EngineOptions
 from ..models.config import validate_loops
-from ..models.quantized import KVFormat
-from ..models.rows import RowStore
 from ..runtime import PeakMemory, memory_now, synchronize
 
 
@@ -54,6 +55,10 @@ class RowUsage:
     def nbytes(self) -> int:
         return self.store.nbytes()
 
+    def reset(self) -> None:
+        self.written.zero_()
+        self.store.reset()
+
 
 @dataclass
 class MeasuredRun:
@@ -66,8 +71,9 @@ class MeasuredRun:
       before the cache was allocated (weights loaded); peak_delta_bytes: the peak above it, with
       prefill activations; baseline_bytes: that baseline (absolute peak = baseline + peak delta).
       memory_kind: ``cuda_allocated`` or ``process_rss`` (sampled).
-    decode_path: ``eager`` (the ordinary step) or ``compiled`` (the compiled fixed-shape step);
-      compile_seconds: its start-up, the first calls of its shapes (0 when torch's caches held them).
+    decode_path: the engine's (``eager``, ``static``, ``graph``, ``compiled``); startup_seconds: a
+      fixed-shape path's start-up, the first calls of its shapes (compilation, 0 when torch's caches
+      held them, or CUDA-graph capture).
     """
 
     model_type: str
@@ -86,7 +92,7 @@ class MeasuredRun:
     prefill_seconds: float
     decode_seconds: float
     decode_path: str = "eager"
-    compile_seconds: float = 0.0
+    startup_seconds: float = 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -116,14 +122,14 @@ def measure_generation(
     seed: int = 0,
     track_memory: bool = True,
     kv_dtype: str | KVFormat | None = None,
-    compile: bool = False,
+    decode: str = "eager",
 ) -> MeasuredRun:
     """Prefill ``seq_len - decode_tokens`` random tokens (seeded: the same ids for every model),
     then decode ``decode_tokens`` tokens one at a time (teacher-forced), through a row-tracking
     cache of exactly ``seq_len`` positions; time both phases and measure memory (see
     ``MeasuredRun``; without ``track_memory`` only the timings and the cache size are taken).
-    ``chunk_size`` None: the model's generation default. ``compile``: decode (and prefill MELT's
-    full chunks) through the compiled fixed-shape step, float rows only, no memory tracking."""
+    ``chunk_size`` None: the model's generation default. ``decode``: the engine's decode path (a
+    fixed-shape one: float rows only, no memory tracking)."""
     loops = validate_loops(loops)
     if decode_tokens < 1 or seq_len <= decode_tokens:
         raise InvalidArgumentError(f"need 1 <= decode tokens < sequence length, got {decode_tokens} and {seq_len}")
@@ -132,37 +138,36 @@ def measure_generation(
             f"sequence length {seq_len} exceeds the model's maximum "
             f"{model.config.max_position_embeddings} (max_position_embeddings)"
         )
-    if compile and track_memory:
-        raise InvalidArgumentError("the compiled step is timed only: measure memory with the ordinary step")
+    engine = Engine(model, EngineOptions(loops=loops, chunk_size=chunk_size, kv_dtype=kv_dtype, decode=decode))
+    if engine.path != "eager" and track_memory:
+        raise InvalidArgumentError(f"the {engine.path} step is timed only: measure memory on the eager path")
     device = model.device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), generator=g).to(device)
     prompt, new = ids[:, : seq_len - decode_tokens], ids[:, seq_len - decode_tokens :]
-    chunk = default_chunk_size(model) if chunk_size is None else chunk_size
-    compile_seconds = _compile_step(model, prompt, new[:, :1], seq_len, loops, chunk, kv_dtype) if compile else 0.0
     after_loop: list[int] = []
     meter = PeakMemory(device) if track_memory else None
     held = 0
     with meter if meter is not None else nullcontext():
         # speed runs use the model's own cache: no row bookkeeping in the timed loop
-        cache = model.new_cache(batch, seq_len, loops, kv_dtype=kv_dtype)
+        cache = engine.new_cache(batch, seq_len)
+        if engine.path != "eager":  # the start-up: the run's shapes once, then the same cache emptied
+            engine.prefill(cache, prompt)
+            engine.step(cache, new[:, :1])
+            cache.reset()
         if track_memory:
             position_bytes = cache.nbytes() // (cache.num_slots * seq_len)
             usage = RowUsage(cache.store, cache.num_slots, cache.max_len, position_bytes)
             cache.store = usage
-        static = StaticDecoder(model, cache, loops=loops, compile=True) if compile else None
         synchronize(device)
         t0 = time.perf_counter()
-        prefill(model, prompt, None, cache, chunk, align="end", last_only=True, loops=loops, static=static)
+        engine.prefill(cache, prompt)
         synchronize(device)
         t1 = time.perf_counter()
         for i in range(decode_tokens):
             if track_memory and i == decode_tokens - 1:  # the per-loop view of the last step
                 hook = model.model.norm.register_forward_hook(lambda *_: after_loop.append(usage.bytes_in_use()))
-            if static is not None:
-                static(new[:, i : i + 1])
-            else:
-                model(new[:, i : i + 1], cache=cache, loops=loops)
+            engine.step(cache, new[:, i : i + 1])
         if track_memory:
             hook.remove()
         synchronize(device)
@@ -179,7 +184,7 @@ def measure_generation(
         batch=batch,
         prefill_tokens=seq_len - decode_tokens,
         decode_tokens=decode_tokens,
-        chunk_size=chunk,
+        chunk_size=engine.chunk_size,
         cache_bytes=cache_bytes,
         in_use_bytes_after_loop=after_loop,
         held_delta_bytes=max(0, held),
@@ -188,26 +193,6 @@ def measure_generation(
         memory_kind=meter.kind if meter is not None else "not measured",
         prefill_seconds=t1 - t0,
         decode_seconds=t2 - t1,
-        decode_path="compiled" if compile else "eager",
-        compile_seconds=compile_seconds,
+        decode_path=engine.path,
+        startup_seconds=engine.startup_seconds,
     )
-
-
-def _compile_step(
-    model: nn.Module,
-    prompt: Tensor,
-    token: Tensor,
-    max_len: int,
-    loops: int,
-    chunk_size: int | None,
-    kv_dtype: str | KVFormat | None,
-) -> float:
-    """Compile the fixed-shape step for a run over ``prompt`` (B, S) then ``token`` (B, 1): the same
-    prefill and one decode step through a cache of the run's shape (``max_len`` positions), then
-    dropped; the seconds of the first calls of its shapes (compilation, or a load from torch's
-    caches)."""
-    cache = model.new_cache(prompt.shape[0], max_len, loops, kv_dtype=kv_dtype)
-    static = StaticDecoder(model, cache, loops=loops, compile=True)
-    prefill(model, prompt, None, cache, chunk_size, align="end", last_only=True, loops=loops, static=static)
-    static(token)
-    return static.compile_seconds

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cache.quantized import kv_format
 from ..checkpoints import load_config
 from ..checkpoints.presets import PRESET_NAMES, REFERENCE_MODELS, ReferenceModel, preset_config, resolve_preset
 from ..dtypes import dtype_bytes, dtype_name, dtype_or_stored, parse_dtype
 from ..errors import InvalidArgumentError
 from ..models import OuroConfig, config_from_dict, is_melt
 from ..models.config import validate_loops
-from ..models.quantized import kv_format
 from ..runtime import resolve_device
 from ..words import plural
 from .measure import MeasuredRun, measure_generation

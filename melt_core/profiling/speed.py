@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache.quantized import KVFormat, kv_format
 from ..dtypes import dtype_name
-from ..errors import InvalidArgumentError
-from ..models.quantized import KVFormat, kv_format
+from ..inference.engine import EngineOptions
 from ..runtime import resolve_device, synchronize
 from ..words import plural
 from .measure import MeasuredRun, measure_generation
@@ -44,7 +44,7 @@ class SpeedProfileArgs:
     chunk_size: int | None = None
     seed: int = 0
     rounds: int = 3  # Ouro and MELT alternate, round by round; each reports the median round
-    compile: bool = False  # decode through the compiled fixed-shape step (``melt generate --compile``)
+    decode: str = "auto"  # the engine's decode path (``inference.engine``): auto, eager, static, graph, compiled
     kv_dtype: str = "auto"  # KV rows: auto (the model's dtype), bf16, fp16, fp32, int8, int4
     kv_group_size: int | None = None
     kv_residual: int = 0
@@ -112,14 +112,14 @@ class SpeedReport:
     prompt_tokens: int
     new_tokens: int
     rows: list[SpeedRow]
-    decode_path: str = "eager"  # or "compiled"
+    decode_path: str = "eager"  # the engine's resolved path: eager, static, graph or compiled
     kv_dtype: str = "auto"
     bandwidth: float = 0.0  # bytes/s, the median of every round's copy bandwidth
 
     @property
-    def compile_seconds(self) -> dict[str, float]:
-        """The decode path's start-up per model: the compilation of its shapes (all loop counts)."""
-        return {name: sum(getattr(r, name).compile_seconds for r in self.rows) for name in ("ouro", "melt")}
+    def startup_seconds(self) -> dict[str, float]:
+        """The decode path's start-up per model: the compilation or capture of its shapes (all loop counts)."""
+        return {name: sum(getattr(r, name).startup_seconds for r in self.rows) for name in ("ouro", "melt")}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,7 +131,7 @@ class SpeedReport:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "decode_path": self.decode_path,
-            "compile_seconds": self.compile_seconds,
+            "startup_seconds": self.startup_seconds,
             "kv_dtype": self.kv_dtype,
             "bandwidth_bytes_per_s": self.bandwidth,
             "rows": [r.to_dict() for r in self.rows],
@@ -143,16 +143,15 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
     random prompt), at every loop count, after one short warm-up run per model, and each decode
     step against its bandwidth floor (the copy bandwidth measured in every round). Each model
     prefills with its own default chunking (Ouro: the whole prompt; MELT: its chunk size) unless
-    ``chunk_size`` sets both. ``compile``: the compiled fixed-shape step, whose start-up (its first
-    calls, before the timed runs) is reported apart."""
+    ``chunk_size`` sets both. ``decode``: the engine's decode path; a fixed-shape one's start-up (its
+    first calls, before the timed runs: compilation or CUDA-graph capture) is reported apart."""
     check_loops(args.loops)
     check_positive("prompt tokens", [args.prompt_tokens])
     check_positive("new tokens", [args.new_tokens])
     check_positive("batch", [args.batch])
     check_positive("rounds", [args.rounds])
     kv = args.kv_format()
-    if args.compile and kv.quant is not None:
-        raise InvalidArgumentError("--compile decodes from float rows: it excludes --kv-dtype int8 / int4")
+    EngineOptions(kv_dtype=kv, decode=args.decode)  # a path that cannot read these rows fails now
     device = resolve_device(args.device)
     pair = load_pair(args.checkpoint, dtype=args.dtype, device=device)
     seq_len = args.prompt_tokens + args.new_tokens
@@ -176,7 +175,7 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
             bandwidths.append(copy_bandwidth(pair.ouro.device))
             for name, model in models if r % 2 == 0 else models[::-1]:
                 if progress is not None:
-                    what = "compiling and timing" if args.compile and r == 0 else "timing"
+                    what = "starting up and timing" if args.decode not in ("auto", "eager") and r == 0 else "timing"
                     progress(f"{what} {name}: {plural(loops, 'loop')}, round {r + 1} of {args.rounds}")
                 runs[name].append(
                     measure_generation(
@@ -189,7 +188,7 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
                         seed=args.seed,
                         track_memory=False,
                         kv_dtype=kv,
-                        compile=args.compile,
+                        decode=args.decode,
                     )
                 )
         # the KV rows a decode step attends, on average over the timed steps
@@ -214,7 +213,7 @@ def speed_profile(args: SpeedProfileArgs, progress: Progress | None = None) -> S
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         rows=rows,
-        decode_path="compiled" if args.compile else "eager",
+        decode_path=rows[0].ouro.decode_path,
         kv_dtype=args.kv_dtype,
         bandwidth=statistics.median(bandwidths),
     )
@@ -255,5 +254,5 @@ def _median_run(runs: list[MeasuredRun]) -> MeasuredRun:
         runs[0],
         prefill_seconds=statistics.median(r.prefill_seconds for r in runs),
         decode_seconds=statistics.median(r.decode_seconds for r in runs),
-        compile_seconds=max(r.compile_seconds for r in runs),
+        startup_seconds=max(r.startup_seconds for r in runs),
     )

@@ -173,8 +173,13 @@ class QuantizedRows:
         self.window = min(fmt.residual, max_len)
         ring = (num_slots, batch_size, kv_heads, self.window, head_dim)
         self.ring = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(2)] if self.window else []
-        self.committed = [0] * num_slots  # positions [0, committed) of a slot are quantised
-        self.finished = [0] * num_slots  # positions [0, finished) belong to forwards that are over
+        self.num_slots = num_slots
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every row: the next write starts at position 0 (the storage is kept)."""
+        self.committed = [0] * self.num_slots  # positions [0, committed) of a slot are quantised
+        self.finished = [0] * self.num_slots  # positions [0, finished) belong to forwards that are over
         self.staged: dict[int, tuple[int, list[Tensor]]] = {}  # slot -> (start, [k, v]) in full precision
 
     def _ring_rows(self, i: int, slot: int, begin: int, end: int) -> Tensor:

@@ -1,7 +1,7 @@
 """Row stores: where a cache's key/value rows live. A store knows nothing about loops or layers.
 
 A store has ``num_slots`` slots; a slot holds one K row and one V row per position, each
-(B, kv_heads, head_dim). A KV policy (``models.kv``) decides which slot a (loop, layer) writes.
+(B, kv_heads, head_dim). A cache layout (``cache.layout``) decides which slot a (loop, layer) writes.
 
 - ``PreallocatedRows``: inference. Storage for ``max_len`` positions allocated up front (memory is
   predictable and ``nbytes()`` exact), written in place: run under ``torch.no_grad()``.
@@ -40,6 +40,10 @@ class RowStore(Protocol):
         ...
 
     def nbytes(self) -> int: ...
+
+    def reset(self) -> None:
+        """Forget every row written (inference stores; the storage is kept)."""
+        ...
 
 
 def merge_rows(current: Tensor | None, new: Tensor, rows: Tensor | None, keep: Tensor | None) -> Tensor:
@@ -82,6 +86,11 @@ class TokenLedger:
         grown.valid[:, : self.length] = self.valid[:, : self.length]
         grown.length, grown._padded = self.length, self._padded
         return grown
+
+    def reset(self) -> None:
+        """No position written (the same tensor, cleared in place)."""
+        self.valid.zero_()
+        self.length, self._padded = 0, False
 
     def begin(self, num_tokens: int, attention_mask: Tensor | None) -> tuple[int, Tensor | None]:
         """Reserve positions for ``num_tokens`` new tokens; return (start, key validity (B, end)
@@ -155,6 +164,9 @@ class PreallocatedRows:
         """Bytes of key/value storage."""
         return self.keys.nbytes + self.values.nbytes
 
+    def reset(self) -> None:
+        """Nothing to forget: a write never depends on what a position held before."""
+
 
 @dataclass(frozen=True)
 class RowState:
@@ -198,6 +210,12 @@ class GrowingRows:
         self.frozen = frozen
         self.latest_keys: list[Tensor | None] = [None] * len(frozen.keys)
         self.latest_values: list[Tensor | None] = [None] * len(frozen.values)
+
+    def reset(self) -> None:
+        """No rows: neither earlier chunks' nor this one's."""
+        self.frozen = GrowingRows.empty(len(self.frozen.keys), self.frozen.dtype)
+        self.latest_keys = [None] * len(self.frozen.keys)
+        self.latest_values = [None] * len(self.frozen.values)
 
     @staticmethod
     def empty(num_slots: int, dtype: torch.dtype) -> RowState:
