@@ -286,10 +286,14 @@ def test_exit_options_reach_the_model(tiny_ckpt):
         (["--prompt", "hi", "--top-p", "0.9"], "temperature > 0"),
         (["--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
         (["--prompt-file", "missing.txt"], "does not exist"),
+        (["--prompt", "hi", "--decode", "graph"], "needs a CUDA device"),
+        (["--prompt", "hi", "--decode", "fast"], "unknown decode path 'fast'"),
+        (["--prompt", "hi", "--decode", "static", "--kv-dtype", "int4"], "excludes --kv-dtype int8 / int4"),
+        (["--prompt", "hi", "--compile", "--decode", "static"], "excludes --decode static"),
     ],
 )
 def test_cli_errors_are_one_line(tiny_ckpt, args, expected):
-    if expected == "not available" and torch.cuda.is_available():
+    if expected in ("not available", "needs a CUDA device") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     line = one_red_line(runner.invoke(app, ["generate", str(tiny_ckpt), *args], input=""))
     assert expected in line

@@ -156,3 +156,22 @@ def test_bf16_forward_runs_and_tracks_fp32(ckpt):
     out = m16(ids)
     assert out.logits.dtype == torch.bfloat16 and out.exit_pdf.dtype == torch.bfloat16
     torch.testing.assert_close(out.logits.float(), m32(ids).logits, atol=5e-2, rtol=5e-2)
+
+
+def test_a_chunk_without_padding_gets_a_lower_right_causal_bias_on_cuda():
+    """On CUDA, MELT's prefill and training chunks (earlier positions, no padding) attend through a
+    causal bias that the fused attention kernels take as it is; it is the boolean mask it replaces
+    (the one a CPU gets). No tensor is made for it, so this runs without a GPU."""
+    from torch.nn.attention.bias import CausalBias
+
+    from melt_core.models.ouro import attention_mask_for
+
+    bias = attention_mask_for(None, 6, 4, torch.device("cuda"))
+    assert isinstance(bias, CausalBias)
+    q_pos, k_pos = torch.arange(6, 10)[:, None], torch.arange(10)[None, :]
+    assert torch.equal(bias._materialize(torch.device("cpu")), k_pos <= q_pos)
+    assert torch.equal(attention_mask_for(None, 6, 4, torch.device("cpu"))[0, 0], k_pos <= q_pos)
+    assert attention_mask_for(None, 0, 4, torch.device("cpu")) is None  # plain causal
+    assert attention_mask_for(None, 6, 1, torch.device("cpu")) is None  # one query sees every key
+    padded = attention_mask_for(torch.tensor([[False] + [True] * 9]), 6, 4, torch.device("cpu"))
+    assert padded.dtype == torch.bool and padded.shape == (1, 1, 4, 10)

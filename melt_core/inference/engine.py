@@ -20,7 +20,8 @@ the decode path:
   chunks, no per-step shape logic;
 - ``graph``: that step captured once per shape as a CUDA graph and replayed (CUDA only): no launch
   overhead, no torch.compile;
-- ``compiled``: that step with one decoder block ``torch.compile``d (regional compilation);
+- ``compiled``: that step with one decoder block ``torch.compile``d (regional compilation), on
+  CUDA captured whole as a CUDA graph too;
 - ``auto`` (the default): ``graph`` on CUDA, ``eager`` elsewhere, and ``eager`` wherever a
   fixed-shape step cannot run (int8 / int4 rows, adaptive depth).
 
@@ -187,7 +188,8 @@ class Engine:
                 exit_at_step=exit.loop if isinstance(exit, ExitAtLoop) else None,
                 exit_threshold=exit.threshold if isinstance(exit, ExitThreshold) else "config",
                 compile=self.path == "compiled",
-                cuda_graph=self.path == "graph",
+                # on CUDA the compiled step is captured whole, one graph per shape
+                cuda_graph=self.path == "graph" or (self.path == "compiled" and self.model.device.type == "cuda"),
                 fuse=self.options.fuse,
                 on_event=self.on_event,
             )

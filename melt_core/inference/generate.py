@@ -466,6 +466,8 @@ def run_generate(
         except UnicodeEncodeError as e:  # bytes that were not UTF-8, kept as surrogates (a command-line argument)
             raise InvalidArgumentError(f"{where} is not UTF-8 text (character {e.start})") from None
     device = resolve_device(args.device)
+    if args.settings.decode == "graph" and device.type != "cuda":
+        raise InvalidArgumentError(f"--decode graph captures CUDA graphs: it needs a CUDA device, not {device.type}")
     config = load_config(args.checkpoint)
     loops = config.resolve_loops(args.settings.loops)
     if args.settings.exit_at_step is not None and args.settings.exit_at_step >= loops:

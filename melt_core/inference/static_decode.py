@@ -25,13 +25,16 @@ compilation) and every layer and loop calls that one compiled block, its weights
 being inputs: compile time does not grow with depth (layers x loops), and MELT's first loop runs
 the same code as the others (``SlotRows``). The mask, RoPE rows and embedding are built once per
 step, outside; the per-loop norm and the head run eagerly. On CUDA the block is compiled with
-``mode="reduce-overhead"`` (CUDA graphs; the cache rows are marked as static addresses); on a CPU
+``mode="reduce-overhead"`` (CUDA graphs per block call; the cache rows are marked as static
+addresses), or, with ``cuda_graph=True`` as well, without CUDA graphs of its own, the whole step
+(every layer and loop of compiled blocks) then being captured as one CUDA graph; on a CPU
 with options chosen for start-up (``CPU_COMPILE_OPTIONS``). It compiles once per shape (batch x
 tokens x positions), which torch's caches then reuse; ``startup_seconds`` is the time of those
 first calls.
 
-With ``cuda_graph=True`` (CUDA, no torch.compile) each shape's eager step is captured once as a CUDA
-graph (``CapturedStep``) and replayed: the ~50 kernels of every layer and loop launch as one graph.
+With ``cuda_graph=True`` (CUDA) each shape's step is captured once as a CUDA graph (``CapturedStep``)
+and replayed: the kernels of every layer and loop launch as one graph (with ``compile`` too: the
+compiled block's fused kernels).
 Greedy tokens equal the ordinary step's; logits agree to float rounding (attention over masked
 zeros runs another kernel; the fused projections sum in another order; the compiled kernels
 order some sums otherwise).
@@ -164,14 +167,14 @@ class StaticDecoder:
         self.rows = [(store.keys[slot], store.values[slot]) for slot in range(store.num_slots)]
         self.first = [torch.tensor(loop == 0, device=device) for loop in range(2)]  # SlotRows.first
         self.block = decoder_block
+        if cuda_graph and device.type != "cuda":
+            raise InvalidArgumentError(f"CUDA graphs need a CUDA device; the model is on {device.type}")
         if compile:
-            self.block = _compiled(decoder_block, device)
-            if device.type == "cuda":  # the rows are written in place: CUDA graphs may keep their addresses
+            self.block = _compiled(decoder_block, device, captured=cuda_graph)
+            if device.type == "cuda" and not cuda_graph:  # reduce-overhead's graphs may keep the rows' addresses
                 for keys, values in self.rows:
                     torch._dynamo.mark_static_address(keys)
                     torch._dynamo.mark_static_address(values)
-        if cuda_graph and (compile or device.type != "cuda"):
-            raise InvalidArgumentError("a CUDA graph captures the eager fixed-shape step, on a CUDA device")
         self.compiling, self.cuda_graph = compile, cuda_graph
         self.startup_seconds = 0.0  # the first call of each shape: compilation (or a cache load), or capture
         self._shapes: set[tuple[int | bool, ...]] = set()
@@ -198,23 +201,24 @@ class StaticDecoder:
         if not (self.compiling or self.cuda_graph) or shape in self._shapes:
             return self._step(ids, positions, index, per_loop)
         step = "the decode step" if C == 1 else f"the {C}-token prefill step"
-        doing = "capturing" if self.cuda_graph else "compiling"
+        doing = " and ".join(w for w, on in (("compiling", self.compiling), ("capturing", self.cuda_graph)) if on)
         if self.on_event is not None:
             self.on_event(f"{doing} {step} (batch {ids.shape[0]}, {self.cache.max_len:,} positions) ...")
         began = time.perf_counter()
-        if self.cuda_graph:
-            self._graphs[shape] = CapturedStep(self._step, ids, positions, index, per_loop, self._pool)
-            logits = self._graphs[shape].outputs.clone()
-        else:
-            # every (shape, model) is an entry of the one compiled block: more than torch's default 8
-            with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+        # every (shape, model) is an entry of the one compiled block: more than torch's default 8
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+            if self.cuda_graph:
+                self._graphs[shape] = CapturedStep(self._step, ids, positions, index, per_loop, self._pool)
+                logits = self._graphs[shape].outputs.clone()
+            else:
                 logits = self._step(ids, positions, index, per_loop)
         synchronize(ids.device)
         seconds = time.perf_counter() - began
         self.startup_seconds += seconds
         self._shapes.add(shape)
         if self.on_event is not None:
-            self.on_event(f"{'captured' if self.cuda_graph else 'compiled'} {step} in {seconds:.1f} s")
+            done = " and ".join(w for w, on in (("compiled", self.compiling), ("captured", self.cuda_graph)) if on)
+            self.on_event(f"{done} {step} in {seconds:.1f} s")
         return logits
 
     def _step(self, ids: Tensor, positions: Tensor, index: Tensor, per_loop: bool = False) -> Tensor:
@@ -231,7 +235,7 @@ class StaticDecoder:
         # x itself (an input that aliases another would be another compiled block)
         latent: list[Tensor | None] = [None if self.rule is None else torch.zeros_like(x)] * len(model.model.layers)
         hidden = []
-        if self.compiling and ids.device.type == "cuda":  # the previous step's CUDA-graph outputs are dead
+        if self.compiling and not self.cuda_graph and ids.device.type == "cuda":  # reduce-overhead's outputs are dead
             torch.compiler.cudagraph_mark_step_begin()
         for loop in range(self.loops):
             first = self.first[min(loop, 1)]
@@ -296,10 +300,12 @@ class CapturedStep:
         return self.outputs.clone()  # the next replay overwrites the buffer
 
 
-def _compiled(block: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+def _compiled(block: Callable[..., Any], device: torch.device, captured: bool = False) -> Callable[..., Any]:
     """``block`` compiled for ``device``: one decoder block, whose code every layer and loop reuse
     (the weights and rows are its inputs). CUDA: CUDA graphs replay it without launch overhead.
     CPU: a C++ wrapper calls the kernels."""
     if device.type == "cuda":
+        if captured:  # the step that calls it is captured whole: no CUDA graphs inside
+            return torch.compile(block, dynamic=False, fullgraph=True)
         return torch.compile(block, mode="reduce-overhead", dynamic=False, fullgraph=True)
     return torch.compile(block, options=CPU_COMPILE_OPTIONS, dynamic=False, fullgraph=True)

@@ -133,7 +133,8 @@ def adaptive_loop_stack(
         run = _pick(running, rows)
         inputs.loop = loop
         inputs.rope = rope if rows is None else (rope[0][rows], rope[1][rows])
-        inputs.mask = mask if rows is None or mask is None or mask.shape[0] == 1 else mask[rows]
+        per_row = isinstance(mask, Tensor) and mask.shape[0] > 1  # a padding mask; a causal bias is shared
+        inputs.mask = mask[rows] if rows is not None and per_row else mask
         kv.batch_rows, kv.keep = rows, (None if loop == 0 else ~run)
         before = _pick(x, rows)
         y = before

@@ -13,7 +13,7 @@ so no weight is stored twice, and a forward uses it only when its ``BlockInputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from torch import Tensor, nn
 
 from ..dtypes import upcast
 from .config import OuroConfig
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 
 class RMSNorm(nn.Module):
@@ -158,11 +161,11 @@ class Attention(nn.Module):
         v = self.v_proj(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, *rope), v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | CausalBias | None) -> Tensor:
         """q (B, heads, S, d) over k, v (B, kv_heads, K, d) -> o_proj output (B, S, H).
 
-        ``mask`` is a boolean (B, 1, S, K) "may attend" mask, or None for plain causal attention
-        aligned so that the last query sees every key.
+        ``mask`` is a boolean (B, 1, S, K) "may attend" mask, a causal bias (``attention_mask_for``),
+        or None for plain causal attention with as many keys as queries.
         """
         B, _, S, _ = q.shape
         is_causal = mask is None and S > 1
@@ -194,7 +197,7 @@ class BlockInputs:
     to use the fused projections (the model's ``fuse_projections`` made them)."""
 
     rope: tuple[Tensor, Tensor]
-    mask: Tensor | None
+    mask: Tensor | CausalBias | None
     kv: KVPolicy
     loop: int = 0
     attn_taps: list[Tensor] | None = None

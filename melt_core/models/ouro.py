@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from ..words import plural
 from .config import OuroConfig
 from .kv import FullSequenceKV, PerLoopKV
 from .layers import BlockInputs, DecoderLayer, KVPolicy, RMSNorm, rope_cos_sin
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 ConfigDefault = Literal["config"]
 
@@ -54,15 +57,25 @@ class OuroModel(nn.Module):
         self.early_exit_gate = nn.Linear(config.hidden_size, 1, bias=True)
 
 
-def attention_mask_for(key_valid: Tensor | None, start: int, num_queries: int, device: torch.device) -> Tensor | None:
+def attention_mask_for(
+    key_valid: Tensor | None, start: int, num_queries: int, device: torch.device
+) -> Tensor | CausalBias | None:
     """Boolean "may attend" mask (B or 1, 1, S, start + S) for queries at positions [start, start + S).
 
     Causal plus padding; every query may always see itself so that padding rows stay finite.
-    None when plain causal attention (or, for one query, attending to everything) is exact.
+    None when plain causal attention (or, for one query, attending to everything) is exact. On CUDA,
+    without padding, a chunk after earlier positions (MELT's prefill and training chunks) gets causal
+    attention aligned to the last key (``causal_lower_right``): the same mask, which the fused
+    attention kernels (flash, memory-efficient) run without materialising it; on a CPU it is
+    materialised anyway (and measured no faster), so the boolean mask stays.
     """
     end = start + num_queries
     if key_valid is None and (start == 0 or num_queries == 1):
         return None
+    if key_valid is None and device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right  # (imports torch._dynamo: not at start-up)
+
+        return causal_lower_right(num_queries, end)
     q_pos = torch.arange(start, end, device=device)[:, None]
     k_pos = torch.arange(end, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, S, end)
