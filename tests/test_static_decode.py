@@ -254,3 +254,24 @@ def test_compiled_fused_step_gives_the_same_tokens(tiny_ckpt):
     expected = greedy_tokens(model, ids, mask, max_new_tokens=6, chunk_size=3)
     step = StaticDecoder(model, model.new_cache(3, 16), compile=True, fuse=True)
     assert torch.equal(stepped_greedy(model, ids, mask, step, 6), expected)
+
+
+def test_key_span_doubles_from_256_and_stops_at_the_cache():
+    from melt_core.inference.static_decode import key_span
+
+    assert [key_span(end, 2000) for end in (1, 256, 257, 600, 1500)] == [256, 256, 512, 1024, 2000]
+    assert key_span(10, 16) == 16
+
+
+@pytest.mark.parametrize("name", ["tiny_ckpt", "melt_ckpt"])
+def test_static_step_across_key_spans_matches_the_eager_step(name, request):
+    """A long cache: the fixed-shape step attends over 256, then 512 positions as the sequence
+    crosses 256 (prefill chunks and decode steps), with the eager path's greedy tokens."""
+    model = load_model(request.getfixturevalue(name))
+    ids = torch.randint(3, model.config.vocab_size, (2, 250), generator=torch.Generator().manual_seed(5))
+    expected = greedy_tokens(model, ids, max_new_tokens=12, chunk_size=64)
+    runner = engine(model, chunk_size=64, decode="static")
+    cache = runner.new_cache(2, 700)
+    got = torch.stack(list(runner.generate(cache, ids, None, Sampler(SamplingSettings()), 12)), 1)
+    assert torch.equal(got, expected)
+    assert sorted(runner._fixed[1]._rows) == [256, 512]  # two spans, not the cache's 700

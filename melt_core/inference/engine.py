@@ -120,6 +120,14 @@ class EngineOptions:
         return kv_format(self.kv_dtype)
 
 
+def check_exit(exit: ExitPolicy, loops: int) -> None:
+    """Refuse a fixed exit loop that a run of ``loops`` loops does not have."""
+    if isinstance(exit, ExitAtLoop) and exit.loop >= loops:
+        raise InvalidArgumentError(
+            f"exit-at-step must be in [0, {loops - 1}] with {plural(loops, 'loop')}, got {exit.loop}"
+        )
+
+
 def default_chunk_size(model: nn.Module) -> int | None:
     """Prefill chunk size when none is given: MELT's trained chunk size; Ouro: the whole prompt
     (Ouro is chunk-size invariant, so chunking it only bounds activation memory)."""
@@ -139,10 +147,7 @@ class Engine:
         self.model, self.options, self.on_event = model, options or EngineOptions(), on_event
         self.loops = model.config.resolve_loops(self.options.loops)
         exit = self.options.exit
-        if isinstance(exit, ExitAtLoop) and exit.loop >= self.loops:
-            raise InvalidArgumentError(
-                f"exit-at-step must be in [0, {self.loops - 1}] with {plural(self.loops, 'loop')}, got {exit.loop}"
-            )
+        check_exit(exit, self.loops)
         if isinstance(exit, AdaptiveDepth) and not is_melt(model):
             raise InvalidArgumentError(
                 "adaptive depth skips loops, which needs MELT's shared cache: in Ouro a later token's loop t reads "

@@ -29,7 +29,16 @@ from ..models.adaptive import AdaptiveDepth, ExitStats
 from ..models.config import validate_loops
 from ..runtime import check_fits, peak_memory_so_far, reset_peak_memory, resolve_device
 from ..words import plural
-from .engine import DECODE_PATHS, DecodePath, Engine, EngineOptions, ExitAtLoop, ExitPolicy, ExitThreshold
+from .engine import (
+    DECODE_PATHS,
+    DecodePath,
+    Engine,
+    EngineOptions,
+    ExitAtLoop,
+    ExitPolicy,
+    ExitThreshold,
+    check_exit,
+)
 from .sampling import Sampler, SamplingSettings
 from .text import TextStream, default_stop_token_ids, encode_prompt
 
@@ -237,11 +246,9 @@ def generate_text(
     """
     settings = settings or GenerationSettings()
     config = model.config
-    loops = model.config.resolve_loops(settings.loops)
-    if settings.exit_at_step is not None and settings.exit_at_step >= loops:
-        raise InvalidArgumentError(
-            f"exit-at-step must be in [0, {loops - 1}] with {plural(loops, 'loop')}, got {settings.exit_at_step}"
-        )
+    depth = settings.adaptive_depth(model)
+    engine = Engine(model, settings.engine_options(depth), on_event=on_event)  # checks the options
+    loops = engine.loops
     if not prompts:
         raise InvalidArgumentError("no prompts to generate from")
     encoded = [encode_prompt(tokenizer, p, settings.chat) for p in prompts]
@@ -259,8 +266,6 @@ def generate_text(
     device = model.device
     sampler = Sampler(settings.sampling, device)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    depth = settings.adaptive_depth(model)
-    engine = Engine(model, settings.engine_options(depth), on_event=on_event)
     decode_depth = ExitStats()  # adaptive depth's counters of decode steps only
 
     reset_peak_memory(device)
@@ -470,10 +475,7 @@ def run_generate(
         raise InvalidArgumentError(f"--decode graph captures CUDA graphs: it needs a CUDA device, not {device.type}")
     config = load_config(args.checkpoint)
     loops = config.resolve_loops(args.settings.loops)
-    if args.settings.exit_at_step is not None and args.settings.exit_at_step >= loops:
-        raise InvalidArgumentError(
-            f"exit-at-step must be in [0, {loops - 1}] with {plural(loops, 'loop')}, got {args.settings.exit_at_step}"
-        )
+    check_exit(args.settings.exit_policy(), loops)
     # the smallest cache this run can need (one prompt token per row): refused before the weights are read
     dtype = dtype_or_stored(args.dtype, stored_dtype(read_weight_headers(args.checkpoint), config))
     steps = min(args.settings.max_new_tokens, config.max_position_embeddings - 1)

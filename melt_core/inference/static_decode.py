@@ -10,9 +10,10 @@ chunk has the same shape):
 
 - RoPE: one table for positions [0, max_len), computed as ``rope_cos_sin`` computes it, gathered
   by each row's position (bit-identical values);
-- keys: attention always covers the cache's ``max_len`` positions, masked by the ledger's validity
-  (unwritten positions and padding are invalid) and causally, so the shapes never change; the
-  mask is built once per step and shared by every layer and loop;
+- keys: attention covers the cache's first ``key_span`` positions (a power of two at least as
+  long as what is written, at most the cache: the shape changes once per doubling, never per
+  step), masked by the ledger's validity (unwritten positions and padding are invalid) and
+  causally; the mask is built once per step and shared by every layer and loop;
 - writes: rows go to the store at positions held in a tensor (``index_copy_``), not Python ints;
 - on CUDA, projections that read the same input run as one matrix product (``fuse_projections``:
   q/k/v for Ouro, k/v for MELT, gate/up), the weights stored once: fewer, larger kernels, which is
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,8 +77,8 @@ COMPILED_SHAPES = 64  # compiled variants of the block kept per process (shapes 
 
 class SlotRows:
     """The KV policy of one block call of the static step (``layers.KVPolicy``): the new rows go to
-    the layer's slot, ``keys`` / ``values`` (B, kv_heads, max_len, d), at ``positions`` (C,), and
-    the block attends over all ``max_len`` rows (the mask hides those not written yet).
+    the layer's slot, ``keys`` / ``values`` (B, kv_heads, span, d), at ``positions`` (C,), and
+    the block attends over all ``span`` rows (the mask hides those not written yet).
 
     MELT (an update ``rule``): the rows are projected from the latent state h, which ``source``
     moves on from ``latent`` (the layer's h after the previous loop) and leaves in ``latent``. At
@@ -160,21 +162,16 @@ class StaticDecoder:
         cos, sin = rope_cos_sin(self.key_positions[None], model.config.head_dim, model.config.rope_theta, model.dtype)
         self.cos, self.sin = cos[0, 0], sin[0, 0]  # (max_len, d)
         self.rule = model.update_rule() if is_melt(model) else None
-        # the cache layout's slot of (loop, layer), and each slot's rows as a view made once (a
-        # compiled block sees the same tensors at every step)
-        N, store = model.config.num_hidden_layers, cache.store
+        # the cache layout's slot of (loop, layer); each slot's rows as views made once (``_rows_of``)
+        N = model.config.num_hidden_layers
         self.slots = [[cache.layout.slot(loop, i) for i in range(N)] for loop in range(self.loops)]
-        self.rows = [(store.keys[slot], store.values[slot]) for slot in range(store.num_slots)]
+        self._rows: dict[int, list[tuple[Tensor, Tensor]]] = {}  # span -> each slot's first ``span`` rows
         self.first = [torch.tensor(loop == 0, device=device) for loop in range(2)]  # SlotRows.first
         self.block = decoder_block
         if cuda_graph and device.type != "cuda":
             raise InvalidArgumentError(f"CUDA graphs need a CUDA device; the model is on {device.type}")
         if compile:
             self.block = _compiled(decoder_block, device, captured=cuda_graph)
-            if device.type == "cuda" and not cuda_graph:  # reduce-overhead's graphs may keep the rows' addresses
-                for keys, values in self.rows:
-                    torch._dynamo.mark_static_address(keys)
-                    torch._dynamo.mark_static_address(values)
         self.compiling, self.cuda_graph = compile, cuda_graph
         self.startup_seconds = 0.0  # the first call of each shape: compilation (or a cache load), or capture
         self._shapes: set[tuple[int | bool, ...]] = set()
@@ -194,24 +191,26 @@ class StaticDecoder:
         # real tokens before each one: the same positions as left-padded alone (``position_ids_for``)
         real_before = self.cache.ledger.valid[:, : start + C].long().cumsum(-1)
         positions = (real_before[:, start:] - 1).clamp(min=0)  # contiguous too
-        shape = (*ids.shape, per_loop)
+        span = key_span(start + C, self.cache.max_len)
+        shape = (*ids.shape, per_loop, span)
         if shape in self._graphs:
             return self._graphs[shape](ids, positions, index)
+        step_fn = partial(self._step, span=span, per_loop=per_loop)
         # the compiled step is specialised to shapes and strides: every input is contiguous
         if not (self.compiling or self.cuda_graph) or shape in self._shapes:
-            return self._step(ids, positions, index, per_loop)
+            return step_fn(ids, positions, index)
         step = "the decode step" if C == 1 else f"the {C}-token prefill step"
         doing = " and ".join(w for w, on in (("compiling", self.compiling), ("capturing", self.cuda_graph)) if on)
         if self.on_event is not None:
-            self.on_event(f"{doing} {step} (batch {ids.shape[0]}, {self.cache.max_len:,} positions) ...")
+            self.on_event(f"{doing} {step} (batch {ids.shape[0]}, {span:,} positions) ...")
         began = time.perf_counter()
         # every (shape, model) is an entry of the one compiled block: more than torch's default 8
         with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
             if self.cuda_graph:
-                self._graphs[shape] = CapturedStep(self._step, ids, positions, index, per_loop, self._pool)
+                self._graphs[shape] = CapturedStep(step_fn, ids, positions, index, self._pool)
                 logits = self._graphs[shape].outputs.clone()
             else:
-                logits = self._step(ids, positions, index, per_loop)
+                logits = step_fn(ids, positions, index)
         synchronize(ids.device)
         seconds = time.perf_counter() - began
         self.startup_seconds += seconds
@@ -221,13 +220,28 @@ class StaticDecoder:
             self.on_event(f"{done} {step} in {seconds:.1f} s")
         return logits
 
-    def _step(self, ids: Tensor, positions: Tensor, index: Tensor, per_loop: bool = False) -> Tensor:
+    def _rows_of(self, span: int) -> list[tuple[Tensor, Tensor]]:
+        """Each slot's rows [0, span), as views made once per span (a compiled block or a captured
+        graph sees the same tensors at every step)."""
+        if span not in self._rows:
+            store = self.cache.store
+            rows = [(store.keys[slot, :, :, :span], store.values[slot, :, :, :span]) for slot in range(store.num_slots)]
+            if self.compiling and not self.cuda_graph and self.model.device.type == "cuda":
+                for keys, values in rows:  # reduce-overhead's graphs may keep the rows' addresses
+                    torch._dynamo.mark_static_address(keys)
+                    torch._dynamo.mark_static_address(values)
+            self._rows[span] = rows
+        return self._rows[span]
+
+    def _step(self, ids: Tensor, positions: Tensor, index: Tensor, span: int, per_loop: bool = False) -> Tensor:
         """Last-position logits (B, V) of ``ids`` (B, C) at ``positions`` (B, C), written at cache
-        positions ``index`` (C,); ``per_loop``: every loop's, (T, B, V)."""
+        positions ``index`` (C,), attending over cache positions [0, span); ``per_loop``: every
+        loop's, (T, B, V)."""
         model = self.model
+        rows = self._rows_of(span)
         rope = (self.cos[positions][:, None], self.sin[positions][:, None])  # (B, 1, C, d)
-        keys, queries = self.key_positions[None], index[:, None]  # (1, max_len), (C, 1)
-        valid = self.cache.ledger.valid[:, None, None, :]  # (B, 1, 1, max_len): real, written tokens
+        keys, queries = self.key_positions[None, :span], index[:, None]  # (1, span), (C, 1)
+        valid = self.cache.ledger.valid[:, None, None, :span]  # (B, 1, 1, span): real, written tokens
         mask = (valid & (keys <= queries)) | (keys == queries)  # causal; a padding query sees itself
         dtype = self.cache.store.compute_dtype
         x = model.model.embed_tokens(ids)  # (B, C, H)
@@ -240,7 +254,7 @@ class StaticDecoder:
         for loop in range(self.loops):
             first = self.first[min(loop, 1)]
             for i, layer in enumerate(model.model.layers):
-                kv = SlotRows(*self.rows[self.slots[loop][i]], index, dtype, self.rule, latent[i], first)
+                kv = SlotRows(*rows[self.slots[loop][i]], index, dtype, self.rule, latent[i], first)
                 inputs = BlockInputs(rope=rope, mask=mask, kv=kv, loop=loop, fused=self.fused)
                 x, latent[i] = self.block(layer, i, x, inputs)
             x = model.model.norm(x)  # h_t: this loop's output and the next loop's input
@@ -260,6 +274,19 @@ class StaticDecoder:
         return model.lm_head(hidden_at(hidden, exit_step(pdf, self.exit_threshold)))
 
 
+MIN_KEY_SPAN = 256  # the shortest key span of a fixed-shape step
+
+
+def key_span(end: int, max_len: int) -> int:
+    """The cache positions a fixed-shape step attends over when its tokens end at ``end``: the next
+    power of two (at least ``MIN_KEY_SPAN``), at most the cache's length. A step reads (and masks)
+    fewer than twice the rows written, not the whole cache, at one shape per doubling."""
+    span = MIN_KEY_SPAN
+    while span < end:
+        span *= 2
+    return min(span, max_len)
+
+
 class CapturedStep:
     """A fixed-shape step captured as one CUDA graph: static input buffers (``ids``, ``positions``,
     ``index``) copied into before each ``replay``, static ``outputs`` (the logits) cloned after.
@@ -272,24 +299,18 @@ class CapturedStep:
     """
 
     def __init__(
-        self,
-        step: Callable[[Tensor, Tensor, Tensor, bool], Tensor],
-        ids: Tensor,
-        positions: Tensor,
-        index: Tensor,
-        per_loop: bool,
-        pool: Any,
+        self, step: Callable[[Tensor, Tensor, Tensor], Tensor], ids: Tensor, positions: Tensor, index: Tensor, pool: Any
     ) -> None:
         self.ids, self.positions, self.index = ids.clone(), positions.clone(), index.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                step(self.ids, self.positions, self.index, per_loop)
+                step(self.ids, self.positions, self.index)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = step(self.ids, self.positions, self.index, per_loop)
+            self.outputs = step(self.ids, self.positions, self.index)
         self.graph.replay()
 
     def __call__(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
