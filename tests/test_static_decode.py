@@ -275,3 +275,23 @@ def test_static_step_across_key_spans_matches_the_eager_step(name, request):
     got = torch.stack(list(runner.generate(cache, ids, None, Sampler(SamplingSettings()), 12)), 1)
     assert torch.equal(got, expected)
     assert sorted(runner._fixed[1]._rows) == [256, 512]  # two spans, not the cache's 700
+
+
+def test_a_failed_cuda_graph_capture_warns_and_decodes_on(tiny_ckpt, monkeypatch):
+    """If capturing a shape fails, the step says so once and runs uncaptured: the same tokens."""
+    from melt_core.errors import MeltWarning
+    from melt_core.inference import static_decode
+
+    class FailingCapture:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(static_decode, "CapturedStep", FailingCapture)
+    model = load_model(tiny_ckpt)
+    ids, mask = padded_batch(model.config.vocab_size)
+    expected = greedy_tokens(model, ids, mask, max_new_tokens=6)
+    step = StaticDecoder(model, model.new_cache(3, 16))
+    step.cuda_graph = True  # as on CUDA (the capture itself is replaced above)
+    with pytest.warns(MeltWarning, match="operation not permitted when stream is capturing\\); decoding on"):
+        got = stepped_greedy(model, ids, mask, step, 6)
+    assert torch.equal(got, expected) and not step.cuda_graph

@@ -44,6 +44,7 @@ order some sums otherwise).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -53,7 +54,7 @@ from torch import Tensor, nn
 
 from ..cache import KVCache
 from ..cache.rows import PreallocatedRows
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, MeltWarning
 from ..models import is_melt
 from ..models.layers import BlockInputs, rope_cos_sin
 from ..models.ouro import exit_pdf, exit_step, hidden_at
@@ -206,10 +207,20 @@ class StaticDecoder:
         began = time.perf_counter()
         # every (shape, model) is an entry of the one compiled block: more than torch's default 8
         with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+            logits = None
             if self.cuda_graph:
-                self._graphs[shape] = CapturedStep(step_fn, ids, positions, index, self._pool)
-                logits = self._graphs[shape].outputs.clone()
-            else:
+                try:
+                    self._graphs[shape] = CapturedStep(step_fn, ids, positions, index, self._pool)
+                    logits = self._graphs[shape].outputs.clone()
+                except RuntimeError as e:  # the step runs on, uncaptured: slower, the same tokens
+                    self.cuda_graph = False
+                    warnings.warn(
+                        f"capturing {step} as a CUDA graph failed ({str(e).splitlines()[0]}); "
+                        "decoding on without CUDA graphs",
+                        MeltWarning,
+                        stacklevel=2,
+                    )
+            if logits is None:  # (the runs of a failed capture wrote the same rows this one writes)
                 logits = step_fn(ids, positions, index)
         synchronize(ids.device)
         seconds = time.perf_counter() - began
