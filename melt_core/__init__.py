@@ -2,9 +2,10 @@
 
 Layers, bottom up (each imports only those below it):
   errors, dtypes, runtime, data   small shared modules
-  models/        configs, the shared block, KV policies and row stores, Ouro and MELT (no I/O)
+  cache/         cache layouts (the slot of each (loop, layer)), row stores, KVCache
+  models/        configs, the shared block, KV policies, Ouro and MELT (no I/O)
   checkpoints/   load/save, convert, presets, tokenizer, built-in and random checkpoints
-  inference/     sampling, the decode loop, text streaming, ``generate_text``
+  inference/     the engine (the one prefill + decode loop, its decode paths), sampling, text, ``generate_text``
   evaluation/    per-loop held-out loss and teacher agreement
   training/      the accelerate loop, losses, MELT's two phases, LoopLM pretraining
   profiling/     analytic and measured memory, Ouro vs MELT speed
